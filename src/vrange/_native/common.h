@@ -1,0 +1,39 @@
+/* Shared declarations of the vrange native core.
+ *
+ * Conventions for every function exported to Python:
+ *   - return 0 (or a non-negative count) on success and -errno on failure; Python turns a negative
+ *     result into an exception in one place (vrange.errors.check);
+ *   - no global mutable state: a function works on what it is handed, so two regions (or two probes)
+ *     never share anything behind the caller's back;
+ *   - cffi releases the GIL around every call, so nothing here may touch Python objects. */
+#ifndef VRANGE_COMMON_H
+#define VRANGE_COMMON_H
+
+#include <fcntl.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "kernel_defs.h"
+
+/* Bumped whenever the exported C interface changes; checked by vrange._native at import. */
+#define VR_NATIVE_VERSION 1
+
+int vr_native_version(void);
+long vr_page_size(void);
+
+/* uffd_fd.c: obtaining and handshaking a userfaultfd. */
+int vr_uffd_open_syscall(int flags, int *fd_out);
+int vr_uffd_open_dev(int flags, int *fd_out);
+int vr_uffd_api(int fd, uint64_t requested_features, uint64_t *features_out, uint64_t *ioctls_out);
+int vr_close(int fd);
+
+/* probe.c: behaviour probes on scratch memory. */
+int vr_probe_madvise(int advice);
+int vr_probe_memfd(void);
+int vr_probe_uffd_kernel_fault(int uffd, int timeout_ms, uint64_t *range_ioctls_out,
+                               int *serves_syscalls_out);
+
+/* seccomp.c: filters for tests and compatibility profiles. */
+int vr_seccomp_deny_userfaultfd(int error_number, int also_dev_ioctl);
+
+#endif /* VRANGE_COMMON_H */

@@ -1,0 +1,128 @@
+"""``python -m vrange``: features, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from . import __version__
+from ._features import Features, ProbeOutcome, features
+
+LABEL_WIDTH = 32
+
+
+def _yes_no(value: bool | None) -> str:
+    return {True: "yes", False: "no", None: "unknown"}[value]
+
+
+def _outcome(outcome: ProbeOutcome, ok_word: str = "ok") -> str:
+    return ok_word if outcome.ok else f"no: {outcome.error}"
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return "none"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def format_report(report: Features) -> str:
+    """The feature report as a human-readable table."""
+    width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
+    lines: list[str] = []
+
+    def heading(title: str) -> None:
+        lines.extend(["", title])
+
+    def row(label: str, value: str) -> None:
+        wrapped = textwrap.wrap(value, width - LABEL_WIDTH - 2) or [""]
+        lines.append(f"  {label:<{LABEL_WIDTH - 2}}{wrapped[0]}")
+        lines.extend(" " * LABEL_WIDTH + more for more in wrapped[1:])
+
+    uffd = report.userfaultfd
+    lines.append(f"vrange {__version__} feature report (probed in {report.probe_seconds * 1000:.1f} ms)")
+    heading("Kernel")
+    row("release", f"{report.kernel_release} ({report.machine})")
+    row("page size", str(report.page_size))
+    row("transparent huge pages", report.thp_mode or "unknown")
+    row("vm.max_map_count", str(report.max_map_count))
+    heading("userfaultfd")
+    row("access", f"{uffd.access} (serves faults inside syscalls: {_yes_no(uffd.serves_syscalls)})")
+    row("why", uffd.reason)
+    for attempt in uffd.attempts:
+        row(f"open via {attempt.method}", _outcome(attempt.outcome))
+    row("vm.unprivileged_userfaultfd", str(uffd.unprivileged_userfaultfd_sysctl))
+    row("CAP_SYS_PTRACE", _yes_no(uffd.cap_sys_ptrace))
+    row("seccomp", uffd.seccomp_mode)
+    row("device node", uffd.dev_node)
+    row("API features", f"{uffd.api_features_mask:#x}: " + (" ".join(uffd.api_features) or "none"))
+    row("API ioctls", " ".join(uffd.api_ioctls) or "none")
+    row("range ioctls", " ".join(uffd.range_ioctls) or "none")
+    heading("madvise (probed on a scratch mapping)")
+    for advice in report.madvise:
+        row(f"MADV_{advice.name}", _outcome(advice.outcome, "accepted"))
+    heading("Memory")
+    row("memfd_create", _outcome(report.memfd))
+    row("PSI /proc/pressure/memory", _outcome(report.psi.readable, "readable")
+        + f"; triggers: {_outcome(report.psi.triggers_writable, 'writable')}"
+        + (f"; some avg10={report.psi.some_avg10} full avg10={report.psi.full_avg10}"
+           if report.psi.readable.ok else ""))
+    cgroup = report.cgroup
+    row("memory cgroup", f"{cgroup.version} {cgroup.path or ''}".strip())
+    row("memory limit", _bytes(cgroup.memory_limit_bytes)
+        + (f" (set at {cgroup.limit_set_at})" if cgroup.limit_set_at else ""))
+    row("memory usage", _bytes(cgroup.memory_usage_bytes))
+    heading("Backends")
+    for support in report.backends:
+        row(support.name, ("usable: " if support.usable else "not usable: ") + support.reason)
+    row("auto", report.auto_reason)
+    if report.probe_errors:
+        heading("Probe errors")
+        for error in report.probe_errors:
+            row("-", error)
+    return "\n".join(lines)
+
+
+def _command_features(args: argparse.Namespace) -> int:
+    report = features()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _command_demo(args: argparse.Namespace) -> int:
+    print(format_report(features()))
+    print()
+    print("The volatile-region demo comes with the Region API (uffd backend) and the sigbus backend;")
+    print("today vrange reports what this kernel and process allow (above).")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vrange", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"vrange {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    features_parser = commands.add_parser("features", help="what this kernel and process may use")
+    features_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    features_parser.set_defaults(handler=_command_features)
+    demo_parser = commands.add_parser("demo", help="show vrange at work on this machine")
+    demo_parser.set_defaults(handler=_command_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The exceptions vrange raises, and the one place where a native errno becomes one of them."""
+
+from __future__ import annotations
+
+import errno as errno_module
+import os
+
+__all__ = [
+    "VRangeError",
+    "BackendUnavailable",
+    "RegenerationError",
+    "VRangeOSError",
+    "check",
+    "errno_name",
+]
+
+
+class VRangeError(Exception):
+    """Base class of every exception vrange raises on purpose."""
+
+
+class BackendUnavailable(VRangeError):
+    """A backend that exists cannot run on this machine or in this process (the message says why)."""
+
+
+class RegenerationError(VRangeError):
+    """A regenerator failed; the original exception is the ``__cause__``."""
+
+
+class VRangeOSError(VRangeError, OSError):
+    """A system call made by the native core failed; ``errno`` and ``strerror`` are set."""
+
+
+def errno_name(code: int) -> str:
+    """``EPERM`` for 1, and so on; ``errno <n>`` for numbers this Python does not name."""
+    return errno_module.errorcode.get(code, f"errno {code}")
+
+
+def check(result: int, action: str) -> int:
+    """Return a native call's non-negative result, or raise for its negative errno.
+
+    ``action`` completes the sentence "vrange could not ...", e.g. ``"open a userfaultfd"``.
+    """
+    if result >= 0:
+        return result
+    code = -result
+    message = f"vrange could not {action}: {os.strerror(code)} ({errno_name(code)})"
+    raise VRangeOSError(code, message)

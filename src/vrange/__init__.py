@@ -6,19 +6,26 @@ pressure, and it is refilled transparently, page by page, the next time anything
 
 from __future__ import annotations
 
+from . import sources
 from ._backends import available_backends
-from .errors import BackendUnavailable, RegenerationError, VRangeError, VRangeOSError
+from ._backends._base import RegionStats
 from ._features import Features, features
+from .errors import BackendUnavailable, RegenerationError, VRangeError, VRangeOSError
+from .region import DEFAULT_CHUNK_SIZE, Region
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "BackendUnavailable",
     "Features",
     "RegenerationError",
+    "Region",
+    "RegionStats",
     "VRangeError",
     "VRangeOSError",
     "__version__",
     "available_backends",
     "features",
+    "sources",
 ]

@@ -69,4 +69,12 @@
 #define _UFFDIO_POISON 0x08
 #endif
 
+/* UFFDIO_POISON (6.6): install a poison marker; an access then raises SIGBUS, a syscall gets EFAULT. */
+struct vr_uffdio_poison {
+    struct uffdio_range range;
+    __u64 mode;
+    __s64 updated;
+};
+#define VR_UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct vr_uffdio_poison)
+
 #endif /* VRANGE_KERNEL_DEFS_H */

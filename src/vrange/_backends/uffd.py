@@ -1,0 +1,176 @@
+"""The userfaultfd backend: Python side of the process-wide fault handler and of each region."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import threading
+import weakref
+from typing import Any
+
+from .._native import ffi, lib
+from ..errors import check
+from ._base import BackendRegion
+
+logger = logging.getLogger("vrange")
+
+# The real-time signal that carries Python-regenerator faults to the faulting thread.
+FAULT_SIGNAL = signal.SIGRTMIN + 6
+
+
+class _Handler:
+    """The process's fault handler: one userfaultfd, one C thread, a pool of GIL-taking workers."""
+
+    def __init__(self) -> None:
+        out = ffi.new("vr_handler **")
+        check(lib.vr_handler_new(FAULT_SIGNAL, out), "open a userfaultfd for the fault handler")
+        self.pointer = out[0]
+        result = lib.vr_handler_start(self.pointer)
+        if result < 0:
+            lib.vr_handler_free(self.pointer)
+            check(result, f"install the fault signal (SIGRTMIN+6) and start the handler thread "
+                          f"(is signal {FAULT_SIGNAL} used by other code in this process?)")
+        self.pid = os.getpid()
+
+    def stop(self) -> None:
+        lib.vr_handler_stop(self.pointer)
+
+
+_handler: _Handler | None = None
+_handler_lock = threading.Lock()
+_live_regions: weakref.WeakSet[UffdRegion] = weakref.WeakSet()
+# Closed regions whose C struct may still be used by a job in flight (which calls back into Python
+# through the handle); released once the C side says nobody else holds them.
+_retired: list[UffdRegion] = []
+
+
+def _get_handler() -> _Handler:
+    global _handler
+    with _handler_lock:
+        if _handler is None:
+            _handler = _Handler()
+        return _handler
+
+
+def _sweep_retired() -> None:
+    keep = []
+    for region in _retired:
+        if lib.vr_region_references(region.pointer) == 1:
+            lib.vr_region_release(region.pointer)
+            region.pointer = ffi.NULL
+        else:
+            keep.append(region)
+    _retired[:] = keep
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has no handler thread and its mapping is not registered: give it its own
+    handler and register every live region with it, so missing pages are regenerated, never read
+    as zeros."""
+    global _handler, _handler_lock
+    _handler_lock = threading.Lock()
+    if _handler is None:
+        return
+    _handler = None
+    _retired.clear()
+    regions = [region for region in list(_live_regions) if region.pointer != ffi.NULL]
+    if not regions:
+        return
+    handler = _get_handler()
+    for region in regions:
+        result = lib.vr_region_rebind_after_fork(region.pointer, handler.pointer)
+        if result < 0:
+            logger.error("vrange: could not re-register a region in the forked child: %s",
+                         os.strerror(-result))
+
+
+def _stop_at_exit() -> None:
+    if _handler is not None and _handler.pid == os.getpid():
+        _handler.stop()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_stop_at_exit)
+
+
+@ffi.def_extern()
+def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int) -> int:
+    """Called from C (handler worker or fault signal handler) with the GIL held by cffi."""
+    owner = ffi.from_handle(python_handle)
+    return int(owner.run_regenerator(offset, buffer, length))
+
+
+class UffdRegion(BackendRegion):
+    name = "uffd"
+
+    def __init__(self, owner: Any, base: int, size: int, chunk_size: int, source_kind: int,
+                 file_fd: int, file_offset: int, on_error: int) -> None:
+        handler = _get_handler()
+        self.handle = ffi.new_handle(owner)
+        out = ffi.new("vr_region **")
+        check(lib.vr_region_new(handler.pointer, base, size, chunk_size, source_kind, file_fd,
+                                file_offset, self.handle, on_error, out),
+              "set up the region")
+        self.pointer = out[0]
+        result = lib.vr_region_register(self.pointer)
+        if result < 0:
+            lib.vr_region_release(self.pointer)
+            self.pointer = ffi.NULL
+            check(result, "register the region with userfaultfd")
+        self.chunk_count = (size + chunk_size - 1) // chunk_size
+        self.page_count = size // os.sysconf("SC_PAGE_SIZE")
+        _live_regions.add(self)
+        _sweep_retired()
+
+    def mark_volatile(self, first_chunk: int, end_chunk: int) -> None:
+        check(lib.vr_region_mark_volatile(self.pointer, first_chunk, end_chunk),
+              "mark the range volatile (MADV_FREE)")
+
+    def discard(self, first_chunk: int, end_chunk: int, only_failed: bool) -> None:
+        check(lib.vr_region_discard(self.pointer, first_chunk, end_chunk, int(only_failed)),
+              "drop failed pages (MADV_DONTNEED)")
+
+    def populate(self, first_chunk: int, end_chunk: int) -> int:
+        return int(lib.vr_region_populate(self.pointer, first_chunk, end_chunk))
+
+    def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
+        purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))
+        check(lib.vr_region_finish_nonvolatile(self.pointer, first_chunk, end_chunk, purged),
+              "pin the range")
+        return [bool(purged[i]) for i in range(end_chunk - first_chunk)]
+
+    def purge(self, first_chunk: int, end_chunk: int) -> int:
+        return check(int(lib.vr_region_purge(self.pointer, first_chunk, end_chunk)),
+                     "purge the range (MADV_DONTNEED)")
+
+    def chunk_states(self) -> bytes:
+        states = ffi.new("uint8_t[]", self.chunk_count)
+        check(lib.vr_region_chunk_states(self.pointer, states), "read the chunk states")
+        return bytes(ffi.buffer(states))
+
+    def residency(self) -> bytes:
+        pages = ffi.new("uint8_t[]", self.page_count)
+        check(lib.vr_region_residency(self.pointer, pages), "read page residency (mincore)")
+        return bytes(ffi.buffer(pages))
+
+    def counters(self) -> dict[str, int]:
+        stats = ffi.new("struct vr_stats *")
+        lib.vr_region_stats(self.pointer, stats)
+        return {name: int(getattr(stats, name)) for name in (
+            "faults_on_handler_thread", "faults_on_faulting_thread", "faults_on_worker_thread",
+            "bytes_regenerated", "regeneration_errors", "purges")}
+
+    def close(self) -> None:
+        if self.pointer == ffi.NULL:
+            return
+        lib.vr_region_close(self.pointer)
+        _live_regions.discard(self)
+        _retired.append(self)
+        _sweep_retired()
+
+
+def page_out(address: int, length: int) -> None:
+    """Ask the kernel to reclaim the range now (MADV_PAGEOUT): lazy-free pages are discarded."""
+    check(lib.vr_pageout(address, length), "page the range out (MADV_PAGEOUT)")

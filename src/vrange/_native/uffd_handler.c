@@ -1,0 +1,377 @@
+/* The fault handler of the uffd backend: one userfaultfd, one C thread reading it, and a pool of
+ * worker threads for Python regenerators. See uffd_backend.h for the routing of a fault.
+ *
+ * GIL: the handler thread never takes it (so it can always read the next event, including the one
+ * from a thread that holds the GIL and is frozen in a fault). Workers take it only inside
+ * vr_python_regenerate (cffi's extern "Python" wrapper does PyGILState_Ensure). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "uffd_backend.h"
+
+#define EVENT_BATCH 16
+
+int vr_handler_new(int signal_number, vr_handler **out)
+{
+    vr_handler *handler = calloc(1, sizeof *handler);
+    if (!handler)
+        return -ENOMEM;
+    handler->uffd = handler->wake_fd = -1;
+    handler->signal_number = signal_number;
+    handler->owner_pid = getpid();
+    int rc = vr_uffd_open_syscall(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
+    if (rc < 0)
+        rc = vr_uffd_open_dev(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
+    if (rc < 0)
+        goto fail;
+    uint64_t ioctls;
+    rc = vr_uffd_api(handler->uffd, UFFD_FEATURE_THREAD_ID, &handler->features, &ioctls);
+    if (rc < 0)
+        goto fail;
+    handler->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (handler->wake_fd < 0) {
+        rc = -errno;
+        goto fail;
+    }
+    pthread_mutex_init(&handler->lock, NULL);
+    pthread_cond_init(&handler->work_ready, NULL);
+    *out = handler;
+    return 0;
+fail:
+    if (handler->uffd >= 0)
+        close(handler->uffd);
+    free(handler);
+    return rc;
+}
+
+static void notify(vr_handler *handler)
+{
+    uint64_t one = 1;
+    /* An eventfd write only fails if the counter would overflow: it is then readable anyway. */
+    (void)!write(handler->wake_fd, &one, sizeof one);
+}
+
+/* --- where is the faulting thread? ------------------------------------------------------------ */
+
+static ssize_t read_proc_task_file(pid_t tid, const char *name, char *buffer, size_t size)
+{
+    char path[64];
+    snprintf(path, sizeof path, "/proc/self/task/%d/%s", (int)tid, name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buffer, size - 1);
+    close(fd);
+    if (n >= 0)
+        buffer[n] = '\0';
+    return n;
+}
+
+/* True if the thread is stopped in a user-mode access (not in a syscall) and does not block our
+ * signal: only then may a signal be sent. A signal interrupting a fault taken inside a syscall
+ * would make that syscall fail with EFAULT or a short count. */
+static int can_signal_thread(vr_handler *handler, pid_t tid)
+{
+    char text[512];
+    if (read_proc_task_file(tid, "syscall", text, sizeof text) <= 0)
+        return 0;
+    if (strncmp(text, "-1 ", 3) != 0)
+        return 0; /* a syscall number, or "running": not a user-mode fault */
+    char status[4096];
+    if (read_proc_task_file(tid, "status", status, sizeof status) <= 0)
+        return 0;
+    const char *blocked = strstr(status, "SigBlk:");
+    if (!blocked)
+        return 0;
+    unsigned long long mask = strtoull(blocked + 7, NULL, 16);
+    return !(mask >> (handler->signal_number - 1) & 1);
+}
+
+/* --- jobs ----------------------------------------------------------------------------------------- */
+
+static vr_job *job_new(vr_region *region, size_t chunk_index, pid_t tid)
+{
+    vr_job *job = calloc(1, sizeof *job);
+    if (!job)
+        return NULL;
+    job->buffer = malloc(region->chunk_size);
+    if (!job->buffer) {
+        free(job);
+        return NULL;
+    }
+    job->magic = VR_JOB_MAGIC;
+    job->region = region;
+    job->chunk_index = chunk_index;
+    job->faulting_tid = tid;
+    vr_region_ref(region);
+    return job;
+}
+
+static void job_free(vr_job *job)
+{
+    job->magic = 0;
+    vr_region_unref(job->region);
+    free(job->buffer);
+    free(job);
+}
+
+/* Run a Python regenerator for the job's chunk and resolve the fault (or fail it by policy).
+ * On the faulting thread this runs inside the signal handler: see fault_signal.c. */
+void vr_run_python_job(vr_job *job, int on_faulting_thread)
+{
+    vr_region *region = job->region;
+    size_t length = vr_region_chunk_length(region, job->chunk_index);
+    uint64_t offset = (uint64_t)job->chunk_index * region->chunk_size;
+    uint64_t *counter = on_faulting_thread ? &region->stats.faults_on_faulting_thread
+                                           : &region->stats.faults_on_worker_thread;
+    __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+    if (vr_python_regenerate(region->python_handle, offset, job->buffer, length) == 0)
+        vr_resolve_chunk(region, job->chunk_index, job->buffer);
+    else
+        vr_fail_chunk(region, job->chunk_index);
+}
+
+static void *worker_main(void *arg)
+{
+    vr_handler *handler = arg;
+    pthread_mutex_lock(&handler->lock);
+    for (;;) {
+        while (!handler->queue_head && !handler->stopping) {
+            handler->workers_idle++;
+            pthread_cond_wait(&handler->work_ready, &handler->lock);
+            handler->workers_idle--;
+        }
+        vr_job *job = handler->queue_head;
+        if (!job)
+            break; /* stopping, and nothing left to do */
+        handler->queue_head = job->next;
+        if (!handler->queue_head)
+            handler->queue_tail = NULL;
+        pthread_mutex_unlock(&handler->lock);
+        vr_run_python_job(job, 0);
+        job_free(job);
+        pthread_mutex_lock(&handler->lock);
+    }
+    pthread_mutex_unlock(&handler->lock);
+    return NULL;
+}
+
+/* Called with the lock held. */
+static void queue_for_worker(vr_handler *handler, vr_job *job)
+{
+    job->next = NULL;
+    if (handler->queue_tail)
+        handler->queue_tail->next = job;
+    else
+        handler->queue_head = job;
+    handler->queue_tail = job;
+    /* Every worker may be busy inside a regenerator that waits on this very job (a regenerator
+     * whose syscall touches another region): add a worker rather than wait. */
+    if (handler->workers_idle == 0 && handler->workers_total < VR_MAX_WORKERS) {
+        if (pthread_create(&handler->workers[handler->workers_total], NULL, worker_main, handler) == 0)
+            handler->workers_total++;
+        else if (handler->workers_total == 0) {
+            static const char message[] = "vrange: cannot start a regenerator worker thread\n";
+            (void)!write(STDERR_FILENO, message, sizeof message - 1);
+        }
+    }
+    pthread_cond_signal(&handler->work_ready);
+}
+
+/* Handler thread: collect verdicts of signalled threads. "Not mine" goes to a worker. */
+static void collect_verdicts(vr_handler *handler)
+{
+    pthread_mutex_lock(&handler->lock);
+    vr_job **link = &handler->signalled;
+    while (*link) {
+        vr_job *job = *link;
+        int verdict = __atomic_load_n(&job->verdict, __ATOMIC_ACQUIRE);
+        if (verdict == VR_VERDICT_PENDING) {
+            link = &job->next;
+            continue;
+        }
+        *link = job->next;
+        if (verdict == VR_VERDICT_DONE)
+            job_free(job);
+        else
+            queue_for_worker(handler, job);
+    }
+    pthread_mutex_unlock(&handler->lock);
+}
+
+static vr_region *find_region(vr_handler *handler, uintptr_t address)
+{
+    for (size_t i = 0; i < handler->region_count; i++) {
+        vr_region *region = handler->regions[i];
+        if (address >= region->base && address < region->base + region->size)
+            return region;
+    }
+    return NULL;
+}
+
+static int ensure_staging(vr_handler *handler, size_t size)
+{
+    if (handler->staging_size >= size)
+        return 0;
+    char *grown = realloc(handler->staging, size);
+    if (!grown)
+        return -ENOMEM;
+    handler->staging = grown;
+    handler->staging_size = size;
+    return 0;
+}
+
+static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
+{
+    pthread_mutex_lock(&handler->lock);
+    vr_region *region = find_region(handler, address);
+    if (!region) {
+        pthread_mutex_unlock(&handler->lock);
+        /* A region closed while this event was queued: let the thread re-fault (SIGSEGV). */
+        struct uffdio_range range = { .start = address & ~(uintptr_t)4095, .len = 4096 };
+        (void)ioctl(handler->uffd, UFFDIO_WAKE, &range);
+        return;
+    }
+    size_t chunk = (address - region->base) / region->chunk_size;
+    uint8_t before = __atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_IN_FLIGHT, __ATOMIC_ACQ_REL);
+    if (before & VR_CHUNK_IN_FLIGHT) {
+        /* Someone is regenerating this chunk; its UFFDIO_COPY wakes this thread too. */
+        pthread_mutex_unlock(&handler->lock);
+        return;
+    }
+    if (before & VR_CHUNK_MATERIALIZED) {
+        /* It was filled before and is missing again: the kernel discarded it. */
+        uint8_t old = __atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_PURGED, __ATOMIC_ACQ_REL);
+        if (!(old & VR_CHUNK_PURGED))
+            __atomic_fetch_add(&region->stats.purges, 1, __ATOMIC_RELAXED);
+    }
+    if (region->source_kind != VR_SOURCE_PYTHON) {
+        vr_region_ref(region);
+        pthread_mutex_unlock(&handler->lock);
+        __atomic_fetch_add(&region->stats.faults_on_handler_thread, 1, __ATOMIC_RELAXED);
+        if (ensure_staging(handler, region->chunk_size) == 0 &&
+            vr_fill_native(region, chunk, handler->staging) == 0)
+            vr_resolve_chunk(region, chunk, handler->staging);
+        else
+            vr_fail_chunk(region, chunk);
+        vr_region_unref(region);
+        return;
+    }
+    vr_job *job = job_new(region, chunk, tid);
+    if (!job) {
+        pthread_mutex_unlock(&handler->lock);
+        vr_fail_chunk(region, chunk);
+        return;
+    }
+    if (tid > 0 && can_signal_thread(handler, tid)) {
+        job->next = handler->signalled;
+        handler->signalled = job;
+        siginfo_t info;
+        memset(&info, 0, sizeof info);
+        info.si_signo = handler->signal_number;
+        info.si_code = SI_QUEUE;
+        info.si_pid = getpid();
+        info.si_uid = getuid();
+        info.si_value.sival_ptr = job;
+        if (syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, handler->signal_number, &info) == 0) {
+            pthread_mutex_unlock(&handler->lock);
+            return;
+        }
+        handler->signalled = job->next; /* the thread is gone or unreachable: use a worker */
+    }
+    queue_for_worker(handler, job);
+    pthread_mutex_unlock(&handler->lock);
+}
+
+static void *handler_main(void *arg)
+{
+    vr_handler *handler = arg;
+    /* This thread must never run our signal handler (it is not a faulting thread). */
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, handler->signal_number);
+    pthread_sigmask(SIG_BLOCK, &mask, NULL);
+
+    for (;;) {
+        struct pollfd fds[2] = { { .fd = handler->uffd, .events = POLLIN },
+                                 { .fd = handler->wake_fd, .events = POLLIN } };
+        if (poll(fds, 2, -1) < 0)
+            continue; /* EINTR; nothing else can fail with valid descriptors */
+        if (fds[1].revents & POLLIN) {
+            uint64_t count;
+            (void)!read(handler->wake_fd, &count, sizeof count);
+            collect_verdicts(handler);
+            if (__atomic_load_n(&handler->stopping, __ATOMIC_ACQUIRE))
+                break;
+        }
+        if (!(fds[0].revents & POLLIN))
+            continue;
+        struct uffd_msg messages[EVENT_BATCH];
+        ssize_t n = read(handler->uffd, messages, sizeof messages);
+        if (n <= 0)
+            continue; /* EAGAIN: another reader was faster, or a spurious wake-up */
+        for (size_t i = 0; i < (size_t)n / sizeof messages[0]; i++) {
+            if (messages[i].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            handle_pagefault(handler, (uintptr_t)messages[i].arg.pagefault.address,
+                             (pid_t)messages[i].arg.pagefault.feat.ptid);
+        }
+    }
+    return NULL;
+}
+
+int vr_handler_start(vr_handler *handler)
+{
+    int rc = vr_fault_signal_install(handler->signal_number);
+    if (rc < 0)
+        return rc;
+    rc = pthread_create(&handler->thread, NULL, handler_main, handler);
+    if (rc != 0)
+        return -rc;
+    handler->thread_started = 1;
+    return 0;
+}
+
+/* Stop the threads (interpreter exit). Regions must be closed first; a thread that still faults on
+ * a region afterwards would wait for ever, so callers close every region before this. */
+int vr_handler_stop(vr_handler *handler)
+{
+    if (handler->owner_pid != getpid())
+        return 0; /* a forked child never had these threads */
+    pthread_mutex_lock(&handler->lock);
+    __atomic_store_n(&handler->stopping, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&handler->work_ready);
+    int workers = handler->workers_total;
+    pthread_mutex_unlock(&handler->lock);
+    notify(handler);
+    if (handler->thread_started)
+        pthread_join(handler->thread, NULL);
+    handler->thread_started = 0;
+    for (int i = 0; i < workers; i++)
+        pthread_join(handler->workers[i], NULL);
+    pthread_mutex_lock(&handler->lock);
+    handler->workers_total = 0;
+    pthread_mutex_unlock(&handler->lock);
+    return 0;
+}
+
+void vr_handler_free(vr_handler *handler)
+{
+    close(handler->uffd);
+    close(handler->wake_fd);
+    free(handler->regions);
+    free(handler->staging);
+    free(handler);
+}
+
+/* The signal handler's way to tell the handler thread a verdict is ready (async-signal-safe). */
+void vr_handler_notify_verdict(vr_handler *handler) { notify(handler); }

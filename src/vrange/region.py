@@ -1,0 +1,344 @@
+"""Region: page-aligned memory whose volatile pages the kernel may take back, refilled on access."""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Literal, Union, overload
+
+from ._backends import resolve_backend
+from ._backends._base import BackendRegion, RegionStats
+from ._native import ffi, lib
+from .errors import RegenerationError, VRangeOSError, errno_name
+from .sources import Source
+
+__all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE"]
+
+logger = logging.getLogger("vrange")
+
+PAGE_SIZE = mmap.PAGESIZE
+DEFAULT_CHUNK_SIZE = 64 * 1024
+"""Bytes regenerated and resolved per fault: fewer, larger faults are much cheaper (see
+docs/benchmarks.md)."""
+
+Regenerator = Union[Callable[[int, memoryview], object], Source]
+ErrorPolicy = Literal["poison", "zeros", "abort"]
+_ERROR_POLICIES = {
+    "poison": lib.VR_ON_ERROR_POISON,
+    "zeros": lib.VR_ON_ERROR_ZEROS,
+    "abort": lib.VR_ON_ERROR_ABORT,
+}
+
+
+def _default_error_policy() -> ErrorPolicy:
+    from ._features import features
+
+    return "poison" if "POISON" in features().userfaultfd.range_ioctls else "abort"
+
+
+class Region(mmap.mmap):
+    """A span of anonymous memory with a regenerator that can rebuild any chunk of it.
+
+    ``Region(nbytes, regenerate, backend="auto", chunk_size=None, on_error=None)``
+
+    - ``nbytes`` is rounded up to whole pages (``len(region)`` is the usable size).
+    - ``regenerate`` is a callable ``fn(offset, buf)`` that fills the writable memoryview ``buf``
+      (one chunk, or the region's tail) with the region's bytes at ``offset``, or a native source
+      from :mod:`vrange.sources`.
+    - ``backend``: ``"auto"``, ``"uffd"`` or ``"sigbus"`` (``None``: ``$VRANGE_BACKEND`` or auto).
+    - ``chunk_size``: a power-of-two multiple of the page size; the unit that is purged,
+      regenerated and resolved per fault (default 64 KiB).
+    - ``on_error``: what a fault does when the regenerator fails and there is no library call to
+      raise from (a plain memory access): ``"poison"`` (default where the kernel has
+      UFFDIO_POISON: the access raises SIGBUS, a syscall gets EFAULT, the next
+      ``mark_nonvolatile`` retries), ``"abort"`` (print and abort the process) or ``"zeros"``
+      (explicit opt-in: hand out zeros). Wrong bytes are never handed out silently and a fault never
+      hangs.
+
+    A new region is non-volatile and every page starts missing: the first access materializes it
+    through the regenerator. The region is a writable buffer (``memoryview(region)``,
+    ``numpy.frombuffer(region, ...)``, ``os.write(fd, region)``) and an ``mmap.mmap``.
+    """
+
+    _core: BackendRegion
+
+    def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
+                chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> Region:
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+            raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
+        if nbytes <= 0:
+            raise ValueError(f"nbytes must be positive, not {nbytes}")
+        if not isinstance(regenerate, Source) and not callable(regenerate):
+            raise TypeError("regenerate must be a callable fn(offset, buf) or a vrange.sources "
+                            f"source, not {type(regenerate).__name__}")
+        chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < PAGE_SIZE or \
+                chunk & (chunk - 1) or chunk % PAGE_SIZE:
+            raise ValueError(f"chunk_size must be a power-of-two multiple of the page size "
+                             f"({PAGE_SIZE}), not {chunk_size!r}")
+        policy = _default_error_policy() if on_error is None else on_error
+        if policy not in _ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {sorted(_ERROR_POLICIES)}, not {on_error!r}")
+        backend_name = resolve_backend(backend)
+        size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+        self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._closed = False
+        self._backend_name = backend_name
+        self._chunk_size = chunk
+        self._regenerate = regenerate
+        self._on_error = policy
+        self._errors: list[tuple[int, BaseException]] = []
+        self._state_lock = threading.Lock()
+        pointer = ffi.from_buffer(self)
+        self._address = int(ffi.cast("uintptr_t", pointer))
+        ffi.release(pointer)
+        if isinstance(regenerate, Source):
+            kind, fd, file_offset = regenerate._kind, regenerate._fd, regenerate._offset
+        else:
+            kind, fd, file_offset = lib.VR_SOURCE_PYTHON, -1, 0
+        from ._backends.uffd import UffdRegion
+
+        try:
+            self._core = UffdRegion(self, self._address, size, chunk, kind, fd, file_offset,
+                                    _ERROR_POLICIES[policy])
+        except BaseException:
+            mmap.mmap.close(self)
+            self._closed = True
+            raise
+        return self
+
+    def __init__(self, nbytes: int, regenerate: Regenerator, backend: str | None = None,
+                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> None:
+        pass  # everything happens in __new__ (mmap.mmap is built there)
+
+    # --- properties -----------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """The backend serving this region (``"uffd"`` or ``"sigbus"``)."""
+        return self._backend_name
+
+    @property
+    def chunk_size(self) -> int:
+        return self._chunk_size
+
+    @property
+    def address(self) -> int:
+        """The start address of the mapping (for native code)."""
+        self._check_open()
+        return self._address
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self)} bytes"
+        return (f"<vrange.Region {state}, backend={self._backend_name!r}, "
+                f"chunk_size={self._chunk_size}>")
+
+    # --- volatility -------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("operation on a closed vrange.Region")
+
+    def _range(self, offset: int, length: int | None) -> tuple[int, int]:
+        self._check_open()
+        size = len(self)
+        if length is None:
+            length = size - offset if isinstance(offset, int) else 0
+        for name, value in (("offset", offset), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 0 or value % PAGE_SIZE:
+                raise ValueError(f"{name} must be a non-negative multiple of the page size "
+                                 f"({PAGE_SIZE}), not {value}")
+        if offset + length > size:
+            raise ValueError(f"range [{offset}, {offset + length}) is outside the region "
+                             f"(size {size})")
+        return offset, length
+
+    def _chunks_touching(self, offset: int, length: int) -> tuple[int, int]:
+        return offset // self._chunk_size, -(-(offset + length) // self._chunk_size)
+
+    def mark_volatile(self, offset: int = 0, length: int | None = None) -> None:
+        """Let the kernel (or :meth:`purge`) discard the pages of this range from now on.
+
+        Only whole chunks become volatile: a chunk that the range covers only in part stays
+        pinned (volatility is a permission, so rounding inward never loses data). The pages stay
+        readable; a discarded page is regenerated on its next access.
+        """
+        offset, length = self._range(offset, length)
+        first = -(-offset // self._chunk_size)
+        end = (offset + length) // self._chunk_size
+        if offset + length == len(self):
+            end = self._core_chunk_count()  # the tail chunk may be shorter than chunk_size
+        if first < end:
+            with self._state_lock:
+                self._core.mark_volatile(first, end)
+
+    def _core_chunk_count(self) -> int:
+        return -(-len(self) // self._chunk_size)
+
+    @overload
+    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
+                         report: Literal[False] = False) -> bool: ...
+
+    @overload
+    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
+                         report: Literal[True]) -> list[tuple[int, int]]: ...
+
+    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
+                         report: bool = False) -> bool | list[tuple[int, int]]:
+        """Pin the range again and make every page in it present, regenerating purged ones.
+
+        Returns True if any page of the range had been purged since it was last marked volatile
+        (False otherwise), or with ``report=True`` the list of purged ``(offset, length)`` ranges.
+        The range is widened to whole chunks. If a regenerator fails, raises
+        :class:`vrange.RegenerationError` (the regenerator's exception is the ``__cause__``); the
+        chunks that failed are left missing, never half-filled.
+        """
+        offset, length = self._range(offset, length)
+        first, end = self._chunks_touching(offset, length)
+        if first >= end:
+            return [] if report else False
+        with self._state_lock:
+            errors_before = len(self._errors)
+            self._core.discard(first, end, only_failed=True)
+            result = self._core.populate(first, end)
+            new_errors = self._errors[errors_before:]
+            if result < 0 or new_errors:
+                # Leave failed chunks missing (not poisoned, not zero-filled): drop them again.
+                for chunk in {error_offset // self._chunk_size for error_offset, _ in new_errors}:
+                    self._core.discard(chunk, chunk + 1, only_failed=False)
+                self._core.discard(first, end, only_failed=True)
+                if new_errors:
+                    error_offset, cause = new_errors[0]
+                    raise RegenerationError(
+                        f"the regenerator failed for the chunk at offset {error_offset} "
+                        f"({len(new_errors)} failure(s) in this call)") from cause
+                code = -result
+                raise RegenerationError(
+                    f"could not make the range present: {os.strerror(code)} ({errno_name(code)}); "
+                    "a native source failed to read") from VRangeOSError(code, os.strerror(code))
+            purged = self._core.finish_nonvolatile(first, end)
+        if not report:
+            return any(purged)
+        ranges: list[tuple[int, int]] = []
+        for index, was_purged in enumerate(purged):
+            if not was_purged:
+                continue
+            start = (first + index) * self._chunk_size
+            stop = min(start + self._chunk_size, len(self))
+            if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop - ranges[-1][0])
+            else:
+                ranges.append((start, stop - start))
+        return ranges
+
+    def purge(self, offset: int = 0, length: int | None = None) -> int:
+        """Discard the volatile pages of the range now; returns the number of bytes discarded.
+
+        Non-volatile (pinned) chunks in the range are skipped, never discarded: purge cannot lose
+        data the program still relies on. A chunk the range touches is purged whole.
+        """
+        offset, length = self._range(offset, length)
+        first, end = self._chunks_touching(offset, length)
+        with self._state_lock:
+            return self._core.purge(first, end)
+
+    # --- introspection ----------------------------------------------------------------------------
+
+    def stats(self) -> RegionStats:
+        """Counters of this region, and how many of its bytes are volatile, resident, purged."""
+        self._check_open()
+        counters = self._core.counters()
+        states = self._core.chunk_states()
+        residency = self._core.residency()
+        pages_per_chunk = self._chunk_size // PAGE_SIZE
+        volatile = nonvolatile = purged = 0
+        for chunk, state in enumerate(states):
+            pages = residency[chunk * pages_per_chunk:(chunk + 1) * pages_per_chunk]
+            length = len(pages) * PAGE_SIZE
+            if state & lib.VR_CHUNK_VOLATILE:
+                volatile += length
+            else:
+                nonvolatile += length
+            if state & lib.VR_CHUNK_MATERIALIZED:
+                purged += sum(1 for page in pages if not page & 1) * PAGE_SIZE
+        resident = sum(page & 1 for page in residency) * PAGE_SIZE
+        return RegionStats(
+            faults_served=counters["faults_on_handler_thread"]
+            + counters["faults_on_faulting_thread"] + counters["faults_on_worker_thread"],
+            faults_on_handler_thread=counters["faults_on_handler_thread"],
+            faults_on_faulting_thread=counters["faults_on_faulting_thread"],
+            faults_on_worker_thread=counters["faults_on_worker_thread"],
+            bytes_regenerated=counters["bytes_regenerated"],
+            regeneration_errors=counters["regeneration_errors"],
+            purges=counters["purges"],
+            volatile_bytes=volatile,
+            nonvolatile_bytes=nonvolatile,
+            resident_bytes=resident,
+            purged_bytes=purged,
+        )
+
+    # --- regeneration (called from C) -------------------------------------------------------------
+
+    def run_regenerator(self, offset: int, buffer: Any, length: int) -> int:
+        """Fill ``buffer`` for the chunk at ``offset``; 0, or -1 after recording the failure.
+
+        Runs with the GIL, on a worker thread or inside the fault signal handler of the faulting
+        thread: it must not raise (cffi would only print the exception) and must not block on
+        anything the faulting thread holds.
+        """
+        view = memoryview(ffi.buffer(buffer, length))
+        try:
+            self._regenerate(offset, view)  # type: ignore[operator]
+            return 0
+        except BaseException as error:  # noqa: BLE001 - recorded, reported by policy
+            self._errors.append((offset, error))
+            del self._errors[:-64]  # keep the most recent failures only
+            logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
+                           offset, error, self._on_error)
+            return -1
+        finally:
+            view.release()
+
+    @property
+    def regeneration_failures(self) -> list[tuple[int, BaseException]]:
+        """The most recent regenerator failures as ``(offset, exception)``, oldest first."""
+        return list(self._errors)
+
+    # --- lifetime ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap the region. Raises BufferError while a buffer (memoryview, numpy array) exports
+        it, like ``mmap.close``. Closing twice is allowed; any other call afterwards raises
+        ValueError."""
+        if self._closed:
+            return
+        mmap.mmap.close(self)  # BufferError here leaves the region fully working
+        self._closed = True
+        self._core.close()
+
+    def __enter__(self) -> Region:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except BufferError:  # pragma: no cover - an exporter outlived us: leave it mapped
+                pass
+
+    def resize(self, newsize: int) -> None:
+        raise OSError("a vrange.Region cannot be resized")

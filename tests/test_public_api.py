@@ -5,6 +5,10 @@ from __future__ import annotations
 import vrange
 
 EXPECTED_PUBLIC_NAMES = {
+    "DEFAULT_CHUNK_SIZE",
+    "Region",
+    "RegionStats",
+    "sources",
     "BackendUnavailable",
     "Features",
     "RegenerationError",

@@ -10,8 +10,9 @@ import errno as errno_module
 
 from ._native import lib
 from .errors import check
+from .region import Region
 
-__all__ = ["deny_userfaultfd"]
+__all__ = ["deny_userfaultfd", "page_out"]
 
 
 def deny_userfaultfd(error_number: int = errno_module.EPERM, *, include_dev: bool = True) -> None:
@@ -27,3 +28,17 @@ def deny_userfaultfd(error_number: int = errno_module.EPERM, *, include_dev: boo
         raise ValueError(f"error_number must be a positive errno value, not {error_number!r}")
     check(lib.vr_seccomp_deny_userfaultfd(error_number, int(include_dev)),
           "install a seccomp filter denying userfaultfd")
+
+
+def page_out(region: Region, offset: int = 0, length: int | None = None) -> None:
+    """Make the kernel reclaim the range now (MADV_PAGEOUT), as memory pressure would.
+
+    Volatile pages (lazy-free after ``mark_volatile``) are discarded, so their next access is
+    served by the regenerator; non-volatile pages are kept (there is no swap to write them to, or
+    they are swapped and come back unchanged). Use it to inject kernel purges into your own tests.
+    The kernel may leave a few pages in place (it skips pages it cannot isolate at that moment).
+    """
+    offset, length = region._range(offset, length)
+    from ._backends.uffd import page_out as _page_out
+
+    _page_out(region.address + offset, length)

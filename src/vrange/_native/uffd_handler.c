@@ -14,11 +14,13 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "uffd_backend.h"
 
 #define EVENT_BATCH 16
+#define WORKER_STOP_TIMEOUT_S 2
 
 int vr_handler_new(int signal_number, vr_handler **out)
 {
@@ -143,6 +145,13 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
 static void *worker_main(void *arg)
 {
     vr_handler *handler = arg;
+    /* Created by the handler thread, a worker inherits its mask, which blocks the fault signal. A
+     * worker holds the GIL while its regenerator runs; if that regenerator faults on a region, the
+     * signal is the only way to serve it (no other thread can take the GIL): unblock it. */
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, handler->signal_number);
+    pthread_sigmask(SIG_UNBLOCK, &mask, NULL);
     pthread_mutex_lock(&handler->lock);
     for (;;) {
         while (!handler->queue_head && !handler->stopping) {
@@ -176,7 +185,8 @@ static void queue_for_worker(vr_handler *handler, vr_job *job)
     handler->queue_tail = job;
     /* Every worker may be busy inside a regenerator that waits on this very job (a regenerator
      * whose syscall touches another region): add a worker rather than wait. */
-    if (handler->workers_idle == 0 && handler->workers_total < VR_MAX_WORKERS) {
+    if (handler->workers_idle == 0 && handler->workers_total < VR_MAX_WORKERS &&
+        !__atomic_load_n(&handler->stopping, __ATOMIC_ACQUIRE)) {
         if (pthread_create(&handler->workers[handler->workers_total], NULL, worker_main, handler) == 0)
             handler->workers_total++;
         else if (handler->workers_total == 0) {
@@ -354,10 +364,17 @@ int vr_handler_stop(vr_handler *handler)
     pthread_mutex_unlock(&handler->lock);
     notify(handler);
     if (handler->thread_started)
-        pthread_join(handler->thread, NULL);
+        pthread_join(handler->thread, NULL); /* it only ever blocks in poll(): returns at once */
     handler->thread_started = 0;
-    for (int i = 0; i < workers; i++)
-        pthread_join(handler->workers[i], NULL);
+    /* A worker may be stuck in a regenerator that never returns: give each a moment, then leave it
+     * (at interpreter exit, a thread that wants the GIL back after finalization is ended). */
+    for (int i = 0; i < workers; i++) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_REALTIME, &deadline);
+        deadline.tv_sec += WORKER_STOP_TIMEOUT_S;
+        if (pthread_timedjoin_np(handler->workers[i], NULL, &deadline) != 0)
+            pthread_detach(handler->workers[i]);
+    }
     pthread_mutex_lock(&handler->lock);
     handler->workers_total = 0;
     pthread_mutex_unlock(&handler->lock);

@@ -1,0 +1,613 @@
+"""The Region API, one suite for every backend: the backends must be interchangeable."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from conftest import CHUNK, PAGE, CountingRegenerator, assert_pages_match, pattern
+
+import vrange
+from vrange import sources
+from vrange.testing import page_out
+
+SIZE = 16 * CHUNK  # 1 MiB
+
+
+def make(backend: str, regenerate: vrange.sources.Source | CountingRegenerator | object,
+         size: int = SIZE, **options: object) -> vrange.Region:
+    return vrange.Region(size, regenerate, backend=backend, **options)  # type: ignore[arg-type]
+
+
+# --- construction and bad input ------------------------------------------------------------------
+
+
+def test_size_is_rounded_up_to_pages(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator, size=1) as region:
+        assert len(region) == PAGE
+        assert region.backend == backend
+        assert region.chunk_size == vrange.DEFAULT_CHUNK_SIZE == CHUNK
+        assert region[0] == pattern(0, 1)[0]
+
+
+@pytest.mark.parametrize("nbytes, error", [(0, ValueError), (-4096, ValueError),
+                                           ("4096", TypeError), (4096.0, TypeError),
+                                           (True, TypeError)])
+def test_bad_sizes(backend: str, nbytes: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="nbytes"):
+        vrange.Region(nbytes, sources.Zeros(), backend=backend)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("chunk_size", [0, 1000, 3 * PAGE, PAGE // 2, -PAGE, "64k"])
+def test_bad_chunk_sizes(backend: str, chunk_size: object) -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        vrange.Region(SIZE, sources.Zeros(), backend=backend, chunk_size=chunk_size)  # type: ignore[arg-type]
+
+
+def test_bad_regenerator_backend_and_policy(backend: str) -> None:
+    with pytest.raises(TypeError, match="regenerate must be"):
+        vrange.Region(SIZE, 42, backend=backend)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        vrange.Region(SIZE, sources.Zeros(), backend="nope")
+    with pytest.raises(ValueError, match="on_error"):
+        vrange.Region(SIZE, sources.Zeros(), backend=backend, on_error="ignore")  # type: ignore[arg-type]
+
+
+def test_environment_variable_chooses_the_default_backend(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VRANGE_BACKEND", backend)
+    with vrange.Region(SIZE, sources.Zeros()) as region:
+        assert region.backend == backend
+    monkeypatch.setenv("VRANGE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"unknown backend 'bogus' \(from \$VRANGE_BACKEND\)"):
+        vrange.Region(SIZE, sources.Zeros())
+
+
+@pytest.mark.parametrize("offset, length, error", [
+    (1, PAGE, ValueError), (0, 1, ValueError), (-PAGE, PAGE, ValueError),
+    (SIZE, PAGE, ValueError), (0, SIZE + PAGE, ValueError), (0.0, PAGE, TypeError),
+])
+def test_bad_ranges(backend: str, offset: object, length: object, error: type[Exception]) -> None:
+    with make(backend, sources.Zeros()) as region:
+        for method in (region.mark_volatile, region.mark_nonvolatile, region.purge):
+            with pytest.raises(error):
+                method(offset, length)  # type: ignore[arg-type]
+
+
+# --- content -----------------------------------------------------------------------------------------
+
+
+def test_first_access_materializes_without_counting_a_purge(
+        backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        assert_pages_match(region, pattern(0, SIZE))
+        assert region.mark_nonvolatile() is False
+        stats = region.stats()
+        assert stats.faults_served == 16
+        assert stats.bytes_regenerated == SIZE
+        assert stats.purges == 0
+        assert stats.resident_bytes == SIZE
+        assert stats.nonvolatile_bytes == SIZE and stats.volatile_bytes == 0
+        assert sorted(regenerator.calls) == list(range(0, SIZE, CHUNK))
+
+
+def test_region_tail_chunk_is_shorter(backend: str) -> None:
+    lengths = []
+
+    def regenerate(offset: int, buf: memoryview) -> None:
+        lengths.append((offset, len(buf)))
+        buf[:] = pattern(offset, len(buf))
+
+    size = CHUNK + 3 * PAGE
+    with make(backend, regenerate, size=size) as region:
+        assert region.mark_nonvolatile() is False
+        assert sorted(lengths) == [(0, CHUNK), (CHUNK, 3 * PAGE)]
+        assert_pages_match(region, pattern(0, size))
+
+
+def test_explicit_purge_then_gil_held_access(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        assert region.purge() == SIZE
+        stats = region.stats()
+        assert stats.purges == 16 and stats.resident_bytes == 0 and stats.purged_bytes == SIZE
+        assert stats.volatile_bytes == SIZE
+        # (a) Python code holding the GIL reads the purged pages.
+        assert_pages_match(region, pattern(0, SIZE))
+        assert regenerator.calls[0] == 2
+        assert region.mark_nonvolatile() is True
+        assert region.mark_nonvolatile() is False  # nothing purged since
+
+
+def test_kernel_discard_is_reported_and_refilled(backend: str, regenerator: CountingRegenerator) -> None:
+    if backend != "uffd":
+        pytest.skip("only the uffd backend lets the kernel discard pages by itself")
+    with make(backend, regenerator) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        page_out(region)  # the kernel reclaims the lazy-free pages, as under memory pressure
+        assert region.stats().purged_bytes > SIZE // 2
+        purged = region.mark_nonvolatile(report=True)
+        assert purged, "MADV_PAGEOUT discarded nothing"
+        assert all(offset % CHUNK == 0 and length % CHUNK == 0 for offset, length in purged)
+        assert_pages_match(region, pattern(0, SIZE))
+        assert region.stats().purges >= len(purged)
+
+
+def test_report_lists_merged_purged_ranges(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        region.purge(0, 2 * CHUNK)
+        region.purge(5 * CHUNK, CHUNK)
+        region.purge(15 * CHUNK, CHUNK)
+        assert region.mark_nonvolatile(report=True) == [(0, 2 * CHUNK), (5 * CHUNK, CHUNK),
+                                                        (15 * CHUNK, CHUNK)]
+        assert region.mark_nonvolatile(report=True) == []
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+def test_writes_are_kept_while_nonvolatile(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        data = os.urandom(3 * CHUNK)
+        region[CHUNK:4 * CHUNK] = data
+        assert region.purge() == 0  # nothing is volatile: purge skips pinned chunks
+        if backend == "uffd":
+            page_out(region)
+        assert bytes(region[CHUNK:4 * CHUNK]) == data
+        # Volatile elsewhere, pinned here: purge touches only the volatile chunks.
+        region.mark_nonvolatile(8 * CHUNK, 8 * CHUNK)  # materialize them first
+        region.mark_volatile(8 * CHUNK, 8 * CHUNK)
+        assert region.purge() == 8 * CHUNK
+        assert bytes(region[CHUNK:4 * CHUNK]) == data
+        assert region.mark_nonvolatile(0, 4 * CHUNK) is False
+
+
+def test_mark_volatile_rounds_inward_to_whole_chunks(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile(PAGE, 2 * CHUNK)  # covers chunk 1 whole, chunks 0 and 2 in part
+        assert region.stats().volatile_bytes == CHUNK
+        assert region.purge() == CHUNK
+        assert region.mark_nonvolatile(report=True) == [(CHUNK, CHUNK)]
+
+
+def test_writes_to_volatile_pages_are_lost_on_purge(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        region.mark_volatile()
+        region[0:4] = b"mine"
+        region.purge()
+        assert bytes(region[0:4]) == pattern(0, 4)
+
+
+def test_gil_released_numpy_access(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        region.mark_volatile()
+        region.purge()
+        source = np.frombuffer(region, dtype=np.uint8)
+        destination = np.empty_like(source)
+        np.copyto(destination, source)  # a large contiguous copy runs without the GIL
+        assert destination.tobytes() == pattern(0, SIZE)
+        total = int(np.add(source, 1, dtype=np.uint16).sum())  # inside a ufunc
+        assert total == int(np.frombuffer(pattern(0, SIZE), dtype=np.uint8).astype(np.uint64).sum()) + SIZE
+        del source
+
+
+def test_syscalls_on_purged_pages_succeed(backend: str, regenerator: CountingRegenerator) -> None:
+    if backend != "uffd":
+        pytest.skip("raw syscalls on purged pages fail with EFAULT on sigbus (see test_io)")
+    with make(backend, regenerator) as region:
+        region.mark_volatile()
+        region.purge()
+        # os.write from the region into a pipe, drained by a thread.
+        read_end, write_end = os.pipe()
+        received: list[bytes] = []
+        drainer = threading.Thread(target=lambda: received.append(
+            b"".join(iter(lambda: os.read(read_end, 1 << 16), b""))))
+        drainer.start()
+        view = memoryview(region)
+        written = 0
+        while written < 3 * CHUNK:
+            written += os.write(write_end, view[written:3 * CHUNK])
+        os.close(write_end)
+        drainer.join(timeout=30)
+        os.close(read_end)
+        assert received[0] == pattern(0, 3 * CHUNK)
+        # socket.send from the region.
+        left, right = socket.socketpair()
+        with left, right:
+            sent = left.send(view[4 * CHUNK:4 * CHUNK + 8192])
+            assert right.recv(65536) == pattern(4 * CHUNK, sent)
+        # os.readv and file.readinto *into* purged pages: the kernel's copy lands on them.
+        incoming = os.urandom(CHUNK)
+        read_end, write_end = os.pipe()
+        os.write(write_end, incoming)
+        assert os.readv(read_end, [view[6 * CHUNK:7 * CHUNK]]) == CHUNK
+        os.close(read_end), os.close(write_end)
+        assert bytes(view[6 * CHUNK:7 * CHUNK]) == incoming
+        with tempfile.TemporaryFile() as file:
+            file.write(incoming[::-1])
+            file.seek(0)
+            assert file.readinto(view[8 * CHUNK:9 * CHUNK]) == CHUNK
+        assert bytes(view[8 * CHUNK:9 * CHUNK]) == incoming[::-1]
+        view.release()
+        assert region.stats().faults_on_worker_thread >= 4
+
+
+def test_another_python_thread(backend: str, regenerator: CountingRegenerator) -> None:
+    with make(backend, regenerator) as region:
+        region.mark_volatile()
+        region.purge()
+        results: list[bytes] = []
+        thread = threading.Thread(target=lambda: results.append(bytes(region[CHUNK:5 * CHUNK])))
+        thread.start()
+        thread.join(timeout=30)
+        assert results == [pattern(CHUNK, 4 * CHUNK)]
+
+
+def test_many_threads_faulting_one_chunk_regenerate_it_once(backend: str) -> None:
+    if backend != "uffd":
+        pytest.skip("needs syscalls that fault without the GIL (uffd)")
+    regenerator = CountingRegenerator()
+    started = threading.Event()
+
+    def slow(offset: int, buf: memoryview) -> None:
+        started.wait(5)  # let every thread reach the fault before the first one is served
+        regenerator(offset, buf)
+
+    with make(backend, slow) as region, tempfile.TemporaryDirectory() as directory:
+        view = memoryview(region)
+        barrier = threading.Barrier(8)
+        outputs: list[bytes] = []
+
+        def reader(index: int) -> None:
+            path = os.path.join(directory, str(index))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT)
+            barrier.wait()
+            os.pwrite(fd, view[2 * CHUNK:3 * CHUNK], 0)  # faults inside the syscall
+            outputs.append(os.pread(fd, CHUNK, 0))
+            os.close(fd)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        threading.Timer(0.3, started.set).start()
+        for thread in threads:
+            thread.join(timeout=30)
+        view.release()
+        assert len(outputs) == 8
+        assert all(output == pattern(2 * CHUNK, CHUNK) for output in outputs)
+        assert regenerator.calls == {2 * CHUNK: 1}
+
+
+def test_partly_present_chunk_keeps_present_pages(backend: str, regenerator: CountingRegenerator) -> None:
+    # Page 0 holds the program's write; page 1 alone is dropped. Refilling the chunk must skip
+    # page 0 (UFFDIO_COPY answers EEXIST there, which does not wake waiters) and never hang.
+    with make(backend, regenerator) as region:
+        region[0:PAGE] = b"\xaa" * PAGE
+        region.madvise(mmap.MADV_DONTNEED, PAGE, PAGE)
+        assert bytes(region[PAGE:2 * PAGE]) == pattern(PAGE, PAGE)
+        assert bytes(region[0:PAGE]) == b"\xaa" * PAGE
+        assert bytes(region[2 * PAGE:CHUNK]) == pattern(2 * PAGE, CHUNK - 2 * PAGE)
+
+
+# --- native sources -----------------------------------------------------------------------------------
+
+
+def test_zeros_source(backend: str) -> None:
+    with make(backend, sources.Zeros()) as region:
+        region[0:5] = b"hello"
+        region.mark_volatile()
+        region.purge()
+        assert bytes(region[:]) == bytes(SIZE)
+        stats = region.stats()
+        assert stats.faults_on_handler_thread + stats.faults_on_faulting_thread >= 16
+        assert stats.faults_on_worker_thread == 0
+
+
+def test_file_source_from_path_and_fd(backend: str, tmp_path: "os.PathLike[str]") -> None:
+    content = os.urandom(SIZE + 5000)
+    path = os.path.join(tmp_path, "backing")
+    with open(path, "wb") as file:
+        file.write(content)
+    with make(backend, sources.File(path, offset=5000)) as region:
+        assert bytes(region[:]) == content[5000:]
+        region.mark_volatile()
+        region.purge()
+        assert_pages_match(region, content[5000:])
+    fd = os.open(path, os.O_RDONLY)
+    source = sources.File(fd)
+    os.close(fd)  # the source holds its own duplicate
+    with make(backend, source, size=SIZE + 2 * PAGE) as region:
+        # Past the end of the file, the region reads zeros.
+        assert bytes(region[:]) == content + bytes(SIZE + 2 * PAGE - len(content))
+
+
+def test_file_source_bad_input(tmp_path: "os.PathLike[str]") -> None:
+    with pytest.raises(ValueError, match="offset"):
+        sources.File(0, offset=-1)
+    with pytest.raises(TypeError, match="path_or_fd"):
+        sources.File(3.5)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        sources.File(os.path.join(tmp_path, "missing"))
+
+
+# --- regenerator failures ----------------------------------------------------------------------------
+
+
+class Flaky:
+    def __init__(self, failing_offset: int) -> None:
+        self.failing_offset = failing_offset
+        self.fail = True
+
+    def __call__(self, offset: int, buf: memoryview) -> None:
+        if self.fail and offset == self.failing_offset:
+            raise KeyError("regenerator lost its source")
+        buf[:] = pattern(offset, len(buf))
+
+
+def test_mark_nonvolatile_raises_and_leaves_failed_chunks_missing(backend: str) -> None:
+    flaky = Flaky(3 * CHUNK)
+    with make(backend, flaky) as region:
+        with pytest.raises(vrange.RegenerationError, match="offset 196608") as caught:
+            region.mark_nonvolatile()
+        assert isinstance(caught.value.__cause__, KeyError)
+        residency = region._core.residency()
+        assert not any(page & 1 for page in residency[3 * 16:4 * 16]), "failed chunk not missing"
+        assert region.stats().regeneration_errors >= 1
+        assert region.regeneration_failures[-1][0] == 3 * CHUNK
+        flaky.fail = False
+        assert region.mark_nonvolatile() is False
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+def test_syscall_over_a_failing_chunk_gets_efault(backend: str) -> None:
+    if backend != "uffd":
+        pytest.skip("covered for sigbus by the raw-syscall EFAULT tests")
+    flaky = Flaky(0)
+    with make(backend, flaky) as region:
+        read_end, write_end = os.pipe()
+        view = memoryview(region)
+        with pytest.raises(OSError) as caught:
+            os.write(write_end, view[0:PAGE])
+        view.release()
+        os.close(read_end), os.close(write_end)
+        assert caught.value.errno == errno.EFAULT
+        flaky.fail = False
+        assert region.mark_nonvolatile() is False  # poison cleared and chunk regenerated
+        assert bytes(region[0:PAGE]) == pattern(0, PAGE)
+
+
+def run_python(script: str, backend: str) -> subprocess.CompletedProcess[str]:
+    prelude = textwrap.dedent(f"""
+        import os, sys, threading, vrange
+        BACKEND = {backend!r}
+        CHUNK = {CHUNK}
+    """)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_raw_access_to_a_failing_chunk_raises_sigbus_by_default(backend: str) -> None:
+    result = run_python("""
+        def broken(offset, buf):
+            raise RuntimeError("no source")
+        region = vrange.Region(4 * CHUNK, broken, backend=BACKEND)
+        print("before", flush=True)
+        region[5]
+        print("after", flush=True)
+    """, backend)
+    if "POISON" not in vrange.features().userfaultfd.range_ioctls and backend == "uffd":
+        assert result.returncode == -signal.SIGABRT
+    else:
+        assert result.returncode == -signal.SIGBUS, result.stderr
+    assert "before" in result.stdout and "after" not in result.stdout
+    assert "RuntimeError('no source')" in result.stderr
+
+
+def test_on_error_abort(backend: str) -> None:
+    result = run_python("""
+        def broken(offset, buf):
+            raise RuntimeError("no source")
+        region = vrange.Region(4 * CHUNK, broken, backend=BACKEND, on_error="abort")
+        region[5]
+    """, backend)
+    assert result.returncode == -signal.SIGABRT
+    assert "error policy is 'abort'" in result.stderr
+
+
+def test_on_error_zeros_is_explicit(backend: str) -> None:
+    flaky = Flaky(0)
+    with make(backend, flaky, on_error="zeros") as region:
+        assert bytes(region[0:16]) == bytes(16)
+        assert region.stats().regeneration_errors == 1
+        assert bytes(region[CHUNK:CHUNK + 16]) == pattern(CHUNK, 16)
+
+
+def test_regenerator_raising_base_exceptions_does_not_kill_the_handler(backend: str) -> None:
+    raised = iter([SystemExit(3), KeyboardInterrupt()])
+
+    def regenerate(offset: int, buf: memoryview) -> None:
+        error = next(raised, None)
+        if error is not None:
+            raise error
+        buf[:] = pattern(offset, len(buf))
+
+    with make(backend, regenerate) as region:
+        for _ in range(2):
+            with pytest.raises(vrange.RegenerationError):
+                region.mark_nonvolatile(0, CHUNK)
+        assert region.mark_nonvolatile() is False
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+# --- nested faults --------------------------------------------------------------------------------------
+
+
+def test_regenerator_reading_other_volatile_memory(backend: str) -> None:
+    with make(backend, CountingRegenerator()) as inner:
+        inner.mark_volatile()
+        inner.purge()
+
+        def from_inner(offset: int, buf: memoryview) -> None:
+            buf[:] = inner[offset:offset + len(buf)]  # faults on another region, GIL held
+
+        with make(backend, from_inner) as outer:
+            assert_pages_match(outer, pattern(0, SIZE))
+            outer.mark_volatile()
+            inner.purge()
+            outer.purge()
+            assert outer.mark_nonvolatile() is True  # populate: from a syscall, then nested
+            assert_pages_match(outer, pattern(0, SIZE))
+
+
+def test_regenerator_reading_its_own_region_elsewhere(backend: str) -> None:
+    holder: list[vrange.Region] = []
+
+    def chained(offset: int, buf: memoryview) -> None:
+        if offset == 0:
+            buf[:] = pattern(0, len(buf))
+        else:  # built from the previous chunk of the same region
+            previous = bytes(holder[0][offset - CHUNK:offset])
+            buf[:] = bytes((byte + 1) % 256 for byte in previous[:len(buf)])
+
+    with make(backend, chained, size=4 * CHUNK) as region:
+        holder.append(region)
+        expected = bytes((b + 3) % 256 for b in pattern(0, CHUNK))
+        assert bytes(region[3 * CHUNK:4 * CHUNK]) == expected
+        holder.clear()
+
+
+def test_regenerator_making_syscalls_on_another_region(backend: str) -> None:
+    if backend != "uffd":
+        pytest.skip("raw syscalls on purged pages need the uffd backend")
+    with make(backend, CountingRegenerator()) as inner:
+        inner.mark_volatile()
+        inner.purge()
+
+        def through_a_pipe(offset: int, buf: memoryview) -> None:
+            read_end, write_end = os.pipe()
+            try:
+                view = memoryview(inner)
+                os.write(write_end, view[offset:offset + PAGE])  # a second worker serves this
+                view.release()
+                buf[:PAGE] = os.read(read_end, PAGE)
+                buf[PAGE:] = pattern(offset + PAGE, len(buf) - PAGE)
+            finally:
+                os.close(read_end), os.close(write_end)
+
+        with make(backend, through_a_pipe) as outer:
+            destination = np.empty(SIZE, dtype=np.uint8)
+            np.copyto(destination, np.frombuffer(outer, dtype=np.uint8))  # worker path
+            assert destination.tobytes() == pattern(0, SIZE)
+            assert bytes(outer[0:CHUNK]) == pattern(0, CHUNK)
+
+
+def test_regenerator_that_allocates_heavily(backend: str) -> None:
+    def hungry(offset: int, buf: memoryview) -> None:
+        junk = [bytes(1000) for _ in range(2000)] + [list(range(1000))]
+        buf[:] = pattern(offset, len(buf))
+        del junk
+
+    with make(backend, hungry) as region:
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+def test_regenerator_purging_from_inside_a_fault(backend: str) -> None:
+    with make(backend, CountingRegenerator()) as other:
+        other.mark_nonvolatile()
+        other.mark_volatile()
+
+        def purging(offset: int, buf: memoryview) -> None:
+            other.purge()  # madvise from the fault path: must not wait on the handler
+            buf[:] = pattern(offset, len(buf))
+
+        with make(backend, purging) as region:
+            assert_pages_match(region, pattern(0, SIZE))
+
+
+# --- lifetime --------------------------------------------------------------------------------------------
+
+
+def test_close_semantics(backend: str) -> None:
+    region = make(backend, sources.Zeros())
+    view = memoryview(region)
+    with pytest.raises(BufferError):
+        region.close()
+    assert region[0] == 0 and not region.closed  # still works
+    view.release()
+    region.close()
+    region.close()  # twice is fine
+    assert region.closed
+    for call in (region.mark_volatile, region.mark_nonvolatile, region.purge, region.stats):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+    with pytest.raises(ValueError):
+        region[0]
+    with pytest.raises(ValueError, match="closed"):
+        region.__enter__()
+    assert "closed" in repr(region)
+
+
+def test_numpy_export_blocks_close(backend: str) -> None:
+    region = make(backend, CountingRegenerator())
+    array = np.frombuffer(region, dtype=np.uint8)
+    assert array[CHUNK] == pattern(CHUNK, 1)[0]
+    with pytest.raises(BufferError):
+        region.close()
+    del array
+    region.close()
+
+
+def test_many_regions_open_and_close(backend: str) -> None:
+    for index in range(50):
+        with make(backend, CountingRegenerator(), size=2 * CHUNK) as region:
+            assert region[index] == pattern(index, 1)[0]
+
+
+def test_interpreter_exit_with_a_fault_in_flight_does_not_hang(backend: str) -> None:
+    result = run_python("""
+        never = threading.Event()
+        def stuck(offset, buf):
+            never.wait()
+        region = vrange.Region(4 * CHUNK, stuck, backend=BACKEND)
+        read_end, write_end = os.pipe()
+        threading.Thread(target=lambda: os.write(write_end, memoryview(region)[:4096]),
+                         daemon=True).start()
+        threading.Timer(0.5, lambda: None).start()
+        print("exiting", flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr
+    assert "exiting" in result.stdout
+
+
+@pytest.mark.forked
+def test_forked_child_regenerates_instead_of_reading_zeros(backend: str) -> None:
+    with make(backend, CountingRegenerator()) as region, make(backend, sources.Zeros()) as zeros:
+        region[0:5] = b"kept!"
+        region.mark_volatile(CHUNK)
+        region.purge()
+        zeros[0:3] = b"abc"
+        pid = os.fork()
+        if pid == 0:  # child: must see regenerated bytes for purged pages, and kept writes
+            try:
+                ok = (bytes(region[0:5]) == b"kept!"
+                      and bytes(region[CHUNK:SIZE]) == pattern(CHUNK, SIZE - CHUNK)
+                      and bytes(zeros[0:3]) == b"abc" and bytes(zeros[CHUNK:CHUNK + 4]) == bytes(4))
+                os._exit(0 if ok else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert bytes(region[CHUNK:2 * CHUNK]) == pattern(CHUNK, CHUNK)  # the parent still works

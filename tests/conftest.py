@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -24,6 +23,11 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         item.session._setupstate.teardown_exact(nextitem)
 
 
+# pytest captures file descriptor 2 while a test runs, and a process killed by the guard never gets
+# to print it: the guard writes the stacks to this file instead (.ci/run prints it on failure).
+HANG_LOG_PATH = os.environ.get("VRANGE_HANG_LOG", "/tmp/vrange-test-hangs.log")
+
+
 @pytest.fixture(autouse=True)
 def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     """Kill the process running a test that hangs, after dumping every thread's stack.
@@ -33,11 +37,14 @@ def hang_guard(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     marker = request.node.get_closest_marker("hang_timeout")
     timeout = float(marker.args[0]) if marker else DEFAULT_HANG_TIMEOUT_S
-    faulthandler.dump_traceback_later(timeout, exit=True, file=sys.stderr)
-    try:
-        yield
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    with open(HANG_LOG_PATH, "a") as log:
+        log.write(f"--- {request.node.nodeid} (pid {os.getpid()}, guard {timeout:.0f} s)\n")
+        log.flush()
+        faulthandler.dump_traceback_later(timeout, exit=True, file=log)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")

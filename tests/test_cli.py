@@ -48,13 +48,25 @@ def test_features_table_is_readable() -> None:
     assert vrange.features().userfaultfd.access in result.stdout
 
 
-def test_demo_runs() -> None:
+def test_demo_reads_back_every_byte() -> None:
     result = run_vrange("demo")
-    assert result.returncode == 0, result.stderr
-    assert "vrange" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every byte right" in result.stdout
+    assert "6. mark_nonvolatile" in result.stdout
 
 
 def test_unknown_command_is_an_error() -> None:
     result = run_vrange("nonsense")
     assert result.returncode == 2
     assert "invalid choice" in result.stderr
+
+
+def test_bench_quick_reports_every_case_against_a_baseline() -> None:
+    result = run_vrange("bench", "--quick")
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if " uffd " in line]
+    assert len(rows) == 6
+    for row in rows:
+        *_, per_page, baseline, ratio = row.split()
+        assert float(per_page) > 0 and float(baseline) > 0 and float(ratio) > 0
+    assert "features() full probe" in result.stdout

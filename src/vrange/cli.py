@@ -100,10 +100,16 @@ def _command_features(args: argparse.Namespace) -> int:
 
 
 def _command_demo(args: argparse.Namespace) -> int:
-    print(format_report(features()))
-    print()
-    print("The volatile-region demo comes with the Region API (uffd backend) and the sigbus backend;")
-    print("today vrange reports what this kernel and process allow (above).")
+    from .demo import run
+
+    return 0 if run() else 1
+
+
+def _command_bench(args: argparse.Namespace) -> int:
+    from .bench import format_results, run
+
+    results, probe_seconds = run(quick=args.quick)
+    print(format_results(results, probe_seconds))
     return 0
 
 
@@ -116,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     features_parser.set_defaults(handler=_command_features)
     demo_parser = commands.add_parser("demo", help="show vrange at work on this machine")
     demo_parser.set_defaults(handler=_command_demo)
+    bench_parser = commands.add_parser("bench", help="measure fault costs against a baseline")
+    bench_parser.add_argument("--quick", action="store_true", help="fewer pages, one run")
+    bench_parser.set_defaults(handler=_command_bench)
     return parser
 
 

@@ -20,6 +20,7 @@ C_SOURCES = [
     "uffd_handler.c",
     "uffd_region.c",
     "fault_signal.c",
+    "bench.c",
 ]
 
 CDEF_COMMON = """
@@ -39,6 +40,10 @@ int vr_probe_madvise(int advice);
 int vr_probe_memfd(void);
 int vr_probe_uffd_kernel_fault(int uffd, int timeout_ms, uint64_t *range_ioctls_out,
                                int *serves_syscalls_out);
+"""
+
+CDEF_BENCH = """
+int vr_touch_pages(uintptr_t address, size_t length, size_t stride, int write, uint64_t *ns_out);
 """
 
 CDEF_SECCOMP = """
@@ -120,7 +125,7 @@ def _relative(path: Path) -> str:
 
 
 ffibuilder = FFI()
-for declarations in (CDEF_COMMON, CDEF_UFFD, CDEF_PROBE, CDEF_SECCOMP, CDEF_UFFD_BACKEND,
+for declarations in (CDEF_COMMON, CDEF_UFFD, CDEF_PROBE, CDEF_SECCOMP, CDEF_BENCH, CDEF_UFFD_BACKEND,
                      CDEF_CONSTANTS):
     ffibuilder.cdef(declarations)
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -22,6 +23,24 @@ from vrange import sources
 from vrange.testing import page_out
 
 SIZE = 16 * CHUNK  # 1 MiB
+
+
+@pytest.fixture(params=["purge", "kernel"])
+def discard(request: pytest.FixtureRequest, backend: str) -> Callable[[vrange.Region], None]:
+    """Make a whole region purged: by ``purge()``, or by the kernel (MADV_PAGEOUT, uffd only)."""
+    if request.param == "kernel" and backend != "uffd":
+        pytest.skip("only the uffd backend lets the kernel discard pages by itself")
+
+    def discard_all(region: vrange.Region) -> None:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        if request.param == "purge":
+            assert region.purge() == len(region)
+        else:
+            page_out(region)
+        assert region.stats().purged_bytes > len(region) // 2, "nothing was discarded"
+
+    return discard_all
 
 
 def make(backend: str, regenerate: vrange.sources.Source | CountingRegenerator | object,
@@ -115,6 +134,18 @@ def test_region_tail_chunk_is_shorter(backend: str) -> None:
         assert_pages_match(region, pattern(0, size))
 
 
+def test_gil_held_access_after_discard(backend: str, regenerator: CountingRegenerator,
+                                      discard: Callable[[vrange.Region], None]) -> None:
+    with make(backend, regenerator) as region:
+        discard(region)
+        before = region.stats()
+        assert_pages_match(region, pattern(0, SIZE))  # (a) Python code holding the GIL
+        after = region.stats()
+        assert after.faults_on_faulting_thread > before.faults_on_faulting_thread
+        assert after.faults_on_worker_thread == before.faults_on_worker_thread
+        assert region.mark_nonvolatile() is True
+
+
 def test_explicit_purge_then_gil_held_access(backend: str, regenerator: CountingRegenerator) -> None:
     with make(backend, regenerator) as region:
         region.mark_nonvolatile()
@@ -191,10 +222,10 @@ def test_writes_to_volatile_pages_are_lost_on_purge(backend: str, regenerator: C
         assert bytes(region[0:4]) == pattern(0, 4)
 
 
-def test_gil_released_numpy_access(backend: str, regenerator: CountingRegenerator) -> None:
+def test_gil_released_numpy_access(backend: str, regenerator: CountingRegenerator,
+                                  discard: Callable[[vrange.Region], None]) -> None:
     with make(backend, regenerator) as region:
-        region.mark_volatile()
-        region.purge()
+        discard(region)
         source = np.frombuffer(region, dtype=np.uint8)
         destination = np.empty_like(source)
         np.copyto(destination, source)  # a large contiguous copy runs without the GIL
@@ -204,12 +235,12 @@ def test_gil_released_numpy_access(backend: str, regenerator: CountingRegenerato
         del source
 
 
-def test_syscalls_on_purged_pages_succeed(backend: str, regenerator: CountingRegenerator) -> None:
+def test_syscalls_on_purged_pages_succeed(backend: str, regenerator: CountingRegenerator,
+                                         discard: Callable[[vrange.Region], None]) -> None:
     if backend != "uffd":
         pytest.skip("raw syscalls on purged pages fail with EFAULT on sigbus (see test_io)")
     with make(backend, regenerator) as region:
-        region.mark_volatile()
-        region.purge()
+        discard(region)
         # os.write from the region into a pipe, drained by a thread.
         read_end, write_end = os.pipe()
         received: list[bytes] = []
@@ -245,10 +276,10 @@ def test_syscalls_on_purged_pages_succeed(backend: str, regenerator: CountingReg
         assert region.stats().faults_on_worker_thread >= 4
 
 
-def test_another_python_thread(backend: str, regenerator: CountingRegenerator) -> None:
+def test_another_python_thread(backend: str, regenerator: CountingRegenerator,
+                               discard: Callable[[vrange.Region], None]) -> None:
     with make(backend, regenerator) as region:
-        region.mark_volatile()
-        region.purge()
+        discard(region)
         results: list[bytes] = []
         thread = threading.Thread(target=lambda: results.append(bytes(region[CHUNK:5 * CHUNK])))
         thread.start()

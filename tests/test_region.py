@@ -325,6 +325,8 @@ def test_many_threads_faulting_one_chunk_regenerate_it_once(backend: str) -> Non
 def test_partly_present_chunk_keeps_present_pages(backend: str, regenerator: CountingRegenerator) -> None:
     # Page 0 holds the program's write; page 1 alone is dropped. Refilling the chunk must skip
     # page 0 (UFFDIO_COPY answers EEXIST there, which does not wake waiters) and never hang.
+    if backend != "uffd":
+        pytest.skip("a userfaultfd pitfall: sigbus chunks are never partly present")
     with make(backend, regenerator) as region:
         region[0:PAGE] = b"\xaa" * PAGE
         region.madvise(mmap.MADV_DONTNEED, PAGE, PAGE)

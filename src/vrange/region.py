@@ -33,10 +33,12 @@ _ERROR_POLICIES = {
 }
 
 
-def _default_error_policy() -> ErrorPolicy:
+def _default_error_policy(backend: str) -> ErrorPolicy:
     from ._features import features
 
-    return "poison" if "POISON" in features().userfaultfd.range_ioctls else "abort"
+    if backend == "uffd" and "POISON" not in features().userfaultfd.range_ioctls:
+        return "abort"
+    return "poison"
 
 
 class Region(mmap.mmap):
@@ -79,10 +81,10 @@ class Region(mmap.mmap):
                 chunk & (chunk - 1) or chunk % PAGE_SIZE:
             raise ValueError(f"chunk_size must be a power-of-two multiple of the page size "
                              f"({PAGE_SIZE}), not {chunk_size!r}")
-        policy = _default_error_policy() if on_error is None else on_error
-        if policy not in _ERROR_POLICIES:
+        if on_error is not None and on_error not in _ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {sorted(_ERROR_POLICIES)}, not {on_error!r}")
         backend_name = resolve_backend(backend)
+        policy = _default_error_policy(backend_name) if on_error is None else on_error
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
         self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -100,11 +102,13 @@ class Region(mmap.mmap):
             kind, fd, file_offset = regenerate._kind, regenerate._fd, regenerate._offset
         else:
             kind, fd, file_offset = lib.VR_SOURCE_PYTHON, -1, 0
-        from ._backends.uffd import UffdRegion
-
+        if backend_name == "uffd":
+            from ._backends.uffd import UffdRegion as core_type
+        else:
+            from ._backends.sigbus import SigbusRegion as core_type  # type: ignore[assignment]
         try:
-            self._core = UffdRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                    _ERROR_POLICIES[policy])
+            self._core = core_type(self, self._address, size, chunk, kind, fd, file_offset,
+                                   _ERROR_POLICIES[policy])
         except BaseException:
             mmap.mmap.close(self)
             self._closed = True
@@ -322,9 +326,10 @@ class Region(mmap.mmap):
         ValueError."""
         if self._closed:
             return
-        mmap.mmap.close(self)  # BufferError here leaves the region fully working
-        self._closed = True
-        self._core.close()
+        with self._state_lock:
+            mmap.mmap.close(self)  # BufferError here leaves the region fully working
+            self._closed = True
+            self._core.close()
 
     def __enter__(self) -> Region:
         self._check_open()

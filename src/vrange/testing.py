@@ -39,6 +39,9 @@ def page_out(region: Region, offset: int = 0, length: int | None = None) -> None
     The kernel may leave a few pages in place (it skips pages it cannot isolate at that moment).
     """
     offset, length = region._range(offset, length)
+    if region.backend != "uffd":
+        raise ValueError(f"page_out needs the uffd backend: the kernel cannot discard a "
+                         f"{region.backend} region's pages by itself; use region.purge()")
     from ._backends.uffd import page_out as _page_out
 
     _page_out(region.address + offset, length)

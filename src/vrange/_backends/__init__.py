@@ -8,7 +8,7 @@ from ..errors import BackendUnavailable
 
 # Backends whose implementation ships in this version. The feature report combines this with what
 # the kernel and process allow.
-IMPLEMENTED_BACKENDS: frozenset[str] = frozenset({"uffd"})
+IMPLEMENTED_BACKENDS: frozenset[str] = frozenset({"uffd", "sigbus"})
 
 KNOWN_BACKENDS = ("uffd", "sigbus")
 BACKEND_ENVIRONMENT_VARIABLE = "VRANGE_BACKEND"

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import abc
+import mmap
 from dataclasses import dataclass
+from typing import Any
+
+from .._native import ffi, lib
+from ..errors import check
+
+
+@ffi.def_extern()
+def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int) -> int:
+    """Called from C (a uffd worker, or a signal handler on the faulting thread) with the GIL,
+    which cffi takes if the calling thread does not hold it. Must not raise."""
+    owner = ffi.from_handle(python_handle)
+    return int(owner.run_regenerator(offset, buffer, length))
 
 
 @dataclass(frozen=True)
@@ -31,9 +44,23 @@ class RegionStats:
 
 
 class BackendRegion(abc.ABC):
-    """One region's native state in one backend."""
+    """One region's native state in one backend. The bookkeeping every backend shares (chunk
+    states, counters, residency) is implemented here on the native region struct."""
 
     name: str
+    pointer: Any
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.chunk_count = -(-size // chunk_size)
+        self.page_count = size // mmap.PAGESIZE
+
+    @staticmethod
+    def new_native_region(handler: Any, base: int, size: int, chunk_size: int, source_kind: int,
+                          file_fd: int, file_offset: int, handle: Any, on_error: int) -> Any:
+        out = ffi.new("vr_region **")
+        check(lib.vr_region_new(handler, base, size, chunk_size, source_kind, file_fd, file_offset,
+                                handle, on_error, out), "set up the region")
+        return out[0]
 
     @abc.abstractmethod
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None: ...
@@ -47,21 +74,35 @@ class BackendRegion(abc.ABC):
         """Make every page present; 0 or -errno (a regeneration may have failed)."""
 
     @abc.abstractmethod
-    def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
-        """Pin the chunks; for each, whether it was purged since marked volatile."""
-
-    @abc.abstractmethod
     def purge(self, first_chunk: int, end_chunk: int) -> int: ...
-
-    @abc.abstractmethod
-    def chunk_states(self) -> bytes: ...
-
-    @abc.abstractmethod
-    def residency(self) -> bytes: ...
-
-    @abc.abstractmethod
-    def counters(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
     def close(self) -> None:
         """Called after the mapping is gone."""
+
+    def after_fork_in_child(self) -> None:
+        """Make the region work in a forked child (called for every live region)."""
+
+    def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
+        """Pin the chunks; for each, whether it was purged since marked volatile."""
+        purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))
+        check(lib.vr_region_finish_nonvolatile(self.pointer, first_chunk, end_chunk, purged),
+              "pin the range")
+        return [bool(purged[i]) for i in range(end_chunk - first_chunk)]
+
+    def chunk_states(self) -> bytes:
+        states = ffi.new("uint8_t[]", self.chunk_count)
+        check(lib.vr_region_chunk_states(self.pointer, states), "read the chunk states")
+        return bytes(ffi.buffer(states))
+
+    def residency(self) -> bytes:
+        pages = ffi.new("uint8_t[]", self.page_count)
+        check(lib.vr_region_residency(self.pointer, pages), "read page residency (mincore)")
+        return bytes(ffi.buffer(pages))
+
+    def counters(self) -> dict[str, int]:
+        stats = ffi.new("struct vr_stats *")
+        lib.vr_region_stats(self.pointer, stats)
+        return {name: int(getattr(stats, name)) for name in (
+            "faults_on_handler_thread", "faults_on_faulting_thread", "faults_on_worker_thread",
+            "bytes_regenerated", "regeneration_errors", "purges")}

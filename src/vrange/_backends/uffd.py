@@ -95,32 +95,21 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(_stop_at_exit)
 
 
-@ffi.def_extern()
-def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int) -> int:
-    """Called from C (handler worker or fault signal handler) with the GIL held by cffi."""
-    owner = ffi.from_handle(python_handle)
-    return int(owner.run_regenerator(offset, buffer, length))
-
-
 class UffdRegion(BackendRegion):
     name = "uffd"
 
     def __init__(self, owner: Any, base: int, size: int, chunk_size: int, source_kind: int,
                  file_fd: int, file_offset: int, on_error: int) -> None:
+        super().__init__(size, chunk_size)
         handler = _get_handler()
         self.handle = ffi.new_handle(owner)
-        out = ffi.new("vr_region **")
-        check(lib.vr_region_new(handler.pointer, base, size, chunk_size, source_kind, file_fd,
-                                file_offset, self.handle, on_error, out),
-              "set up the region")
-        self.pointer = out[0]
+        self.pointer = self.new_native_region(handler.pointer, base, size, chunk_size, source_kind,
+                                              file_fd, file_offset, self.handle, on_error)
         result = lib.vr_region_register(self.pointer)
         if result < 0:
             lib.vr_region_release(self.pointer)
             self.pointer = ffi.NULL
             check(result, "register the region with userfaultfd")
-        self.chunk_count = (size + chunk_size - 1) // chunk_size
-        self.page_count = size // os.sysconf("SC_PAGE_SIZE")
         _live_regions.add(self)
         _sweep_retired()
 
@@ -135,32 +124,9 @@ class UffdRegion(BackendRegion):
     def populate(self, first_chunk: int, end_chunk: int) -> int:
         return int(lib.vr_region_populate(self.pointer, first_chunk, end_chunk))
 
-    def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
-        purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))
-        check(lib.vr_region_finish_nonvolatile(self.pointer, first_chunk, end_chunk, purged),
-              "pin the range")
-        return [bool(purged[i]) for i in range(end_chunk - first_chunk)]
-
     def purge(self, first_chunk: int, end_chunk: int) -> int:
         return check(int(lib.vr_region_purge(self.pointer, first_chunk, end_chunk)),
                      "purge the range (MADV_DONTNEED)")
-
-    def chunk_states(self) -> bytes:
-        states = ffi.new("uint8_t[]", self.chunk_count)
-        check(lib.vr_region_chunk_states(self.pointer, states), "read the chunk states")
-        return bytes(ffi.buffer(states))
-
-    def residency(self) -> bytes:
-        pages = ffi.new("uint8_t[]", self.page_count)
-        check(lib.vr_region_residency(self.pointer, pages), "read page residency (mincore)")
-        return bytes(ffi.buffer(pages))
-
-    def counters(self) -> dict[str, int]:
-        stats = ffi.new("struct vr_stats *")
-        lib.vr_region_stats(self.pointer, stats)
-        return {name: int(getattr(stats, name)) for name in (
-            "faults_on_handler_thread", "faults_on_faulting_thread", "faults_on_worker_thread",
-            "bytes_regenerated", "regeneration_errors", "purges")}
 
     def close(self) -> None:
         if self.pointer == ffi.NULL:

@@ -18,8 +18,10 @@ C_SOURCES = [
     "probe.c",
     "seccomp.c",
     "uffd_handler.c",
+    "region.c",
     "uffd_region.c",
     "fault_signal.c",
+    "sigbus.c",
     "bench.c",
 ]
 
@@ -50,7 +52,7 @@ CDEF_SECCOMP = """
 int vr_seccomp_deny_userfaultfd(int error_number, int also_dev_ioctl);
 """
 
-CDEF_UFFD_BACKEND = """
+CDEF_REGIONS = """
 typedef struct vr_handler vr_handler;
 typedef struct vr_region vr_region;
 struct vr_stats {
@@ -72,6 +74,7 @@ struct vr_stats {
 #define VR_CHUNK_PURGED ...
 #define VR_CHUNK_POISONED ...
 #define VR_CHUNK_IN_FLIGHT ...
+#define VR_CHUNK_TRAPPED ...
 
 extern "Python+C" int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf,
                                            size_t len);
@@ -89,6 +92,7 @@ int vr_region_close(vr_region *region);
 int vr_region_references(vr_region *region);
 void vr_region_release(vr_region *region);
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
+void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
@@ -99,6 +103,16 @@ int vr_region_residency(vr_region *region, uint8_t *pages_out);
 void vr_region_stats(vr_region *region, struct vr_stats *out);
 int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler);
 int vr_pageout(uintptr_t address, size_t length);
+
+int vr_sigbus_install(void);
+int vr_sigbus_handler_is_ours(void);
+void vr_sigbus_python_finalized(void);
+int vr_sigbus_attach(vr_region *region);
+int vr_sigbus_detach(vr_region *region);
+int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
+int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
+void vr_sigbus_after_fork(vr_region *region);
 """
 
 # Constants whose values Python needs; cffi reads them from the headers at build time.
@@ -125,7 +139,7 @@ def _relative(path: Path) -> str:
 
 
 ffibuilder = FFI()
-for declarations in (CDEF_COMMON, CDEF_UFFD, CDEF_PROBE, CDEF_SECCOMP, CDEF_BENCH, CDEF_UFFD_BACKEND,
+for declarations in (CDEF_COMMON, CDEF_UFFD, CDEF_PROBE, CDEF_SECCOMP, CDEF_BENCH, CDEF_REGIONS,
                      CDEF_CONSTANTS):
     ffibuilder.cdef(declarations)
 

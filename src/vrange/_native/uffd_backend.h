@@ -21,49 +21,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#include "common.h"
+#include "region.h"
 
 #define VR_MAX_WORKERS 16
-
-enum vr_source_kind { VR_SOURCE_ZEROS = 0, VR_SOURCE_FILE = 1, VR_SOURCE_PYTHON = 2 };
-enum vr_on_error { VR_ON_ERROR_POISON = 0, VR_ON_ERROR_ZEROS = 1, VR_ON_ERROR_ABORT = 2 };
-
-/* Per-chunk state bits (one byte per chunk, updated with atomics from several threads). */
-#define VR_CHUNK_VOLATILE 0x01     /* marked volatile: the kernel (or purge) may discard it */
-#define VR_CHUNK_MATERIALIZED 0x02 /* filled at least once: a later fault means it was purged */
-#define VR_CHUNK_PURGED 0x04       /* purged since it was last marked volatile */
-#define VR_CHUNK_POISONED 0x08     /* regeneration failed; missing pages hold poison markers */
-#define VR_CHUNK_IN_FLIGHT 0x10    /* a job is regenerating it: more faults on it just wait */
-
-struct vr_stats {
-    uint64_t faults_on_handler_thread;  /* native source, served by the handler thread */
-    uint64_t faults_on_faulting_thread; /* Python regenerator run in the signal handler */
-    uint64_t faults_on_worker_thread;   /* Python regenerator run by a GIL-taking worker */
-    uint64_t bytes_regenerated;
-    uint64_t regeneration_errors;
-    uint64_t purges; /* chunks purged (explicitly or found discarded by the kernel) */
-};
-
-typedef struct vr_handler vr_handler;
-typedef struct vr_region vr_region;
-
-struct vr_region {
-    uintptr_t base;
-    size_t size;
-    size_t chunk_size;
-    size_t chunk_count;
-    size_t page_size;
-    int source_kind;
-    int file_fd;
-    int64_t file_offset;
-    void *python_handle; /* cffi handle of the Python Region, for vr_python_regenerate */
-    int on_error;
-    uint8_t *chunk_state;
-    struct vr_stats stats;
-    int refcount; /* the handler's table and every job in flight hold one */
-    int registered;
-    vr_handler *handler;
-};
 
 #define VR_JOB_MAGIC 0x76726a6fU
 
@@ -101,10 +61,6 @@ struct vr_handler {
     uint64_t features;
 };
 
-/* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
- * offset. Takes the GIL itself (a no-op when the calling thread holds it). 0 or -1. */
-int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len);
-
 /* uffd_handler.c */
 int vr_handler_new(int signal_number, vr_handler **out);
 int vr_handler_start(vr_handler *handler);
@@ -113,32 +69,18 @@ void vr_handler_free(vr_handler *handler);
 void vr_handler_notify_verdict(vr_handler *handler);
 
 /* uffd_region.c */
-int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
-                  int source_kind, int file_fd, int64_t file_offset, void *python_handle,
-                  int on_error, vr_region **out);
 int vr_region_register(vr_region *region);
 int vr_region_close(vr_region *region);
-int vr_region_references(vr_region *region);
-void vr_region_release(vr_region *region);
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
-int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
-                                 uint8_t *purged_out);
-int vr_region_chunk_states(vr_region *region, uint8_t *states_out);
-int vr_region_residency(vr_region *region, uint8_t *pages_out);
-void vr_region_stats(vr_region *region, struct vr_stats *out);
 int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler);
 int vr_pageout(uintptr_t address, size_t length);
 
 /* internal to the backend */
-void vr_region_ref(vr_region *region);
-void vr_region_unref(vr_region *region);
-size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
 int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source);
 int vr_fail_chunk(vr_region *region, size_t chunk_index);
-int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_run_python_job(vr_job *job, int on_faulting_thread);
 
 /* fault_signal.c */

@@ -16,84 +16,6 @@
 
 #define COPY_EAGAIN_RETRIES 1000
 
-static uint8_t chunk_load(const vr_region *region, size_t chunk)
-{
-    return __atomic_load_n(&region->chunk_state[chunk], __ATOMIC_ACQUIRE);
-}
-
-static uint8_t chunk_set(vr_region *region, size_t chunk, uint8_t bits)
-{
-    return __atomic_fetch_or(&region->chunk_state[chunk], bits, __ATOMIC_ACQ_REL);
-}
-
-static void chunk_clear(vr_region *region, size_t chunk, uint8_t bits)
-{
-    __atomic_fetch_and(&region->chunk_state[chunk], (uint8_t)~bits, __ATOMIC_ACQ_REL);
-}
-
-static void stat_add(uint64_t *counter, uint64_t amount)
-{
-    __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
-}
-
-size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index)
-{
-    size_t start = chunk_index * region->chunk_size;
-    size_t rest = region->size - start;
-    return rest < region->chunk_size ? rest : region->chunk_size;
-}
-
-void vr_region_ref(vr_region *region)
-{
-    __atomic_fetch_add(&region->refcount, 1, __ATOMIC_RELAXED);
-}
-
-void vr_region_unref(vr_region *region)
-{
-    if (__atomic_sub_fetch(&region->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
-        free(region->chunk_state);
-        free(region);
-    }
-}
-
-int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
-                  int source_kind, int file_fd, int64_t file_offset, void *python_handle,
-                  int on_error, vr_region **out)
-{
-    long page_size = sysconf(_SC_PAGESIZE);
-    if (size == 0 || chunk_size == 0 || base % (uintptr_t)page_size || size % (size_t)page_size ||
-        chunk_size % (size_t)page_size)
-        return -EINVAL;
-    vr_region *region = calloc(1, sizeof *region);
-    if (!region)
-        return -ENOMEM;
-    region->chunk_count = (size + chunk_size - 1) / chunk_size;
-    region->chunk_state = calloc(region->chunk_count, 1);
-    if (!region->chunk_state) {
-        free(region);
-        return -ENOMEM;
-    }
-    region->base = base;
-    region->size = size;
-    region->chunk_size = chunk_size;
-    region->page_size = (size_t)page_size;
-    region->source_kind = source_kind;
-    region->file_fd = file_fd;
-    region->file_offset = file_offset;
-    region->python_handle = python_handle;
-    region->on_error = on_error;
-    region->refcount = 1; /* the caller's (Python's) reference, dropped by vr_region_close */
-    region->handler = handler;
-    /* Huge pages would bypass the per-chunk accounting and UFFDIO_COPY works in base pages. */
-    if (madvise((void *)base, size, MADV_NOHUGEPAGE) < 0 && errno != EINVAL) {
-        int saved = errno;
-        vr_region_unref(region);
-        return -saved;
-    }
-    *out = region;
-    return 0;
-}
-
 static int table_add(vr_handler *handler, vr_region *region)
 {
     pthread_mutex_lock(&handler->lock);
@@ -172,13 +94,6 @@ int vr_region_close(vr_region *region)
     return 0;
 }
 
-int vr_region_references(vr_region *region)
-{
-    return __atomic_load_n(&region->refcount, __ATOMIC_ACQUIRE);
-}
-
-void vr_region_release(vr_region *region) { vr_region_unref(region); }
-
 /* Copy `length` bytes from `source` to the missing pages of [start, start+length); pages that are
  * already present (EEXIST) are kept as they are: a write made by the program is never overwritten.
  * ioctl_number is UFFDIO_COPY; the same walk serves UFFDIO_ZEROPAGE and UFFDIO_POISON. */
@@ -238,10 +153,10 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
     uintptr_t start = region->base + chunk_index * region->chunk_size;
     int rc = fill_missing_pages(region, start, length, source, FILL_COPY);
     if (rc == 0) {
-        chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
-        stat_add(&region->stats.bytes_regenerated, length);
+        vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
+        vr_stat_add(&region->stats.bytes_regenerated, length);
     }
-    chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
+    vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
     return rc;
 }
 
@@ -251,15 +166,15 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
     size_t length = vr_region_chunk_length(region, chunk_index);
     uintptr_t start = region->base + chunk_index * region->chunk_size;
     int rc;
-    stat_add(&region->stats.regeneration_errors, 1);
+    vr_stat_add(&region->stats.regeneration_errors, 1);
     switch (region->on_error) {
     case VR_ON_ERROR_ZEROS:
         rc = fill_missing_pages(region, start, length, NULL, FILL_ZEROPAGE);
         if (rc == 0)
-            chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
+            vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
         break;
     case VR_ON_ERROR_POISON:
-        chunk_set(region, chunk_index, VR_CHUNK_POISONED);
+        vr_chunk_set(region, chunk_index, VR_CHUNK_POISONED);
         rc = fill_missing_pages(region, start, length, NULL, FILL_POISON);
         break;
     default: {
@@ -269,41 +184,13 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
         abort();
     }
     }
-    chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
+    vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
     return rc;
-}
-
-/* Fill `buffer` (one chunk) from a native source. Async-signal-safe, no GIL. */
-int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
-{
-    size_t length = vr_region_chunk_length(region, chunk_index);
-    if (region->source_kind == VR_SOURCE_ZEROS) {
-        memset(buffer, 0, length);
-        return 0;
-    }
-    if (region->source_kind != VR_SOURCE_FILE)
-        return -EINVAL;
-    size_t done = 0;
-    off_t position = (off_t)(region->file_offset + (int64_t)(chunk_index * region->chunk_size));
-    while (done < length) {
-        ssize_t n = pread(region->file_fd, buffer + done, length - done, position + (off_t)done);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -errno;
-        if (n == 0) { /* past the end of the file: the region's bytes there are zeros */
-            memset(buffer + done, 0, length - done);
-            break;
-        }
-        done += (size_t)n;
-    }
-    return 0;
 }
 
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
 {
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
-        chunk_set(region, chunk, VR_CHUNK_VOLATILE);
+    vr_region_set_volatile(region, first_chunk, end_chunk);
     uintptr_t start = region->base + first_chunk * region->chunk_size;
     size_t end = end_chunk * region->chunk_size;
     if (end > region->size)
@@ -321,7 +208,7 @@ int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
     size_t pages_per_chunk = region->chunk_size / region->page_size;
     unsigned char resident[pages_per_chunk];
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t state = chunk_load(region, chunk);
+        uint8_t state = vr_chunk_load(region, chunk);
         if (!(state & VR_CHUNK_VOLATILE) || !(state & VR_CHUNK_MATERIALIZED))
             continue;
         size_t length = vr_region_chunk_length(region, chunk);
@@ -336,9 +223,9 @@ int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
             continue;
         if (madvise(start, length, MADV_DONTNEED) < 0)
             return -errno;
-        uint8_t before = chunk_set(region, chunk, VR_CHUNK_PURGED);
+        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
         if (!(before & VR_CHUNK_PURGED))
-            stat_add(&region->stats.purges, 1);
+            vr_stat_add(&region->stats.purges, 1);
         purged += (int64_t)(present * region->page_size);
     }
     return purged;
@@ -349,12 +236,12 @@ int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        if (only_poisoned && !(chunk_load(region, chunk) & VR_CHUNK_POISONED))
+        if (only_poisoned && !(vr_chunk_load(region, chunk) & VR_CHUNK_POISONED))
             continue;
         size_t length = vr_region_chunk_length(region, chunk);
         if (madvise((void *)(region->base + chunk * region->chunk_size), length, MADV_DONTNEED) < 0)
             return -errno;
-        chunk_clear(region, chunk, VR_CHUNK_POISONED);
+        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
     }
     return 0;
 }
@@ -376,50 +263,13 @@ int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
     return 0;
 }
 
-/* After populating: report which chunks were purged since marked volatile, and pin them. */
-int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
-                                 uint8_t *purged_out)
-{
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t before = chunk_load(region, chunk);
-        purged_out[chunk - first_chunk] = (before & VR_CHUNK_PURGED) ? 1 : 0;
-        chunk_clear(region, chunk, VR_CHUNK_VOLATILE | VR_CHUNK_PURGED);
-    }
-    return 0;
-}
-
-int vr_region_chunk_states(vr_region *region, uint8_t *states_out)
-{
-    for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
-        states_out[chunk] = chunk_load(region, chunk);
-    return 0;
-}
-
-/* One byte per page of the region: bit 0 set when the page is resident (mincore). */
-int vr_region_residency(vr_region *region, uint8_t *pages_out)
-{
-    if (mincore((void *)region->base, region->size, pages_out) < 0)
-        return -errno;
-    return 0;
-}
-
-void vr_region_stats(vr_region *region, struct vr_stats *out)
-{
-    out->faults_on_handler_thread = __atomic_load_n(&region->stats.faults_on_handler_thread, __ATOMIC_RELAXED);
-    out->faults_on_faulting_thread = __atomic_load_n(&region->stats.faults_on_faulting_thread, __ATOMIC_RELAXED);
-    out->faults_on_worker_thread = __atomic_load_n(&region->stats.faults_on_worker_thread, __ATOMIC_RELAXED);
-    out->bytes_regenerated = __atomic_load_n(&region->stats.bytes_regenerated, __ATOMIC_RELAXED);
-    out->regeneration_errors = __atomic_load_n(&region->stats.regeneration_errors, __ATOMIC_RELAXED);
-    out->purges = __atomic_load_n(&region->stats.purges, __ATOMIC_RELAXED);
-}
-
 /* In a forked child: the child's mapping is not registered (no UFFD_FEATURE_EVENT_FORK) and the
  * parent's threads are gone. Register it with the child's own handler; jobs that were in flight in
  * the parent will never finish here, so their chunks are simply missing-or-present again. */
 int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler)
 {
     for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
-        chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+        vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
     region->handler = handler;
     region->refcount = 1;
     region->registered = 0;

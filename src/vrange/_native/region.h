@@ -1,0 +1,108 @@
+/* What every backend keeps per region: geometry, source, per-chunk state, counters.
+ *
+ * The chunk state is one byte per chunk, changed with atomics from Python-calling threads, the
+ * uffd handler and workers, and signal handlers (atomics on a byte are async-signal-safe). */
+#ifndef VRANGE_REGION_H
+#define VRANGE_REGION_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "common.h"
+
+enum vr_source_kind { VR_SOURCE_ZEROS = 0, VR_SOURCE_FILE = 1, VR_SOURCE_PYTHON = 2 };
+enum vr_on_error { VR_ON_ERROR_POISON = 0, VR_ON_ERROR_ZEROS = 1, VR_ON_ERROR_ABORT = 2 };
+
+/* Per-chunk state bits (one byte per chunk, updated with atomics from several threads). */
+#define VR_CHUNK_VOLATILE 0x01     /* marked volatile: the kernel (or purge) may discard it */
+#define VR_CHUNK_MATERIALIZED 0x02 /* filled at least once: a later fault means it was purged */
+#define VR_CHUNK_PURGED 0x04       /* purged since it was last marked volatile */
+#define VR_CHUNK_POISONED 0x08     /* regeneration failed; missing pages hold poison markers */
+#define VR_CHUNK_IN_FLIGHT 0x10    /* being regenerated: more faults on it just wait */
+#define VR_CHUNK_TRAPPED 0x20      /* sigbus backend: the empty memfd is mapped over it */
+
+struct vr_stats {
+    uint64_t faults_on_handler_thread;  /* native source, served by the handler thread */
+    uint64_t faults_on_faulting_thread; /* Python regenerator run in the signal handler */
+    uint64_t faults_on_worker_thread;   /* Python regenerator run by a GIL-taking worker */
+    uint64_t bytes_regenerated;
+    uint64_t regeneration_errors;
+    uint64_t purges; /* chunks purged (explicitly or found discarded by the kernel) */
+};
+
+typedef struct vr_handler vr_handler; /* uffd backend only */
+typedef struct vr_region vr_region;
+
+struct vr_region {
+    uintptr_t base;
+    size_t size;
+    size_t chunk_size;
+    size_t chunk_count;
+    size_t page_size;
+    int source_kind;
+    int file_fd;
+    int64_t file_offset;
+    void *python_handle; /* cffi handle of the Python Region, for vr_python_regenerate */
+    int on_error;
+    uint8_t *chunk_state;
+    struct vr_stats stats;
+    int refcount; /* Python, the backend's table and every fault in flight hold one */
+    int registered;
+    vr_handler *handler; /* uffd backend */
+    int trap_fd;         /* sigbus backend: the empty memfd mapped over missing chunks */
+    pid_t *owners;       /* sigbus backend: thread regenerating each in-flight chunk */
+};
+
+/* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
+ * offset. Takes the GIL itself (a no-op when the calling thread holds it). 0 or -1. */
+int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len);
+
+static inline uint8_t vr_chunk_load(const vr_region *region, size_t chunk)
+{
+    return __atomic_load_n(&region->chunk_state[chunk], __ATOMIC_ACQUIRE);
+}
+
+static inline uint8_t vr_chunk_set(vr_region *region, size_t chunk, uint8_t bits)
+{
+    return __atomic_fetch_or(&region->chunk_state[chunk], bits, __ATOMIC_ACQ_REL);
+}
+
+static inline void vr_chunk_clear(vr_region *region, size_t chunk, uint8_t bits)
+{
+    __atomic_fetch_and(&region->chunk_state[chunk], (uint8_t)~bits, __ATOMIC_ACQ_REL);
+}
+
+static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
+{
+    __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
+}
+
+/* region.c */
+int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
+                  int source_kind, int file_fd, int64_t file_offset, void *python_handle,
+                  int on_error, vr_region **out);
+int vr_region_references(vr_region *region);
+void vr_region_release(vr_region *region);
+void vr_region_ref(vr_region *region);
+void vr_region_unref(vr_region *region);
+size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
+int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
+void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
+                                 uint8_t *purged_out);
+int vr_region_chunk_states(vr_region *region, uint8_t *states_out);
+int vr_region_residency(vr_region *region, uint8_t *pages_out);
+void vr_region_stats(vr_region *region, struct vr_stats *out);
+
+/* sigbus.c */
+int vr_sigbus_install(void);
+int vr_sigbus_handler_is_ours(void);
+void vr_sigbus_python_finalized(void);
+int vr_sigbus_attach(vr_region *region);
+int vr_sigbus_detach(vr_region *region);
+int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
+int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
+void vr_sigbus_after_fork(vr_region *region);
+
+#endif /* VRANGE_REGION_H */

@@ -1,0 +1,390 @@
+/* The sigbus backend: purged chunks are traps, refilled by a SIGBUS handler on the faulting thread.
+ *
+ * A missing chunk has an *empty* memfd mapped over it (MAP_SHARED|MAP_FIXED, file offset = offset in
+ * the region, so neighbouring traps merge into one VMA): its anonymous pages are freed at once, and
+ * any access beyond the file's end raises SIGBUS (BUS_ADRERR). The handler regenerates the chunk
+ * into fresh anonymous memory and moves it over the trap with mremap(MREMAP_FIXED): the chunk appears
+ * whole in one step, so another thread can never see it half filled. The access then restarts.
+ *
+ * A system call that touches a trap fails with EFAULT (the kernel does not deliver SIGBUS for its own
+ * copies): vrange.io prefaults and retries.
+ *
+ * Process-wide state, and why it cannot be per region: a signal disposition belongs to the process,
+ * so the previous SIGBUS action (for chaining) and the table the handler searches by address are
+ * process-wide. The table is an array of atomic pointers; a closing region leaves it, then waits for
+ * every handler already running to finish (a grace period) before its memory may be freed.
+ *
+ * Async-signal-safety: the handler uses syscalls, atomics and the region's own memory. It runs a
+ * Python regenerator through cffi (which takes the GIL if this thread does not hold it); see
+ * fault_signal.c for why calling into Python here is tolerable and when it is not. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "region.h"
+
+#define VR_SIGBUS_MAX_REGIONS 4096
+#define GRACE_PERIOD_TIMEOUT_NS (5LL * 1000 * 1000 * 1000)
+#define WAIT_STEP_NS 50000
+
+static vr_region *regions[VR_SIGBUS_MAX_REGIONS];
+static int regions_high_water;
+static int handlers_running;
+static int python_finalized;
+static struct sigaction previous_action;
+
+static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
+
+static void pause_briefly(void)
+{
+    struct timespec step = { .tv_sec = 0, .tv_nsec = WAIT_STEP_NS };
+    nanosleep(&step, NULL);
+}
+
+static vr_region *find_region(uintptr_t address)
+{
+    int high = __atomic_load_n(&regions_high_water, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < high; i++) {
+        vr_region *region = __atomic_load_n(&regions[i], __ATOMIC_ACQUIRE);
+        if (region && address >= region->base && address < region->base + region->size)
+            return region;
+    }
+    return NULL;
+}
+
+static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    uintptr_t start = region->base + first_chunk * region->chunk_size;
+    size_t end = end_chunk * region->chunk_size;
+    if (end > region->size)
+        end = region->size;
+    size_t length = end - first_chunk * region->chunk_size;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
+    void *mapped = mmap((void *)start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                        region->trap_fd, (off_t)(first_chunk * region->chunk_size));
+    return mapped == MAP_FAILED ? -errno : 0;
+}
+
+/* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
+ * `zeros` 0: regenerate; 1: install zeros (the explicit on_error="zeros" policy). -EIO: regenerator failed. */
+static int install_chunk(vr_region *region, size_t chunk, int zeros)
+{
+    size_t length = vr_region_chunk_length(region, chunk);
+    uintptr_t start = region->base + chunk * region->chunk_size;
+    char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (scratch == MAP_FAILED)
+        return -errno;
+    int rc = 0;
+    if (!zeros) {
+        if (region->source_kind == VR_SOURCE_PYTHON) {
+            if (__atomic_load_n(&python_finalized, __ATOMIC_ACQUIRE))
+                rc = -ESHUTDOWN;
+            else if (vr_python_regenerate(region->python_handle, (uint64_t)(chunk * region->chunk_size),
+                                          scratch, length) != 0)
+                rc = -EIO;
+        } else {
+            rc = vr_fill_native(region, chunk, scratch);
+        }
+    }
+    if (rc == 0 && mremap(scratch, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)start) ==
+                       MAP_FAILED)
+        rc = -errno;
+    if (rc != 0) {
+        munmap(scratch, length);
+        return rc;
+    }
+    vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
+    vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED);
+    vr_stat_add(&region->stats.bytes_regenerated, length);
+    return 0;
+}
+
+static int claim_chunk(vr_region *region, size_t chunk)
+{
+    uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
+    if (before & VR_CHUNK_IN_FLIGHT)
+        return 0;
+    region->owners[chunk] = current_tid();
+    return 1;
+}
+
+static void release_chunk(vr_region *region, size_t chunk)
+{
+    region->owners[chunk] = 0;
+    vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+}
+
+/* Another thread is regenerating this chunk: wait for it. If this thread holds the GIL, let go of
+ * it while waiting: the other thread may need it to run a Python regenerator. */
+static void wait_for_chunk(vr_region *region, size_t chunk)
+{
+    PyThreadState *saved = NULL;
+    if (PyGILState_Check())
+        saved = PyEval_SaveThread();
+    while (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
+        pause_briefly();
+    if (saved)
+        PyEval_RestoreThread(saved);
+}
+
+static void note_refill(vr_region *region, size_t chunk)
+{
+    uint8_t state = vr_chunk_load(region, chunk);
+    if (state & VR_CHUNK_MATERIALIZED) {
+        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
+        if (!(before & VR_CHUNK_PURGED))
+            vr_stat_add(&region->stats.purges, 1);
+    }
+}
+
+/* 1: the access may restart; 0: this SIGBUS must go to the previous handler (the process dies
+ * with SIGBUS unless that handler says otherwise). */
+static int serve_fault(vr_region *region, uintptr_t address)
+{
+    size_t chunk = (address - region->base) / region->chunk_size;
+    uint8_t state = vr_chunk_load(region, chunk);
+    if (state & VR_CHUNK_POISONED)
+        return 0;
+    if (!(state & VR_CHUNK_TRAPPED))
+        return 1; /* installed meanwhile */
+    if (!claim_chunk(region, chunk)) {
+        if (region->owners[chunk] == current_tid())
+            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
+        wait_for_chunk(region, chunk);
+        return 1;
+    }
+    if (!(vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED)) {
+        release_chunk(region, chunk);
+        return 1;
+    }
+    note_refill(region, chunk);
+    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+    int handled = 1;
+    if (install_chunk(region, chunk, 0) != 0) {
+        vr_stat_add(&region->stats.regeneration_errors, 1);
+        switch (region->on_error) {
+        case VR_ON_ERROR_ZEROS:
+            handled = install_chunk(region, chunk, 1) == 0;
+            break;
+        case VR_ON_ERROR_POISON:
+            vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
+            handled = 0;
+            break;
+        default: {
+            static const char message[] =
+                "vrange: a regenerator failed and the region's error policy is 'abort'\n";
+            (void)!write(STDERR_FILENO, message, sizeof message - 1);
+            abort();
+        }
+        }
+    }
+    release_chunk(region, chunk);
+    return handled;
+}
+
+static void chain_to_previous(int signal_number, siginfo_t *info, void *context)
+{
+    if (previous_action.sa_flags & SA_SIGINFO) {
+        previous_action.sa_sigaction(signal_number, info, context);
+        return;
+    }
+    if (previous_action.sa_handler == SIG_DFL || previous_action.sa_handler == SIG_IGN) {
+        /* The default action: restore it and let the fault happen again (a sent signal is raised
+         * again instead). The process dies with SIGBUS, as it would have without vrange. */
+        struct sigaction default_action;
+        memset(&default_action, 0, sizeof default_action);
+        default_action.sa_handler = SIG_DFL;
+        sigaction(signal_number, &default_action, NULL);
+        if (info->si_code <= 0)
+            raise(signal_number);
+        return;
+    }
+    previous_action.sa_handler(signal_number);
+}
+
+static void sigbus_handler(int signal_number, siginfo_t *info, void *context)
+{
+    int saved_errno = errno;
+    __atomic_fetch_add(&handlers_running, 1, __ATOMIC_ACQ_REL);
+    int handled = 0;
+    if (info->si_code == BUS_ADRERR) {
+        vr_region *region = find_region((uintptr_t)info->si_addr);
+        if (region)
+            handled = serve_fault(region, (uintptr_t)info->si_addr);
+    }
+    __atomic_fetch_sub(&handlers_running, 1, __ATOMIC_ACQ_REL);
+    if (!handled)
+        chain_to_previous(signal_number, info, context);
+    errno = saved_errno;
+}
+
+/* Install the handler, remembering the current action to chain to. Called again after someone
+ * replaced our handler: we go back in front and chain to the replacement. */
+int vr_sigbus_install(void)
+{
+    struct sigaction current;
+    if (sigaction(SIGBUS, NULL, &current) < 0)
+        return -errno;
+    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == sigbus_handler)
+        return 0;
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_sigaction = sigbus_handler;
+    /* SA_NODEFER: a regenerator that touches another purged chunk takes a nested SIGBUS. No
+     * SA_ONSTACK: a Python regenerator needs the thread's real stack, not a small alternate one. */
+    action.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&action.sa_mask);
+    previous_action = current;
+    if (sigaction(SIGBUS, &action, NULL) < 0)
+        return -errno;
+    return 0;
+}
+
+/* 1: our handler is in place; 0: someone replaced it since (purged chunks would then crash). */
+int vr_sigbus_handler_is_ours(void)
+{
+    struct sigaction current;
+    if (sigaction(SIGBUS, NULL, &current) < 0)
+        return -errno;
+    return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == sigbus_handler;
+}
+
+void vr_sigbus_python_finalized(void) { __atomic_store_n(&python_finalized, 1, __ATOMIC_RELEASE); }
+
+int vr_sigbus_attach(vr_region *region)
+{
+    region->owners = calloc(region->chunk_count, sizeof *region->owners);
+    if (!region->owners)
+        return -ENOMEM;
+    region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
+    if (region->trap_fd < 0)
+        return -errno;
+    int rc = map_trap(region, 0, region->chunk_count);
+    if (rc < 0)
+        return rc;
+    for (int i = 0; i < VR_SIGBUS_MAX_REGIONS; i++) {
+        vr_region *expected = NULL;
+        if (__atomic_compare_exchange_n(&regions[i], &expected, region, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+            int high = __atomic_load_n(&regions_high_water, __ATOMIC_ACQUIRE);
+            while (high < i + 1 && !__atomic_compare_exchange_n(&regions_high_water, &high, i + 1, 0,
+                                                                 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                ;
+            region->registered = 1;
+            return 0;
+        }
+    }
+    return -EMFILE;
+}
+
+/* After the mapping is gone: leave the table, then wait for the handlers that may have found this
+ * region to finish. -EBUSY if they did not within 5 s (a handler is stuck, or this is called from a
+ * regenerator): the caller must then never free the region. */
+int vr_sigbus_detach(vr_region *region)
+{
+    if (region->registered) {
+        for (int i = 0; i < VR_SIGBUS_MAX_REGIONS; i++) {
+            vr_region *expected = region;
+            if (__atomic_compare_exchange_n(&regions[i], &expected, NULL, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_ACQUIRE))
+                break;
+        }
+        region->registered = 0;
+    }
+    if (region->trap_fd >= 0) {
+        close(region->trap_fd);
+        region->trap_fd = -1;
+    }
+    for (long long waited = 0; __atomic_load_n(&handlers_running, __ATOMIC_ACQUIRE) > 0;
+         waited += WAIT_STEP_NS) {
+        if (waited >= GRACE_PERIOD_TIMEOUT_NS)
+            return -EBUSY;
+        pause_briefly();
+    }
+    return 0;
+}
+
+/* Discard the volatile chunks that hold data; returns the bytes freed. */
+int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int64_t purged = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint8_t state = vr_chunk_load(region, chunk);
+        if (!(state & VR_CHUNK_VOLATILE) || (state & (VR_CHUNK_TRAPPED | VR_CHUNK_IN_FLIGHT)))
+            continue;
+        int rc = map_trap(region, chunk, chunk + 1);
+        if (rc < 0)
+            return rc;
+        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
+        if (!(before & VR_CHUNK_PURGED))
+            vr_stat_add(&region->stats.purges, 1);
+        purged += (int64_t)vr_region_chunk_length(region, chunk);
+    }
+    return purged;
+}
+
+/* Make chunks missing again: all of them, or only those whose regeneration failed (poisoned). */
+int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
+{
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint8_t state = vr_chunk_load(region, chunk);
+        if (only_poisoned && !(state & VR_CHUNK_POISONED))
+            continue;
+        if (!(state & VR_CHUNK_TRAPPED)) {
+            int rc = map_trap(region, chunk, chunk + 1);
+            if (rc < 0)
+                return rc;
+        }
+        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
+    }
+    return 0;
+}
+
+/* Regenerate every missing chunk of the range on this thread (called with the GIL released).
+ * Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after trying every
+ * chunk; failed chunks stay missing. */
+int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        while (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
+            if (!claim_chunk(region, chunk)) {
+                wait_for_chunk(region, chunk);
+                continue;
+            }
+            int rc = 0;
+            if (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
+                note_refill(region, chunk);
+                vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+                rc = install_chunk(region, chunk, 0);
+                if (rc != 0)
+                    vr_stat_add(&region->stats.regeneration_errors, 1);
+            }
+            release_chunk(region, chunk);
+            if (rc != 0) {
+                if (!first_error)
+                    first_error = rc;
+                break;
+            }
+        }
+    }
+    return first_error;
+}
+
+/* In a forked child: threads that were regenerating in the parent do not exist here. */
+void vr_sigbus_after_fork(vr_region *region)
+{
+    for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
+        if (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
+            release_chunk(region, chunk);
+}

@@ -8,6 +8,7 @@ EXPECTED_PUBLIC_NAMES = {
     "DEFAULT_CHUNK_SIZE",
     "Region",
     "RegionStats",
+    "io",
     "sources",
     "BackendUnavailable",
     "Features",

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import mmap
 import os
 import threading
+import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal, Union, overload
 
@@ -23,6 +26,26 @@ PAGE_SIZE = mmap.PAGESIZE
 DEFAULT_CHUNK_SIZE = 64 * 1024
 """Bytes regenerated and resolved per fault: fewer, larger faults are much cheaper (see
 docs/benchmarks.md)."""
+
+MAX_KEPT_FAILURES = 64
+SIGBUS_MAX_CHUNKS = 8192
+"""The sigbus backend keeps each refilled chunk in a mapping of its own (mremap), so it uses at most
+this many chunks per region (a larger chunk_size for regions over 512 MiB at 64 KiB) to stay far
+below vm.max_map_count (65530 by default)."""
+# Live regions by start address, for code that is handed a raw buffer (vrange.io).
+_live_regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
+_live_regions_lock = threading.Lock()
+
+
+def find_region(address: int) -> Region | None:
+    """The open region whose mapping contains ``address``, if any."""
+    with _live_regions_lock:
+        candidates = list(_live_regions.items())
+    for base, region in candidates:
+        if base <= address < base + len(region) and not region.closed:
+            return region
+    return None
+
 
 Regenerator = Union[Callable[[int, memoryview], object], Source]
 ErrorPolicy = Literal["poison", "zeros", "abort"]
@@ -52,7 +75,9 @@ class Region(mmap.mmap):
       from :mod:`vrange.sources`.
     - ``backend``: ``"auto"``, ``"uffd"`` or ``"sigbus"`` (``None``: ``$VRANGE_BACKEND`` or auto).
     - ``chunk_size``: a power-of-two multiple of the page size; the unit that is purged,
-      regenerated and resolved per fault (default 64 KiB).
+      regenerated and resolved per fault (default 64 KiB). The sigbus backend uses at most
+      8192 chunks per region and raises the chunk size for larger regions; ``region.chunk_size``
+      tells the size in use.
     - ``on_error``: what a fault does when the regenerator fails and there is no library call to
       raise from (a plain memory access): ``"poison"`` (default where the kernel has
       UFFDIO_POISON: the access raises SIGBUS, a syscall gets EFAULT, the next
@@ -86,6 +111,11 @@ class Region(mmap.mmap):
         backend_name = resolve_backend(backend)
         policy = _default_error_policy(backend_name) if on_error is None else on_error
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+        if backend_name == "sigbus" and -(-size // chunk) > SIGBUS_MAX_CHUNKS:
+            floor = 1 << (-(-size // SIGBUS_MAX_CHUNKS) - 1).bit_length()
+            logger.debug("vrange: sigbus region of %d bytes uses %d-byte chunks (asked: %d)",
+                         size, floor, chunk)
+            chunk = floor
         self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._closed = False
@@ -93,7 +123,9 @@ class Region(mmap.mmap):
         self._chunk_size = chunk
         self._regenerate = regenerate
         self._on_error = policy
-        self._errors: list[tuple[int, BaseException]] = []
+        self._failures: collections.deque[tuple[int, int, BaseException]] = collections.deque(
+            maxlen=MAX_KEPT_FAILURES)
+        self._failure_count = 0
         self._state_lock = threading.Lock()
         pointer = ffi.from_buffer(self)
         self._address = int(ffi.cast("uintptr_t", pointer))
@@ -113,6 +145,8 @@ class Region(mmap.mmap):
             mmap.mmap.close(self)
             self._closed = True
             raise
+        with _live_regions_lock:
+            _live_regions[self._address] = self
         return self
 
     def __init__(self, nbytes: int, regenerate: Regenerator, backend: str | None = None,
@@ -212,24 +246,7 @@ class Region(mmap.mmap):
         if first >= end:
             return [] if report else False
         with self._state_lock:
-            errors_before = len(self._errors)
-            self._core.discard(first, end, only_failed=True)
-            result = self._core.populate(first, end)
-            new_errors = self._errors[errors_before:]
-            if result < 0 or new_errors:
-                # Leave failed chunks missing (not poisoned, not zero-filled): drop them again.
-                for chunk in {error_offset // self._chunk_size for error_offset, _ in new_errors}:
-                    self._core.discard(chunk, chunk + 1, only_failed=False)
-                self._core.discard(first, end, only_failed=True)
-                if new_errors:
-                    error_offset, cause = new_errors[0]
-                    raise RegenerationError(
-                        f"the regenerator failed for the chunk at offset {error_offset} "
-                        f"({len(new_errors)} failure(s) in this call)") from cause
-                code = -result
-                raise RegenerationError(
-                    f"could not make the range present: {os.strerror(code)} ({errno_name(code)}); "
-                    "a native source failed to read") from VRangeOSError(code, os.strerror(code))
+            self._regenerate_missing(first, end, self._core.populate)
             purged = self._core.finish_nonvolatile(first, end)
         if not report:
             return any(purged)
@@ -244,6 +261,40 @@ class Region(mmap.mmap):
             else:
                 ranges.append((start, stop - start))
         return ranges
+
+    def prefault(self, offset: int = 0, length: int | None = None) -> None:
+        """Make every page of the range present now, regenerating purged chunks, without changing
+        whether they are volatile. Raises :class:`vrange.RegenerationError` like
+        :meth:`mark_nonvolatile`. ``vrange.io`` calls this before retrying a syscall that failed
+        with EFAULT; call it yourself before handing region memory to code that cannot retry."""
+        offset, length = self._range(offset, length)
+        first, end = self._chunks_touching(offset, length)
+        with self._state_lock:
+            self._regenerate_missing(first, end, self._core.prefault)
+
+    def _regenerate_missing(self, first: int, end: int, populate: Callable[[int, int], int]) -> None:
+        """Run ``populate`` over chunks [first, end); on failure leave the failed chunks missing
+        (never half-filled, never poisoned) and raise RegenerationError."""
+        count_before = self._failure_count
+        self._core.discard(first, end, only_failed=True)
+        result = populate(first, end)
+        new_failures = [(offset, error) for sequence, offset, error in self._failures
+                        if sequence > count_before]
+        if result >= 0 and not new_failures:
+            return
+        for chunk in {offset // self._chunk_size for offset, _ in new_failures}:
+            self._core.discard(chunk, chunk + 1, only_failed=False)
+        self._core.discard(first, end, only_failed=True)
+        if new_failures:
+            failed_offset, cause = new_failures[0]
+            raise RegenerationError(
+                f"the regenerator failed for the chunk at offset {failed_offset} "
+                f"({len(new_failures)} failure(s) in this call); it raised:\n"
+                + getattr(cause, "vrange_traceback", repr(cause))) from cause
+        code = -result
+        raise RegenerationError(
+            f"could not make the range present: {os.strerror(code)} ({errno_name(code)}); "
+            "a native source failed to read") from VRangeOSError(code, os.strerror(code))
 
     def purge(self, offset: int = 0, length: int | None = None) -> int:
         """Discard the volatile pages of the range now; returns the number of bytes discarded.
@@ -305,8 +356,14 @@ class Region(mmap.mmap):
             self._regenerate(offset, view)  # type: ignore[operator]
             return 0
         except BaseException as error:  # noqa: BLE001 - recorded, reported by policy
-            self._errors.append((offset, error))
-            del self._errors[:-64]  # keep the most recent failures only
+            # Keep the traceback as text: its frames would keep their callers alive, and with them
+            # any memoryview of a region (which could then never be closed).
+            error.vrange_traceback = "".join(  # type: ignore[attr-defined]
+                traceback.format_exception(type(error), error, error.__traceback__))
+            error.__traceback__ = None
+            error.__context__ = None  # whatever the faulting thread was handling
+            self._failure_count += 1
+            self._failures.append((self._failure_count, offset, error))
             logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
                            offset, error, self._on_error)
             return -1
@@ -316,7 +373,7 @@ class Region(mmap.mmap):
     @property
     def regeneration_failures(self) -> list[tuple[int, BaseException]]:
         """The most recent regenerator failures as ``(offset, exception)``, oldest first."""
-        return list(self._errors)
+        return [(offset, error) for _, offset, error in self._failures]
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -329,6 +386,8 @@ class Region(mmap.mmap):
         with self._state_lock:
             mmap.mmap.close(self)  # BufferError here leaves the region fully working
             self._closed = True
+            with _live_regions_lock:
+                _live_regions.pop(self._address, None)
             self._core.close()
 
     def __enter__(self) -> Region:

@@ -74,6 +74,10 @@ class BackendRegion(abc.ABC):
         """Make every page present; 0 or -errno (a regeneration may have failed)."""
 
     @abc.abstractmethod
+    def prefault(self, first_chunk: int, end_chunk: int) -> int:
+        """Make every page present without changing volatility; 0 or -errno."""
+
+    @abc.abstractmethod
     def purge(self, first_chunk: int, end_chunk: int) -> int: ...
 
     @abc.abstractmethod

@@ -79,6 +79,9 @@ class SigbusRegion(BackendRegion):
         ensure_handler()
         return int(lib.vr_sigbus_populate(self.pointer, first_chunk, end_chunk))
 
+    def prefault(self, first_chunk: int, end_chunk: int) -> int:
+        return self.populate(first_chunk, end_chunk)  # volatility is only vrange's bookkeeping
+
     def purge(self, first_chunk: int, end_chunk: int) -> int:
         ensure_handler()
         return check(int(lib.vr_sigbus_purge(self.pointer, first_chunk, end_chunk)),

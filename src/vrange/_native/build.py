@@ -96,6 +96,7 @@ void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_ch
 int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_region_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
                                  uint8_t *purged_out);
 int vr_region_chunk_states(vr_region *region, uint8_t *states_out);

@@ -249,18 +249,29 @@ int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, i
 /* Make every page of the range present and dirty (so no longer discardable): lazy-free pages are
  * re-dirtied, missing ones fault through the handler. The caller does not hold the GIL (cffi), so
  * Python regenerators can run on a worker while this waits. */
-int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
+static int populate_range(vr_region *region, size_t first_chunk, size_t end_chunk, int advice)
 {
     uintptr_t start = region->base + first_chunk * region->chunk_size;
     size_t end = end_chunk * region->chunk_size;
     if (end > region->size)
         end = region->size;
     size_t length = end - first_chunk * region->chunk_size;
-    while (madvise((void *)start, length, MADV_POPULATE_WRITE) < 0) {
+    while (madvise((void *)start, length, advice) < 0) {
         if (errno != EINTR && errno != EAGAIN)
             return -errno;
     }
     return 0;
+}
+
+int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    return populate_range(region, first_chunk, end_chunk, MADV_POPULATE_WRITE);
+}
+
+/* Make missing pages present without dirtying lazy-free ones (they stay discardable). */
+int vr_region_prefault(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    return populate_range(region, first_chunk, end_chunk, MADV_POPULATE_READ);
 }
 
 /* In a forked child: the child's mapping is not registered (no UFFD_FEATURE_EVENT_FORK) and the

@@ -1,0 +1,122 @@
+"""EFAULT-safe I/O on buffers that may hold vrange memory.
+
+A system call that touches a purged chunk behaves differently per backend:
+
+- ``uffd``: the call blocks while the chunk is regenerated, then succeeds (a chunk whose regenerator
+  failed under the ``poison`` policy makes it fail with EFAULT);
+- ``sigbus``: the call fails with EFAULT (or returns a short count): the kernel does not raise
+  SIGBUS for its own copies, so the trap cannot be served.
+
+The helpers here work on either backend and on any buffer: they call the system call directly, and
+when it fails with EFAULT they make the remaining part of the buffer present
+(:meth:`vrange.Region.prefault`) and retry from where the kernel stopped, so bytes are never lost
+or sent twice. A regenerator that fails raises :class:`vrange.RegenerationError`; an EFAULT on
+memory that is not vrange's is re-raised as the OSError it is.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+from ._native import ffi
+from .region import find_region
+
+__all__ = ["write", "send", "readinto"]
+
+# How much of the remaining buffer to make present before a retry: enough to amortize the retry,
+# small enough not to regenerate a huge buffer that may be purged again before the call reaches it.
+PREFAULT_WINDOW = 16 << 20
+# A retry that makes no progress means something purges the buffer faster than we can use it.
+MAX_RETRIES_WITHOUT_PROGRESS = 8
+
+
+def _byte_view(buffer: Any, writable: bool) -> memoryview:
+    view = memoryview(buffer)
+    if writable and view.readonly:
+        raise TypeError("the buffer must be writable")
+    if not view.c_contiguous:
+        raise ValueError("the buffer must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def _prefault(view: memoryview) -> None:
+    """Make the vrange memory in ``view`` present; raise EFAULT if some of it is not vrange's."""
+    if len(view) == 0:
+        return
+    pointer = ffi.from_buffer(view)
+    try:
+        start = int(ffi.cast("uintptr_t", pointer))
+    finally:
+        ffi.release(pointer)
+    end = start + len(view)
+    address = start
+    while address < end:
+        region = find_region(address)
+        if region is None:
+            raise OSError(errno.EFAULT, "Bad address (the buffer is not vrange memory)")
+        page = os.sysconf("SC_PAGE_SIZE")
+        offset = (address - region.address) // page * page
+        stop = min(end, region.address + len(region))
+        length = -(-(stop - region.address) // page) * page - offset
+        region.prefault(offset, length)
+        address = stop
+
+
+def _retrying(view: memoryview, attempt: Any, done: int) -> int:
+    """Call ``attempt(done)``; on EFAULT prefault the next window of the view and try again."""
+    failures = 0
+    while True:
+        try:
+            return int(attempt(done))
+        except OSError as error:
+            if error.errno != errno.EFAULT:
+                raise
+            failures += 1
+            if failures > MAX_RETRIES_WITHOUT_PROGRESS:
+                raise
+        # Outside the except block: a RegenerationError should not carry the EFAULT as context.
+        _prefault(view[done:done + PREFAULT_WINDOW])
+
+
+def write(fd: int, data: Any) -> int:
+    """Write all of ``data`` to the file descriptor ``fd``; returns the number of bytes written.
+
+    Retries short writes and EFAULT (after making the buffer present). On a non-blocking descriptor
+    a ``BlockingIOError`` carries ``characters_written``: nothing is written twice.
+    """
+    view = _byte_view(data, writable=False)
+    written = 0
+    try:
+        while written < len(view):
+            written += _retrying(view, lambda done: os.write(fd, view[done:]), written)
+    except BlockingIOError as error:
+        error.characters_written = written
+        raise
+    return written
+
+
+def send(sock: socket.socket, data: Any, flags: int = 0) -> int:
+    """Send all of ``data`` on ``sock`` (like ``socket.sendall``); returns the number of bytes sent.
+
+    Retries partial sends and EFAULT (after making the buffer present).
+    """
+    view = _byte_view(data, writable=False)
+    sent = 0
+    while sent < len(view):
+        sent += _retrying(view, lambda done: sock.send(view[done:], flags), sent)
+    return sent
+
+
+def readinto(fd: int, buffer: Any) -> int:
+    """Read from ``fd`` into ``buffer`` once (like ``os.readv``); returns the number of bytes read.
+
+    If the destination holds purged vrange memory, the read is retried after making it present;
+    the kernel consumes no input from a read that failed with EFAULT.
+    """
+    view = _byte_view(buffer, writable=True)
+    if len(view) == 0:
+        return 0
+    return _retrying(view, lambda done: os.readv(fd, [view[done:]]), 0)

@@ -1,0 +1,158 @@
+"""vrange.io: EFAULT-safe write/send/readinto on both backends, and prefault."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import threading
+
+import pytest
+from conftest import CHUNK, PAGE, CountingRegenerator, pattern
+
+import vrange
+from vrange import io as vio
+
+SIZE = 32 * CHUNK  # 2 MiB
+F_SETPIPE_SZ = 1031
+
+
+def purged_region(backend: str) -> vrange.Region:
+    region = vrange.Region(SIZE, CountingRegenerator(), backend=backend)
+    region.mark_nonvolatile()
+    region.mark_volatile()
+    region.purge()
+    return region
+
+
+def drain(read_end: int, into: list[bytes], delay_every: int = 0) -> threading.Thread:
+    def run() -> None:
+        chunks = []
+        while block := os.read(read_end, 3000):  # small reads: the writer sees short writes
+            chunks.append(block)
+        into.append(b"".join(chunks))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_write_from_purged_memory_writes_every_byte_once(backend: str) -> None:
+    with purged_region(backend) as region:
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PAGE)  # a tiny pipe: many short writes
+        received: list[bytes] = []
+        reader = drain(read_end, received)
+        view = memoryview(region)
+        assert vio.write(write_end, view[PAGE:SIZE - PAGE]) == SIZE - 2 * PAGE
+        view.release()
+        os.close(write_end)
+        reader.join(timeout=30)
+        os.close(read_end)
+        assert received[0] == pattern(PAGE, SIZE - 2 * PAGE)
+
+
+def test_write_while_another_thread_keeps_purging(backend: str) -> None:
+    with purged_region(backend) as region:
+        stop = threading.Event()
+
+        def purger() -> None:
+            # Like a memory-pressure policy: often, not in a tight loop (a purger that discards
+            # faster than a syscall can be refilled would starve it; see docs/design.md).
+            while not stop.wait(0.002):
+                region.purge()
+
+        purging = threading.Thread(target=purger)
+        purging.start()
+        read_end, write_end = os.pipe()
+        received: list[bytes] = []
+        reader = drain(read_end, received)
+        try:
+            for _ in range(5):
+                view = memoryview(region)
+                assert vio.write(write_end, view) == SIZE
+                view.release()
+        finally:
+            stop.set()
+            purging.join(timeout=30)
+            os.close(write_end)
+            reader.join(timeout=30)
+            os.close(read_end)
+        assert received[0] == pattern(0, SIZE) * 5
+
+
+def test_send_from_purged_memory(backend: str) -> None:
+    with purged_region(backend) as region:
+        left, right = socket.socketpair()
+        received: list[bytes] = []
+
+        def receive() -> None:
+            chunks = []
+            while block := right.recv(65536):
+                chunks.append(block)
+            received.append(b"".join(chunks))
+
+        with left, right:
+            receiver = threading.Thread(target=receive)
+            receiver.start()
+            assert vio.send(left, memoryview(region)) == SIZE
+            left.shutdown(socket.SHUT_WR)
+            receiver.join(timeout=30)
+        assert received[0] == pattern(0, SIZE)
+
+
+def test_readinto_purged_memory(backend: str) -> None:
+    with purged_region(backend) as region:
+        incoming = os.urandom(3 * CHUNK)
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, 4 * CHUNK)
+        os.write(write_end, incoming)
+        view = memoryview(region)
+        got = vio.readinto(read_end, view[CHUNK:5 * CHUNK])
+        os.close(read_end), os.close(write_end)
+        assert got == 3 * CHUNK
+        assert bytes(view[CHUNK:4 * CHUNK]) == incoming
+        # The rest of the touched chunk is what the regenerator defines.
+        assert bytes(view[4 * CHUNK:5 * CHUNK]) == pattern(4 * CHUNK, CHUNK)
+        view.release()
+
+
+def test_helpers_accept_ordinary_buffers_and_report_real_errors() -> None:
+    read_end, write_end = os.pipe()
+    assert vio.write(write_end, b"plain bytes") == 11
+    target = bytearray(11)
+    assert vio.readinto(read_end, target) == 11 and target == b"plain bytes"
+    with pytest.raises(TypeError, match="writable"):
+        vio.readinto(read_end, b"read-only")
+    os.close(read_end)
+    with pytest.raises(OSError) as caught:  # EPIPE is not retried
+        vio.write(write_end, b"x")
+    assert caught.value.errno == errno.EPIPE
+    os.close(write_end)
+
+
+def test_non_blocking_write_reports_what_was_written(backend: str) -> None:
+    with purged_region(backend) as region:
+        read_end, write_end = os.pipe()
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PAGE)
+        os.set_blocking(write_end, False)
+        view = memoryview(region)
+        with pytest.raises(BlockingIOError) as caught:
+            vio.write(write_end, view)
+        written = caught.value.characters_written
+        del caught  # its traceback holds the views
+        view.release()
+        assert 0 < written < SIZE
+        assert os.read(read_end, SIZE) == pattern(0, written)
+        os.close(read_end), os.close(write_end)
+
+
+def test_prefault_regenerates_without_pinning(backend: str) -> None:
+    with purged_region(backend) as region:
+        region.prefault(2 * CHUNK, 2 * CHUNK)
+        stats = region.stats()
+        assert stats.volatile_bytes == SIZE  # still volatile
+        assert stats.resident_bytes == 2 * CHUNK
+        assert region.purge() == 2 * CHUNK  # and purgeable
+        assert region.mark_nonvolatile(report=True) == [(0, SIZE)]

@@ -192,24 +192,38 @@ static int serve_fault(vr_region *region, uintptr_t address)
     return handled;
 }
 
+/* The default action: restore it and let the fault happen again (a sent signal is raised again
+ * instead). The process dies with SIGBUS, as it would have without vrange. */
+static void take_default_action(int signal_number, const siginfo_t *info)
+{
+    struct sigaction default_action;
+    memset(&default_action, 0, sizeof default_action);
+    default_action.sa_handler = SIG_DFL;
+    sigaction(signal_number, &default_action, NULL);
+    if (info->si_code <= 0)
+        raise(signal_number);
+}
+
+/* How deep this thread is in chain_to_previous. Initial-exec TLS: no allocation on first use (the
+ * general-dynamic model may call malloc, which a signal handler must not). */
+static __thread int chain_depth __attribute__((tls_model("initial-exec")));
+
 static void chain_to_previous(int signal_number, siginfo_t *info, void *context)
 {
-    if (previous_action.sa_flags & SA_SIGINFO) {
+    if (chain_depth > 0) {
+        /* The previous handler sent the signal back to us (faulthandler restores the handler it
+         * replaced, ours, and raises again): do not loop, take the default action. */
+        take_default_action(signal_number, info);
+        return;
+    }
+    chain_depth++;
+    if (previous_action.sa_flags & SA_SIGINFO)
         previous_action.sa_sigaction(signal_number, info, context);
-        return;
-    }
-    if (previous_action.sa_handler == SIG_DFL || previous_action.sa_handler == SIG_IGN) {
-        /* The default action: restore it and let the fault happen again (a sent signal is raised
-         * again instead). The process dies with SIGBUS, as it would have without vrange. */
-        struct sigaction default_action;
-        memset(&default_action, 0, sizeof default_action);
-        default_action.sa_handler = SIG_DFL;
-        sigaction(signal_number, &default_action, NULL);
-        if (info->si_code <= 0)
-            raise(signal_number);
-        return;
-    }
-    previous_action.sa_handler(signal_number);
+    else if (previous_action.sa_handler == SIG_DFL || previous_action.sa_handler == SIG_IGN)
+        take_default_action(signal_number, info);
+    else
+        previous_action.sa_handler(signal_number);
+    chain_depth--;
 }
 
 static void sigbus_handler(int signal_number, siginfo_t *info, void *context)

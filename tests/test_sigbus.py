@@ -1,0 +1,131 @@
+"""What only the sigbus backend has: signal hygiene and mapping-count limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import vrange
+from vrange import sources
+from vrange.region import SIGBUS_MAX_CHUNKS
+
+
+@pytest.fixture(autouse=True)
+def sigbus_backend(report: vrange.Features) -> None:
+    support = report.backend("sigbus")
+    if not support.usable:
+        pytest.skip(f"backend 'sigbus' unavailable: {support.reason}")
+
+
+def run_python(script: str) -> subprocess.CompletedProcess[str]:
+    prelude = textwrap.dedent("""
+        import faulthandler, mmap, os, sys, tempfile, vrange
+        from vrange import sources
+        def truncated_mapping_access():
+            with tempfile.TemporaryFile() as file:
+                file.write(b"x" * 8192)
+                file.flush()
+                mapping = mmap.mmap(file.fileno(), 8192)
+                file.truncate(0)
+                print("touching", flush=True)
+                return mapping[4096]   # beyond the end of the file: SIGBUS that is not vrange's
+        def purged_region():
+            region = vrange.Region(1 << 20, sources.Zeros(), backend="sigbus")
+            region[0:3] = b"abc"
+            region.mark_volatile()
+            region.purge()
+            return region
+    """)
+    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_foreign_sigbus_still_kills_the_process() -> None:
+    result = run_python("""
+        region = purged_region()
+        assert bytes(region[0:3]) == bytes(3)   # vrange's own traps are served
+        truncated_mapping_access()
+        print("survived", flush=True)
+    """)
+    assert result.returncode == -signal.SIGBUS, result.stderr
+    assert "touching" in result.stdout and "survived" not in result.stdout
+
+
+def test_faulthandler_installed_first_still_reports_foreign_sigbus() -> None:
+    result = run_python("""
+        faulthandler.enable()
+        region = purged_region()
+        assert bytes(region[0:3]) == bytes(3)
+        truncated_mapping_access()
+    """)
+    assert result.returncode == -signal.SIGBUS
+    assert "Fatal Python error: Bus error" in result.stderr
+    assert "truncated_mapping_access" in result.stderr  # faulthandler's Python traceback
+
+
+def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front() -> None:
+    result = run_python("""
+        region = purged_region()
+        faulthandler.enable()        # replaces vrange's SIGBUS handler
+        region.purge()               # vrange notices, re-installs itself, chains to faulthandler
+        assert bytes(region[0:3]) == bytes(3), "trap not served"
+        print("served", flush=True)
+        truncated_mapping_access()
+    """)
+    assert "served" in result.stdout, result.stderr
+    assert "another SIGBUS handler replaced vrange's" in result.stderr
+    assert result.returncode == -signal.SIGBUS
+    assert "Fatal Python error: Bus error" in result.stderr
+
+
+def test_errno_is_preserved_across_a_served_fault() -> None:
+    result = run_python("""
+        import ctypes, errno
+        libc = ctypes.CDLL(None, use_errno=True)
+        region = purged_region()
+        ctypes.set_errno(errno.ENOTTY)
+        value = ctypes.c_char.from_address(region.address + 70000).value   # served in the handler
+        assert value == b"\\0"
+        assert ctypes.get_errno() == errno.ENOTTY, ctypes.get_errno()
+        print("ok", flush=True)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def _map_count() -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(1 for _ in maps)
+
+
+@pytest.mark.forked
+@pytest.mark.hang_timeout(120)
+def test_large_region_with_scattered_purges_stays_far_from_max_map_count() -> None:
+    size = 1 << 30
+    region = vrange.Region(size, sources.Zeros(), backend="sigbus")
+    try:
+        chunk = region.chunk_size
+        assert chunk == size // SIGBUS_MAX_CHUNKS == 128 * 1024  # raised from 64 KiB
+        before = _map_count()
+        chunks = size // chunk
+        for index in range(0, chunks, 2):  # every other chunk: the most mappings it can take
+            region[index * chunk] = index % 251 + 1
+        region.mark_volatile(0, size // 2)
+        for index in range(0, chunks // 2, 6):  # scattered purges in the volatile half
+            region.purge(index * chunk, chunk)
+        peak = _map_count() - before
+        assert peak <= 2 * SIGBUS_MAX_CHUNKS, peak
+        with open("/proc/sys/vm/max_map_count") as limit:
+            assert _map_count() < int(limit.read()) // 2
+        for index in range(0, chunks, 2):
+            purged = index < chunks // 2 and index % 6 == 0
+            expected = 0 if purged else index % 251 + 1
+            assert region[index * chunk] == expected, index
+        assert region.mark_nonvolatile(0, size // 2) is True
+    finally:
+        region.close()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import vrange
 
 
-def run_vrange(*args: str) -> subprocess.CompletedProcess[str]:
+def run_vrange(*args: str, backend: str | None = None) -> subprocess.CompletedProcess[str]:
+    environment = dict(os.environ)
+    if backend is not None:
+        environment["VRANGE_BACKEND"] = backend
     return subprocess.run([sys.executable, "-m", "vrange", *args], capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=60, check=False, env=environment)
 
 
 def test_features_json_names_every_item() -> None:
@@ -48,10 +52,12 @@ def test_features_table_is_readable() -> None:
     assert vrange.features().userfaultfd.access in result.stdout
 
 
-def test_demo_reads_back_every_byte() -> None:
-    result = run_vrange("demo")
+def test_demo_reads_back_every_byte(backend: str) -> None:
+    result = run_vrange("demo", backend=backend)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Backend: {backend} (from $VRANGE_BACKEND)" in result.stdout
     assert "every byte right" in result.stdout
+    assert "wrote 4.0 MiB" in result.stdout
     assert "6. mark_nonvolatile" in result.stdout
 
 

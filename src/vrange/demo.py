@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable
 
+from . import io as vrange_io
 from ._features import features
 from .region import Region
 from .testing import page_out
@@ -25,6 +27,31 @@ def _mib(value: int) -> str:
     return f"{value / (1 << 20):.1f} MiB"
 
 
+def _write_from_purged_memory(cache: Region) -> str:
+    """Write 4 MiB of purged memory to a pipe, raw and through vrange.io."""
+    read_end, write_end = os.pipe()
+    received: list[int] = []
+    drain = threading.Thread(target=lambda: received.append(
+        sum(len(block) for block in iter(lambda: os.read(read_end, 1 << 20), b""))))
+    drain.start()
+    view = memoryview(cache)
+    try:
+        written = os.write(write_end, view[:4 << 20])
+        outcome = (f"os.write() straight from purged memory wrote {_mib(written)} (the syscall "
+                   "waited for the refill instead of failing with EFAULT)")
+    except OSError as error:
+        written = vrange_io.write(write_end, view[:4 << 20])
+        outcome = (f"os.write() from purged memory failed with {errno.errorcode[error.errno or 0]}"
+                   f" (this backend's documented limit); vrange.io.write() refilled and wrote "
+                   f"{_mib(written)}")
+    finally:
+        view.release()
+        os.close(write_end)
+        drain.join()
+        os.close(read_end)
+    return outcome
+
+
 def run(say: Callable[[str], None] = print) -> bool:
     """Run the demo; True when every byte read back was right."""
     report = features()
@@ -32,8 +59,10 @@ def run(say: Callable[[str], None] = print) -> bool:
         say(f"No backend can run here: {report.auto_reason}")
         say("Run `python -m vrange features` for the details.")
         return False
-    say(f"Backend: {report.auto_reason}")
     with Region(CACHE_BYTES, _expensive_chunk) as cache:
+        chosen_by = os.environ.get("VRANGE_BACKEND")
+        say(f"Backend: {cache.backend} (from $VRANGE_BACKEND)" if chosen_by
+            else f"Backend: {report.auto_reason}")
         started = time.perf_counter()
         first_pass = hashlib.sha256(cache[:]).hexdigest()
         stats = cache.stats()
@@ -42,7 +71,8 @@ def run(say: Callable[[str], None] = print) -> bool:
             f"{_mib(stats.resident_bytes)} resident)")
 
         cache.mark_volatile()
-        say(f"2. Marked volatile: {_mib(cache.stats().volatile_bytes)} the kernel may take back")
+        who = "the kernel" if cache.backend == "uffd" else "vrange"
+        say(f"2. Marked volatile: {who} may now take back {_mib(cache.stats().volatile_bytes)}")
 
         if cache.backend == "uffd":
             page_out(cache)  # what memory pressure does; the kernel decides by itself
@@ -53,20 +83,7 @@ def run(say: Callable[[str], None] = print) -> bool:
         stats = cache.stats()
         say(f"3. {how}: {_mib(stats.resident_bytes)} resident, {_mib(stats.purged_bytes)} purged")
 
-        if cache.backend == "uffd":
-            read_end, write_end = os.pipe()
-            received = []
-            drain = threading.Thread(target=lambda: received.append(
-                sum(len(block) for block in iter(lambda: os.read(read_end, 1 << 20), b""))))
-            drain.start()
-            view = memoryview(cache)
-            written = os.write(write_end, view[:4 << 20])
-            view.release()
-            os.close(write_end)
-            drain.join()
-            os.close(read_end)
-            say(f"4. os.write() straight from purged memory: {_mib(written)} written (the syscall "
-                "waited for the refill instead of failing with EFAULT)")
+        say("4. " + _write_from_purged_memory(cache))
 
         started = time.perf_counter()
         second_pass = hashlib.sha256(cache[:]).hexdigest()

@@ -658,3 +658,21 @@ def test_forked_child_regenerates_instead_of_reading_zeros(backend: str) -> None
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert bytes(region[CHUNK:2 * CHUNK]) == pattern(CHUNK, CHUNK)  # the parent still works
+
+
+def test_regenerator_reading_its_own_chunk_fails_instead_of_hanging(backend: str) -> None:
+    result = run_python("""
+        holder = []
+        def recursive(offset, buf):
+            buf[:] = holder[0][offset:offset + len(buf)]   # the chunk being regenerated
+        region = vrange.Region(4 * CHUNK, recursive, backend=BACKEND)
+        holder.append(region)
+        print("before", flush=True)
+        region[CHUNK]
+        print("after", flush=True)
+    """, backend)
+    assert "before" in result.stdout and "after" not in result.stdout
+    expected = signal.SIGBUS
+    if backend == "uffd" and "POISON" not in vrange.features().userfaultfd.range_ioctls:
+        expected = signal.SIGABRT
+    assert result.returncode == -expected, result.stderr

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import mmap
 import os
 import threading
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, Union, overload
 
 from ._backends import resolve_backend
@@ -185,6 +186,14 @@ class Region(mmap.mmap):
         if self._closed:
             raise ValueError("operation on a closed vrange.Region")
 
+    @contextlib.contextmanager
+    def _open_and_locked(self) -> Iterator[None]:
+        """Serialize state changes, and check openness under the lock: another thread may have
+        closed the region since the arguments were checked."""
+        with self._state_lock:
+            self._check_open()
+            yield
+
     def _range(self, offset: int, length: int | None) -> tuple[int, int]:
         self._check_open()
         size = len(self)
@@ -217,7 +226,7 @@ class Region(mmap.mmap):
         if offset + length == len(self):
             end = self._core_chunk_count()  # the tail chunk may be shorter than chunk_size
         if first < end:
-            with self._state_lock:
+            with self._open_and_locked():
                 self._core.mark_volatile(first, end)
 
     def _core_chunk_count(self) -> int:
@@ -245,7 +254,7 @@ class Region(mmap.mmap):
         first, end = self._chunks_touching(offset, length)
         if first >= end:
             return [] if report else False
-        with self._state_lock:
+        with self._open_and_locked():
             self._regenerate_missing(first, end, self._core.populate)
             purged = self._core.finish_nonvolatile(first, end)
         if not report:
@@ -269,7 +278,7 @@ class Region(mmap.mmap):
         with EFAULT; call it yourself before handing region memory to code that cannot retry."""
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
-        with self._state_lock:
+        with self._open_and_locked():
             self._regenerate_missing(first, end, self._core.prefault)
 
     def _regenerate_missing(self, first: int, end: int, populate: Callable[[int, int], int]) -> None:
@@ -304,17 +313,17 @@ class Region(mmap.mmap):
         """
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
-        with self._state_lock:
+        with self._open_and_locked():
             return self._core.purge(first, end)
 
     # --- introspection ----------------------------------------------------------------------------
 
     def stats(self) -> RegionStats:
         """Counters of this region, and how many of its bytes are volatile, resident, purged."""
-        self._check_open()
-        counters = self._core.counters()
-        states = self._core.chunk_states()
-        residency = self._core.residency()
+        with self._open_and_locked():
+            counters = self._core.counters()
+            states = self._core.chunk_states()
+            residency = self._core.residency()
         pages_per_chunk = self._chunk_size // PAGE_SIZE
         volatile = nonvolatile = purged = 0
         for chunk, state in enumerate(states):
@@ -401,7 +410,7 @@ class Region(mmap.mmap):
         if not getattr(self, "_closed", True):
             try:
                 self.close()
-            except BufferError:  # pragma: no cover - an exporter outlived us: leave it mapped
+            except Exception:  # noqa: BLE001 - an exporter outlived us, or interpreter shutdown
                 pass
 
     def resize(self, newsize: int) -> None:

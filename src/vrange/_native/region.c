@@ -44,7 +44,10 @@ int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk
         return -ENOMEM;
     region->chunk_count = (size + chunk_size - 1) / chunk_size;
     region->chunk_state = calloc(region->chunk_count, 1);
-    if (!region->chunk_state) {
+    region->owners = calloc(region->chunk_count, sizeof *region->owners);
+    if (!region->chunk_state || !region->owners) {
+        free(region->chunk_state);
+        free(region->owners);
         free(region);
         return -ENOMEM;
     }

@@ -50,7 +50,7 @@ struct vr_region {
     int registered;
     vr_handler *handler; /* uffd backend */
     int trap_fd;         /* sigbus backend: the empty memfd mapped over missing chunks */
-    pid_t *owners;       /* sigbus backend: thread regenerating each in-flight chunk */
+    pid_t *owners;       /* the thread regenerating each in-flight chunk (Python regenerators) */
 };
 
 /* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at

@@ -226,9 +226,13 @@ static void chain_to_previous(int signal_number, siginfo_t *info, void *context)
     chain_depth--;
 }
 
+/* How many SIGBUS handlers this thread is inside (a regenerator may close a region). */
+static __thread int handler_depth __attribute__((tls_model("initial-exec")));
+
 static void sigbus_handler(int signal_number, siginfo_t *info, void *context)
 {
     int saved_errno = errno;
+    handler_depth++;
     __atomic_fetch_add(&handlers_running, 1, __ATOMIC_ACQ_REL);
     int handled = 0;
     if (info->si_code == BUS_ADRERR) {
@@ -237,6 +241,7 @@ static void sigbus_handler(int signal_number, siginfo_t *info, void *context)
             handled = serve_fault(region, (uintptr_t)info->si_addr);
     }
     __atomic_fetch_sub(&handlers_running, 1, __ATOMIC_ACQ_REL);
+    handler_depth--;
     if (!handled)
         chain_to_previous(signal_number, info, context);
     errno = saved_errno;
@@ -277,9 +282,6 @@ void vr_sigbus_python_finalized(void) { __atomic_store_n(&python_finalized, 1, _
 
 int vr_sigbus_attach(vr_region *region)
 {
-    region->owners = calloc(region->chunk_count, sizeof *region->owners);
-    if (!region->owners)
-        return -ENOMEM;
     region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
     if (region->trap_fd < 0)
         return -errno;
@@ -319,6 +321,8 @@ int vr_sigbus_detach(vr_region *region)
         close(region->trap_fd);
         region->trap_fd = -1;
     }
+    if (handler_depth > 0)
+        return -EBUSY; /* called from inside a handler (a regenerator): waiting would wait on us */
     for (long long waited = 0; __atomic_load_n(&handlers_running, __ATOMIC_ACQUIRE) > 0;
          waited += WAIT_STEP_NS) {
         if (waited >= GRACE_PERIOD_TIMEOUT_NS)

@@ -82,6 +82,7 @@ int vr_pageout(uintptr_t address, size_t length);
 /* internal to the backend */
 int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source);
 int vr_fail_chunk(vr_region *region, size_t chunk_index);
+void vr_fail_page(vr_region *region, uintptr_t address);
 void vr_run_python_job(vr_job *job, int on_faulting_thread);
 
 /* fault_signal.c */

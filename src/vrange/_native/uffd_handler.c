@@ -136,7 +136,12 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
     uint64_t *counter = on_faulting_thread ? &region->stats.faults_on_faulting_thread
                                            : &region->stats.faults_on_worker_thread;
     __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
-    if (vr_python_regenerate(region->python_handle, offset, job->buffer, length) == 0)
+    /* Remember who regenerates: if this regenerator faults on this very chunk, the handler fails
+     * that fault instead of leaving it to wait for itself. */
+    region->owners[job->chunk_index] = (pid_t)syscall(SYS_gettid);
+    int rc = vr_python_regenerate(region->python_handle, offset, job->buffer, length);
+    region->owners[job->chunk_index] = 0;
+    if (rc == 0)
         vr_resolve_chunk(region, job->chunk_index, job->buffer);
     else
         vr_fail_chunk(region, job->chunk_index);
@@ -254,6 +259,14 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
     size_t chunk = (address - region->base) / region->chunk_size;
     uint8_t before = __atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_IN_FLIGHT, __ATOMIC_ACQ_REL);
     if (before & VR_CHUNK_IN_FLIGHT) {
+        if (tid > 0 && region->owners[chunk] == tid) {
+            /* The regenerator of this chunk reads the chunk itself: it would wait for ever. */
+            vr_region_ref(region);
+            pthread_mutex_unlock(&handler->lock);
+            vr_fail_page(region, address);
+            vr_region_unref(region);
+            return;
+        }
         /* Someone is regenerating this chunk; its UFFDIO_COPY wakes this thread too. */
         pthread_mutex_unlock(&handler->lock);
         return;

@@ -160,22 +160,17 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
     return rc;
 }
 
-/* Regeneration failed: resolve the fault without handing out wrong bytes (see docs/design.md). */
-int vr_fail_chunk(vr_region *region, size_t chunk_index)
+static void apply_error_policy(vr_region *region, uintptr_t start, size_t length, size_t chunk)
 {
-    size_t length = vr_region_chunk_length(region, chunk_index);
-    uintptr_t start = region->base + chunk_index * region->chunk_size;
-    int rc;
     vr_stat_add(&region->stats.regeneration_errors, 1);
     switch (region->on_error) {
     case VR_ON_ERROR_ZEROS:
-        rc = fill_missing_pages(region, start, length, NULL, FILL_ZEROPAGE);
-        if (rc == 0)
-            vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
+        if (fill_missing_pages(region, start, length, NULL, FILL_ZEROPAGE) == 0)
+            vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
         break;
     case VR_ON_ERROR_POISON:
-        vr_chunk_set(region, chunk_index, VR_CHUNK_POISONED);
-        rc = fill_missing_pages(region, start, length, NULL, FILL_POISON);
+        vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
+        (void)fill_missing_pages(region, start, length, NULL, FILL_POISON);
         break;
     default: {
         static const char message[] =
@@ -184,8 +179,24 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
         abort();
     }
     }
+}
+
+/* A regenerator touched the chunk it is regenerating: fail that one page by the region's policy
+ * (its access then raises SIGBUS, or its syscall EFAULT) instead of letting it wait for itself. */
+void vr_fail_page(vr_region *region, uintptr_t address)
+{
+    uintptr_t page = address & ~(uintptr_t)(region->page_size - 1);
+    apply_error_policy(region, page, region->page_size, (page - region->base) / region->chunk_size);
+}
+
+/* Regeneration failed: resolve the fault without handing out wrong bytes (see docs/design.md). */
+int vr_fail_chunk(vr_region *region, size_t chunk_index)
+{
+    size_t length = vr_region_chunk_length(region, chunk_index);
+    uintptr_t start = region->base + chunk_index * region->chunk_size;
+    apply_error_policy(region, start, length, chunk_index);
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
-    return rc;
+    return 0;
 }
 
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)

@@ -1,0 +1,66 @@
+"""compat/run.py: the scenario matrix across backends and process profiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).resolve().parent.parent / "compat" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def matrix() -> dict:
+    completed = subprocess.run([sys.executable, str(RUNNER), "--json"], capture_output=True,
+                               text=True, timeout=600, check=False)
+    assert completed.returncode in (0, 1), completed.stderr
+    return json.loads(completed.stdout)
+
+
+def profile(matrix: dict, name: str) -> dict:
+    return next(entry for entry in matrix["profiles"] if entry["profile"] == name)
+
+
+def test_no_cell_fails(matrix: dict) -> None:
+    failures = [(entry["profile"], scenario, backend, cell.get("reason"))
+                for entry in matrix["profiles"] if "cells" in entry
+                for scenario, row in entry["cells"].items()
+                for backend, cell in row.items() if cell["status"] == "FAIL"]
+    assert failures == []
+    assert matrix["kernel"] == os.uname().release
+
+
+@pytest.mark.parametrize("name, errno_name", [("seccomp-eperm", "EPERM"),
+                                              ("seccomp-enosys", "ENOSYS")])
+def test_container_profiles_fall_back_to_sigbus(matrix: dict, name: str, errno_name: str) -> None:
+    entry = profile(matrix, name)
+    assert entry["userfaultfd"] == "none"
+    assert entry["auto"] == "sigbus"
+    for scenario, row in entry["cells"].items():
+        assert row["uffd"]["status"] == "N/A" and errno_name in row["uffd"]["reason"]
+        expected = "SKIP" if scenario == "kernel discard" else "PASS"
+        assert row["sigbus"]["status"] == expected, (scenario, row["sigbus"])
+
+
+def test_native_profile_runs_everything_that_applies(matrix: dict) -> None:
+    entry = profile(matrix, "native")
+    for scenario, row in entry["cells"].items():
+        for backend, cell in row.items():
+            assert cell["status"] in ("PASS", "SKIP", "N/A"), (scenario, backend, cell)
+            if cell["status"] == "SKIP":
+                assert (scenario, backend) == ("kernel discard", "sigbus")
+
+
+def test_unprivileged_profile_is_user_mode_only(matrix: dict) -> None:
+    entry = profile(matrix, "unprivileged")
+    if "unavailable" in entry:
+        pytest.skip(f"profile not run: {entry['unavailable']}")
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as sysctl:
+        if sysctl.read().strip() != "0":
+            pytest.skip("vm.unprivileged_userfaultfd=1 gives unprivileged users a full userfaultfd")
+    assert entry["userfaultfd"] == "user_mode_only"
+    assert entry["auto"] == "sigbus"

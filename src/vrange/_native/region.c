@@ -107,6 +107,15 @@ int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
     return 0;
 }
 
+/* The 'abort' error policy: say why on stderr (write(2) is async-signal-safe), then abort. */
+void vr_abort_for_policy(void)
+{
+    static const char message[] =
+        "vrange: a regenerator failed and the region's error policy is 'abort'\n";
+    (void)!write(STDERR_FILENO, message, sizeof message - 1);
+    abort();
+}
+
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)

@@ -88,6 +88,7 @@ void vr_region_unref(vr_region *region);
 size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
+void vr_abort_for_policy(void) __attribute__((noreturn));
 int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
                                  uint8_t *purged_out);
 int vr_region_chunk_states(vr_region *region, uint8_t *states_out);

@@ -180,12 +180,8 @@ static int serve_fault(vr_region *region, uintptr_t address)
             vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
             handled = 0;
             break;
-        default: {
-            static const char message[] =
-                "vrange: a regenerator failed and the region's error policy is 'abort'\n";
-            (void)!write(STDERR_FILENO, message, sizeof message - 1);
-            abort();
-        }
+        default:
+            vr_abort_for_policy();
         }
     }
     release_chunk(region, chunk);

@@ -100,6 +100,14 @@ static int can_signal_thread(vr_handler *handler, pid_t tid)
 
 /* --- jobs ----------------------------------------------------------------------------------------- */
 
+static void set_fault_signal_mask(const vr_handler *handler, int how)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, handler->signal_number);
+    pthread_sigmask(how, &mask, NULL);
+}
+
 static vr_job *job_new(vr_region *region, size_t chunk_index, pid_t tid)
 {
     vr_job *job = calloc(1, sizeof *job);
@@ -153,10 +161,7 @@ static void *worker_main(void *arg)
     /* Created by the handler thread, a worker inherits its mask, which blocks the fault signal. A
      * worker holds the GIL while its regenerator runs; if that regenerator faults on a region, the
      * signal is the only way to serve it (no other thread can take the GIL): unblock it. */
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, handler->signal_number);
-    pthread_sigmask(SIG_UNBLOCK, &mask, NULL);
+    set_fault_signal_mask(handler, SIG_UNBLOCK);
     pthread_mutex_lock(&handler->lock);
     for (;;) {
         while (!handler->queue_head && !handler->stopping) {
@@ -319,10 +324,7 @@ static void *handler_main(void *arg)
 {
     vr_handler *handler = arg;
     /* This thread must never run our signal handler (it is not a faulting thread). */
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, handler->signal_number);
-    pthread_sigmask(SIG_BLOCK, &mask, NULL);
+    set_fault_signal_mask(handler, SIG_BLOCK);
 
     for (;;) {
         struct pollfd fds[2] = { { .fd = handler->uffd, .events = POLLIN },

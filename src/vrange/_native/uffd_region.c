@@ -172,12 +172,8 @@ static void apply_error_policy(vr_region *region, uintptr_t start, size_t length
         vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
         (void)fill_missing_pages(region, start, length, NULL, FILL_POISON);
         break;
-    default: {
-        static const char message[] =
-            "vrange: a regenerator failed and the region's error policy is 'abort'\n";
-        (void)!write(STDERR_FILENO, message, sizeof message - 1);
-        abort();
-    }
+    default:
+        vr_abort_for_policy();
     }
 }
 

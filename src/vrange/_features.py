@@ -513,8 +513,8 @@ def _probe_cgroup() -> CgroupReport:
         usage = _read_int(str(directory / "memory.usage_in_bytes"))
         return CgroupReport("v1", v1_path, limit, where, usage)
     if v2_path is not None and v2_mount is not None:
-        controllers = (_read_text(str(Path(v2_mount[1]) / "cgroup.controllers")) or "").split()
-        if "memory" in controllers:
+        available = (_read_text(str(Path(v2_mount[1]) / "cgroup.controllers")) or "").split()
+        if "memory" in available:
             directory = _cgroup_directory(v2_mount, v2_path)
             limit, where = _tightest_limit(directory, Path(v2_mount[1]), "memory.max")
             usage = _read_int(str(directory / "memory.current"))
@@ -581,15 +581,15 @@ def _compute() -> Features:
     run = _ProbeRun()
     uname = os.uname()
     uffd = run.section("userfaultfd", lambda: _probe_userfaultfd(run), _UNKNOWN_UFFD)
-    madvise = run.section("madvise", _probe_madvise, ())
+    no_advice: tuple[AdviceSupport, ...] = ()
+    madvise = run.section("madvise", _probe_madvise, no_advice)
     memfd = run.section("memfd", lambda: ProbeOutcome.from_result(lib.vr_probe_memfd()), _FAILED)
     psi = run.section("psi", _probe_psi, PsiReport(_FAILED, _FAILED, None, None))
     cgroup = run.section("cgroup", _probe_cgroup, CgroupReport("none", None, None, None, None))
     backends = run.section(
         "backends",
         lambda: _assess_backends(uffd, madvise, memfd),
-        (BackendSupport("uffd", False, "assessment failed"),
-         BackendSupport("sigbus", False, "assessment failed")),
+        tuple(BackendSupport(name, False, "assessment failed") for name in ("uffd", "sigbus")),
     )
     auto_backend, auto_reason = _choose_auto(backends)
     return Features(

@@ -109,17 +109,20 @@ def run(quick: bool = False) -> tuple[list[BenchResult], float]:
     backends = [name for name in ("uffd", "sigbus") if features().backend(name).usable]
     for chunk_size in (PAGE, 64 * 1024):
         for backend in backends:
-            results.append(_measure(
-                "native Zeros", lambda n, c, b=backend: Region(n, Zeros(), backend=b, chunk_size=c),
-                chunk_size, native_length, False, "no GIL, " + _native_context(backend), repeats))
-            results.append(_measure(
-                "Python regenerator",
-                lambda n, c, b=backend: Region(n, _python_regenerator(c), backend=b, chunk_size=c),
-                chunk_size, python_length, False, "no GIL, " + _python_context(backend), repeats))
-            results.append(_measure(
-                "Python regenerator",
-                lambda n, c, b=backend: Region(n, _python_regenerator(c), backend=b, chunk_size=c),
-                chunk_size, python_length, True, "GIL held, faulting thread", repeats))
+            def native(size: int, chunk: int, name: str = backend) -> Region:
+                return Region(size, Zeros(), backend=name, chunk_size=chunk)
+
+            def python(size: int, chunk: int, name: str = backend) -> Region:
+                return Region(size, _python_regenerator(chunk), backend=name, chunk_size=chunk)
+
+            results += [
+                _measure("native Zeros", native, chunk_size, native_length, False,
+                         "no GIL, " + _native_context(backend), repeats),
+                _measure("Python regenerator", python, chunk_size, python_length, False,
+                         "no GIL, " + _python_context(backend), repeats),
+                _measure("Python regenerator", python, chunk_size, python_length, True,
+                         "GIL held, faulting thread", repeats),
+            ]
     probe_times = []
     for _ in range(5):
         started = time.perf_counter()

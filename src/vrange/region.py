@@ -11,7 +11,7 @@ import threading
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Union, overload
+from typing import Any, Literal, Union, cast, overload
 
 from ._backends import resolve_backend
 from ._backends._base import BackendRegion, RegionStats
@@ -92,6 +92,15 @@ class Region(mmap.mmap):
     """
 
     _core: BackendRegion
+    _closed: bool
+    _backend_name: str
+    _chunk_size: int
+    _regenerate: Regenerator
+    _on_error: ErrorPolicy
+    _failures: collections.deque[tuple[int, int, BaseException]]
+    _failure_count: int
+    _state_lock: threading.Lock
+    _address: int
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> Region:
@@ -124,8 +133,7 @@ class Region(mmap.mmap):
         self._chunk_size = chunk
         self._regenerate = regenerate
         self._on_error = policy
-        self._failures: collections.deque[tuple[int, int, BaseException]] = collections.deque(
-            maxlen=MAX_KEPT_FAILURES)
+        self._failures = collections.deque(maxlen=MAX_KEPT_FAILURES)
         self._failure_count = 0
         self._state_lock = threading.Lock()
         pointer = ffi.from_buffer(self)
@@ -171,12 +179,8 @@ class Region(mmap.mmap):
         self._check_open()
         return self._address
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self)} bytes"
+        state = "closed" if self._closed else f"{mmap.mmap.__len__(self)} bytes"
         return (f"<vrange.Region {state}, backend={self._backend_name!r}, "
                 f"chunk_size={self._chunk_size}>")
 
@@ -362,7 +366,7 @@ class Region(mmap.mmap):
         """
         view = memoryview(ffi.buffer(buffer, length))
         try:
-            self._regenerate(offset, view)  # type: ignore[operator]
+            cast(Callable[[int, memoryview], object], self._regenerate)(offset, view)
             return 0
         except BaseException as error:  # noqa: BLE001 - recorded, reported by policy
             # Keep the traceback as text: its frames would keep their callers alive, and with them

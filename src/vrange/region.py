@@ -29,6 +29,7 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 docs/benchmarks.md)."""
 
 MAX_KEPT_FAILURES = 64
+CLOSE_TIMEOUT_MS = 5000
 SIGBUS_MAX_CHUNKS = 8192
 """The sigbus backend keeps each refilled chunk in a mapping of its own (mremap), so it uses at most
 this many chunks per region (a larger chunk_size for regions over 512 MiB at 64 KiB) to stay far
@@ -397,7 +398,16 @@ class Region(mmap.mmap):
         if self._closed:
             return
         with self._state_lock:
-            mmap.mmap.close(self)  # BufferError here leaves the region fully working
+            if self._closed:
+                return
+            # Wait for regenerations in flight first: once unmapped, the address may belong to
+            # another mapping, and a late regeneration must not write there.
+            self._core.quiesce(CLOSE_TIMEOUT_MS)
+            try:
+                mmap.mmap.close(self)
+            except BufferError:  # exported (a memoryview, a numpy array): the region stays open
+                self._core.resume()
+                raise
             self._closed = True
             with _live_regions_lock:
                 _live_regions.pop(self._address, None)

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._native import ffi, lib
-from ..errors import check
+from ..errors import VRangeError, check
 
 
-@ffi.def_extern()
+@ffi.def_extern(error=-1)
 def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int) -> int:
     """Called from C (a uffd worker, or a signal handler on the faulting thread) with the GIL,
-    which cffi takes if the calling thread does not hold it. Must not raise."""
+    which cffi takes if the calling thread does not hold it. An exception escaping here (it should
+    not) makes cffi print it and return -1: a failure, never success with an unfilled buffer."""
     owner = ffi.from_handle(python_handle)
     return int(owner.run_regenerator(offset, buffer, length))
 
@@ -83,6 +84,19 @@ class BackendRegion(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Called after the mapping is gone."""
+
+    @abc.abstractmethod
+    def resume(self) -> None:
+        """close() could not unmap (the region is exported): open the region again."""
+
+    def quiesce(self, timeout_ms: int) -> None:
+        """Before unmapping: start no new regeneration and wait for the running ones, so nothing
+        is written at this address once another mapping may take it."""
+        if lib.vr_region_quiesce(self.pointer, timeout_ms) < 0:
+            self.resume()
+            raise VRangeError(
+                f"close() waited {timeout_ms / 1000:.0f} s for a regenerator of this region to "
+                "finish (is close() called from inside it?); the region stays open")
 
     def after_fork_in_child(self) -> None:
         """Make the region work in a forked child (called for every live region)."""

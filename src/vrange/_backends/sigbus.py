@@ -87,6 +87,9 @@ class SigbusRegion(BackendRegion):
         return check(int(lib.vr_sigbus_purge(self.pointer, first_chunk, end_chunk)),
                      "purge the range (map the trap over it)")
 
+    def resume(self) -> None:
+        lib.vr_sigbus_resume(self.pointer)
+
     def close(self) -> None:
         if self.pointer == ffi.NULL:
             return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import signal
@@ -21,7 +20,8 @@ FAULT_SIGNAL = signal.SIGRTMIN + 6
 
 
 class _Handler:
-    """The process's fault handler: one userfaultfd, one C thread, a pool of GIL-taking workers."""
+    """The process's fault handler: one userfaultfd, one C thread, a pool of GIL-taking workers.
+    It lives as long as the process (a forked child makes its own)."""
 
     def __init__(self) -> None:
         out = ffi.new("vr_handler **")
@@ -34,8 +34,13 @@ class _Handler:
                           f"(is signal {FAULT_SIGNAL} used by other code in this process?)")
         self.pid = os.getpid()
 
-    def stop(self) -> None:
-        lib.vr_handler_stop(self.pointer)
+    def ensure_signal(self) -> None:
+        """Take the fault signal back if other code replaced vrange's handler since."""
+        if lib.vr_handler_signal_is_ours(self.pointer) == 1:
+            return
+        logger.warning("vrange: the handler of signal %d (SIGRTMIN+6) was replaced; "
+                       "re-installing vrange's", FAULT_SIGNAL)
+        check(lib.vr_fault_signal_install(FAULT_SIGNAL, 1), "re-install the fault signal handler")
 
 
 _handler: _Handler | None = None
@@ -51,6 +56,7 @@ def _get_handler() -> _Handler:
     with _handler_lock:
         if _handler is None:
             _handler = _Handler()
+        _handler.ensure_signal()
         return _handler
 
 
@@ -86,13 +92,7 @@ def _after_fork_in_child() -> None:
                          os.strerror(-result))
 
 
-def _stop_at_exit() -> None:
-    if _handler is not None and _handler.pid == os.getpid():
-        _handler.stop()
-
-
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_stop_at_exit)
 
 
 class UffdRegion(BackendRegion):
@@ -130,6 +130,9 @@ class UffdRegion(BackendRegion):
     def purge(self, first_chunk: int, end_chunk: int) -> int:
         return check(int(lib.vr_region_purge(self.pointer, first_chunk, end_chunk)),
                      "purge the range (MADV_DONTNEED)")
+
+    def resume(self) -> None:
+        lib.vr_region_resume(self.pointer)
 
     def close(self) -> None:
         if self.pointer == ffi.NULL:

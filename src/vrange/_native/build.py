@@ -81,14 +81,17 @@ extern "Python+C" int vr_python_regenerate(void *python_handle, uint64_t offset,
 
 int vr_handler_new(int signal_number, vr_handler **out);
 int vr_handler_start(vr_handler *handler);
-int vr_handler_stop(vr_handler *handler);
 void vr_handler_free(vr_handler *handler);
+int vr_handler_signal_is_ours(vr_handler *handler);
+int vr_fault_signal_install(int signal_number, int force);
+int vr_region_quiesce(vr_region *region, int timeout_ms);
 
 int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out);
 int vr_region_register(vr_region *region);
 int vr_region_close(vr_region *region);
+int vr_region_resume(vr_region *region);
 int vr_region_references(vr_region *region);
 void vr_region_release(vr_region *region);
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
@@ -110,6 +113,7 @@ int vr_sigbus_handler_is_ours(void);
 void vr_sigbus_python_finalized(void);
 int vr_sigbus_attach(vr_region *region);
 int vr_sigbus_detach(vr_region *region);
+void vr_sigbus_resume(vr_region *region);
 int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "region.h"
@@ -114,6 +115,44 @@ void vr_abort_for_policy(void)
         "vrange: a regenerator failed and the region's error policy is 'abort'\n";
     (void)!write(STDERR_FILENO, message, sizeof message - 1);
     abort();
+}
+
+void vr_pause_briefly(void)
+{
+    struct timespec step = { .tv_sec = 0, .tv_nsec = 50000 };
+    nanosleep(&step, NULL);
+}
+
+static int64_t monotonic_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+/* Before unmapping: stop starting regenerations of this region and wait until none is running,
+ * so nothing is ever written at this address once the mapping is gone (another mapping may take
+ * the address at once). Called with the GIL released. -ETIMEDOUT: one is still running (it may be
+ * the caller's own regenerator); the region is then open again. */
+int vr_region_quiesce(vr_region *region, int timeout_ms)
+{
+    __atomic_store_n(&region->closing, VR_CLOSING, __ATOMIC_SEQ_CST);
+    /* Pairs with the fence after a fault handler claims a chunk: either we see its IN_FLIGHT, or
+     * it sees CLOSING and backs off (a store-then-load on both sides needs a full fence). */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int64_t deadline = monotonic_ms() + timeout_ms;
+    for (size_t chunk = 0; chunk < region->chunk_count;) {
+        if (!(vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)) {
+            chunk++;
+            continue;
+        }
+        if (monotonic_ms() > deadline) {
+            __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
+            return -ETIMEDOUT;
+        }
+        vr_pause_briefly();
+    }
+    return 0;
 }
 
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)

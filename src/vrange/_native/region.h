@@ -51,7 +51,11 @@ struct vr_region {
     vr_handler *handler; /* uffd backend */
     int trap_fd;         /* sigbus backend: the empty memfd mapped over missing chunks */
     pid_t *owners;       /* the thread regenerating each in-flight chunk (Python regenerators) */
+    int closing;         /* VR_OPEN, VR_CLOSING (draining before unmap), VR_CLOSED */
+    int active;          /* sigbus backend: signal handlers inside this region now */
 };
+
+enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
 
 /* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
  * offset. Takes the GIL itself (a no-op when the calling thread holds it). 0 or -1. */
@@ -89,6 +93,8 @@ size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 void vr_abort_for_policy(void) __attribute__((noreturn));
+int vr_region_quiesce(vr_region *region, int timeout_ms);
+void vr_pause_briefly(void);
 int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
                                  uint8_t *purged_out);
 int vr_region_chunk_states(vr_region *region, uint8_t *states_out);
@@ -101,6 +107,7 @@ int vr_sigbus_handler_is_ours(void);
 void vr_sigbus_python_finalized(void);
 int vr_sigbus_attach(vr_region *region);
 int vr_sigbus_detach(vr_region *region);
+void vr_sigbus_resume(vr_region *region);
 int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk);

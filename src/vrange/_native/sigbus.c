@@ -33,31 +33,42 @@
 
 #define VR_SIGBUS_MAX_REGIONS 4096
 #define GRACE_PERIOD_TIMEOUT_NS (5LL * 1000 * 1000 * 1000)
-#define WAIT_STEP_NS 50000
 
 static vr_region *regions[VR_SIGBUS_MAX_REGIONS];
 static int regions_high_water;
-static int handlers_running;
+/* Handlers between reading the table and taking a reference on the region they found. */
+static int lookups_running;
 static int python_finalized;
-static struct sigaction previous_action;
+/* The action replaced by ours, double-buffered: a re-install writes the other slot and then flips
+ * the index, so a handler running meanwhile never reads a half-written struct. */
+static struct sigaction previous_actions[2];
+static int previous_index;
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
-static void pause_briefly(void)
+static int64_t monotonic_ns(void)
 {
-    struct timespec step = { .tv_sec = 0, .tv_nsec = WAIT_STEP_NS };
-    nanosleep(&step, NULL);
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
 }
 
-static vr_region *find_region(uintptr_t address)
+/* The region containing `address`, with `active` raised (the caller lowers it), or NULL. */
+static vr_region *enter_region(uintptr_t address)
 {
+    vr_region *found = NULL;
+    __atomic_fetch_add(&lookups_running, 1, __ATOMIC_ACQ_REL);
     int high = __atomic_load_n(&regions_high_water, __ATOMIC_ACQUIRE);
     for (int i = 0; i < high; i++) {
         vr_region *region = __atomic_load_n(&regions[i], __ATOMIC_ACQUIRE);
-        if (region && address >= region->base && address < region->base + region->size)
-            return region;
+        if (region && address >= region->base && address < region->base + region->size) {
+            __atomic_fetch_add(&region->active, 1, __ATOMIC_ACQ_REL);
+            found = region;
+            break;
+        }
     }
-    return NULL;
+    __atomic_fetch_sub(&lookups_running, 1, __ATOMIC_ACQ_REL);
+    return found;
 }
 
 static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
@@ -67,11 +78,13 @@ static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
     if (end > region->size)
         end = region->size;
     size_t length = end - first_chunk * region->chunk_size;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
-        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
     void *mapped = mmap((void *)start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                         region->trap_fd, (off_t)(first_chunk * region->chunk_size));
-    return mapped == MAP_FAILED ? -errno : 0;
+    if (mapped == MAP_FAILED)
+        return -errno; /* the chunks keep their data and their state */
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
+    return 0;
 }
 
 /* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
@@ -132,7 +145,7 @@ static void wait_for_chunk(vr_region *region, size_t chunk)
     if (PyGILState_Check())
         saved = PyEval_SaveThread();
     while (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
-        pause_briefly();
+        vr_pause_briefly();
     if (saved)
         PyEval_RestoreThread(saved);
 }
@@ -151,6 +164,16 @@ static void note_refill(vr_region *region, size_t chunk)
  * with SIGBUS unless that handler says otherwise). */
 static int serve_fault(vr_region *region, uintptr_t address)
 {
+    if (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_CLOSING) {
+        /* close() is draining: start nothing new. Wait (without the GIL) until the region is open
+         * again or unmapped; the access then restarts (and faults as on any unmapped address). */
+        PyThreadState *saved = PyGILState_Check() ? PyEval_SaveThread() : NULL;
+        while (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_CLOSING)
+            vr_pause_briefly();
+        if (saved)
+            PyEval_RestoreThread(saved);
+        return 1;
+    }
     size_t chunk = (address - region->base) / region->chunk_size;
     uint8_t state = vr_chunk_load(region, chunk);
     if (state & VR_CHUNK_POISONED)
@@ -163,8 +186,10 @@ static int serve_fault(vr_region *region, uintptr_t address)
         wait_for_chunk(region, chunk);
         return 1;
     }
-    if (!(vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED)) {
-        release_chunk(region, chunk);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+    if (!(vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) ||
+        __atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
+        release_chunk(region, chunk); /* installed meanwhile, or closing: restart the access */
         return 1;
     }
     note_refill(region, chunk);
@@ -212,13 +237,17 @@ static void chain_to_previous(int signal_number, siginfo_t *info, void *context)
         take_default_action(signal_number, info);
         return;
     }
+    const struct sigaction *previous =
+        &previous_actions[__atomic_load_n(&previous_index, __ATOMIC_ACQUIRE)];
     chain_depth++;
-    if (previous_action.sa_flags & SA_SIGINFO)
-        previous_action.sa_sigaction(signal_number, info, context);
-    else if (previous_action.sa_handler == SIG_DFL || previous_action.sa_handler == SIG_IGN)
-        take_default_action(signal_number, info);
+    if (previous->sa_flags & SA_SIGINFO)
+        previous->sa_sigaction(signal_number, info, context);
+    else if (previous->sa_handler == SIG_IGN && info->si_code <= 0)
+        ; /* a sent SIGBUS that was ignored before vrange: still ignored */
+    else if (previous->sa_handler == SIG_DFL || previous->sa_handler == SIG_IGN)
+        take_default_action(signal_number, info); /* a real fault cannot be ignored */
     else
-        previous_action.sa_handler(signal_number);
+        previous->sa_handler(signal_number);
     chain_depth--;
 }
 
@@ -229,14 +258,14 @@ static void sigbus_handler(int signal_number, siginfo_t *info, void *context)
 {
     int saved_errno = errno;
     handler_depth++;
-    __atomic_fetch_add(&handlers_running, 1, __ATOMIC_ACQ_REL);
     int handled = 0;
     if (info->si_code == BUS_ADRERR) {
-        vr_region *region = find_region((uintptr_t)info->si_addr);
-        if (region)
+        vr_region *region = enter_region((uintptr_t)info->si_addr);
+        if (region) {
             handled = serve_fault(region, (uintptr_t)info->si_addr);
+            __atomic_fetch_sub(&region->active, 1, __ATOMIC_ACQ_REL);
+        }
     }
-    __atomic_fetch_sub(&handlers_running, 1, __ATOMIC_ACQ_REL);
     handler_depth--;
     if (!handled)
         chain_to_previous(signal_number, info, context);
@@ -259,7 +288,9 @@ int vr_sigbus_install(void)
      * SA_ONSTACK: a Python regenerator needs the thread's real stack, not a small alternate one. */
     action.sa_flags = SA_SIGINFO | SA_NODEFER;
     sigemptyset(&action.sa_mask);
-    previous_action = current;
+    int next = 1 - __atomic_load_n(&previous_index, __ATOMIC_ACQUIRE);
+    previous_actions[next] = current;
+    __atomic_store_n(&previous_index, next, __ATOMIC_RELEASE);
     if (sigaction(SIGBUS, &action, NULL) < 0)
         return -errno;
     return 0;
@@ -300,10 +331,11 @@ int vr_sigbus_attach(vr_region *region)
 }
 
 /* After the mapping is gone: leave the table, then wait for the handlers that may have found this
- * region to finish. -EBUSY if they did not within 5 s (a handler is stuck, or this is called from a
- * regenerator): the caller must then never free the region. */
+ * region to leave it. -EBUSY if they did not within 5 s (a handler is stuck in a regenerator), or
+ * when called from inside a handler: the caller must then never free the region. */
 int vr_sigbus_detach(vr_region *region)
 {
+    __atomic_store_n(&region->closing, VR_CLOSED, __ATOMIC_RELEASE);
     if (region->registered) {
         for (int i = 0; i < VR_SIGBUS_MAX_REGIONS; i++) {
             vr_region *expected = region;
@@ -319,13 +351,22 @@ int vr_sigbus_detach(vr_region *region)
     }
     if (handler_depth > 0)
         return -EBUSY; /* called from inside a handler (a regenerator): waiting would wait on us */
-    for (long long waited = 0; __atomic_load_n(&handlers_running, __ATOMIC_ACQUIRE) > 0;
-         waited += WAIT_STEP_NS) {
-        if (waited >= GRACE_PERIOD_TIMEOUT_NS)
+    /* Lookups are short (no blocking inside): once none runs, no handler can still find us. */
+    while (__atomic_load_n(&lookups_running, __ATOMIC_ACQUIRE) > 0)
+        vr_pause_briefly();
+    int64_t deadline = monotonic_ns() + GRACE_PERIOD_TIMEOUT_NS;
+    while (__atomic_load_n(&region->active, __ATOMIC_ACQUIRE) > 0) {
+        if (monotonic_ns() > deadline)
             return -EBUSY;
-        pause_briefly();
+        vr_pause_briefly();
     }
     return 0;
+}
+
+/* close() found the region still exported: open it again. */
+void vr_sigbus_resume(vr_region *region)
+{
+    __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
 }
 
 /* Discard the volatile chunks that hold data; returns the bytes freed. */
@@ -395,9 +436,12 @@ int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
     return first_error;
 }
 
-/* In a forked child: threads that were regenerating in the parent do not exist here. */
+/* In a forked child: threads that were in a handler or regenerating in the parent do not exist
+ * here (call for every live region). */
 void vr_sigbus_after_fork(vr_region *region)
 {
+    __atomic_store_n(&lookups_running, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&region->active, 0, __ATOMIC_RELEASE);
     for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
         if (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
             release_chunk(region, chunk);

@@ -29,13 +29,22 @@
 
 enum vr_job_verdict { VR_VERDICT_PENDING = 0, VR_VERDICT_DONE = 1, VR_VERDICT_NOT_MINE = 2 };
 
+/* A job regenerates a chunk, or (WAIT) asks a thread that faulted on a chunk being regenerated to
+ * wait in its signal handler with the GIL released: a thread holding the GIL must not wait in the
+ * kernel while the regenerator may need the GIL. */
+enum vr_job_kind { VR_JOB_REGENERATE = 0, VR_JOB_WAIT = 1 };
+
 typedef struct vr_job vr_job;
 struct vr_job {
     uint32_t magic; /* checked by the signal handler: a queued signal may come from elsewhere */
     vr_region *region;
     size_t chunk_index;
     pid_t faulting_tid;
+    int kind;
     int verdict; /* written by the signal handler, read by the handler thread */
+    int started; /* the signal handler has begun: never hand this job to a worker too */
+    int64_t signalled_at_ms;
+    uint64_t user_sp, user_pc; /* where the thread was stopped, from /proc/self/task/<tid>/syscall */
     char *buffer;
     vr_job *next;
 };
@@ -44,18 +53,14 @@ struct vr_handler {
     int uffd;
     int wake_fd; /* eventfd: signal verdicts and shutdown */
     int signal_number;
-    int stopping;
     pthread_t thread;
-    int thread_started;
-    pid_t owner_pid;
     pthread_mutex_t lock; /* regions, jobs, queue, worker counts */
     vr_region **regions;
     size_t region_count, region_capacity;
     vr_job *signalled; /* jobs sent to faulting threads, awaiting a verdict */
     vr_job *queue_head, *queue_tail; /* jobs for the workers */
     pthread_cond_t work_ready;
-    int workers_total, workers_idle;
-    pthread_t workers[VR_MAX_WORKERS];
+    int workers_total, workers_idle, wakeups;
     char *staging; /* handler thread only: native fills */
     size_t staging_size;
     uint64_t features;
@@ -64,13 +69,14 @@ struct vr_handler {
 /* uffd_handler.c */
 int vr_handler_new(int signal_number, vr_handler **out);
 int vr_handler_start(vr_handler *handler);
-int vr_handler_stop(vr_handler *handler);
 void vr_handler_free(vr_handler *handler);
+int vr_handler_signal_is_ours(vr_handler *handler);
 void vr_handler_notify_verdict(vr_handler *handler);
 
 /* uffd_region.c */
 int vr_region_register(vr_region *region);
 int vr_region_close(vr_region *region);
+int vr_region_resume(vr_region *region);
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
@@ -86,6 +92,7 @@ void vr_fail_page(vr_region *region, uintptr_t address);
 void vr_run_python_job(vr_job *job, int on_faulting_thread);
 
 /* fault_signal.c */
-int vr_fault_signal_install(int signal_number);
+int vr_fault_signal_install(int signal_number, int force);
+int vr_fault_signal_is_ours(int signal_number);
 
 #endif /* VRANGE_UFFD_BACKEND_H */

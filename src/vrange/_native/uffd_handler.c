@@ -3,7 +3,11 @@
  *
  * GIL: the handler thread never takes it (so it can always read the next event, including the one
  * from a thread that holds the GIL and is frozen in a fault). Workers take it only inside
- * vr_python_regenerate (cffi's extern "Python" wrapper does PyGILState_Ensure). */
+ * vr_python_regenerate (cffi's extern "Python" wrapper does PyGILState_Ensure).
+ *
+ * Lifetime: the handler lives as long as the process (it is never stopped: at interpreter exit a
+ * thread may still fault, and a running handler serves it or fails it; process exit ends every
+ * thread). A forked child gets a handler of its own. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -20,7 +25,17 @@
 #include "uffd_backend.h"
 
 #define EVENT_BATCH 16
-#define WORKER_STOP_TIMEOUT_S 2
+/* A regeneration job whose signal was not picked up in this time goes to a worker (the signal was
+ * lost: its disposition was changed behind our back). */
+#define SIGNAL_PICKUP_TIMEOUT_MS 1000
+#define VERDICT_POLL_MS 100
+
+static int64_t monotonic_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
 
 int vr_handler_new(int signal_number, vr_handler **out)
 {
@@ -29,7 +44,6 @@ int vr_handler_new(int signal_number, vr_handler **out)
         return -ENOMEM;
     handler->uffd = handler->wake_fd = -1;
     handler->signal_number = signal_number;
-    handler->owner_pid = getpid();
     int rc = vr_uffd_open_syscall(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
     if (rc < 0)
         rc = vr_uffd_open_dev(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
@@ -62,6 +76,17 @@ static void notify(vr_handler *handler)
     (void)!write(handler->wake_fd, &one, sizeof one);
 }
 
+/* The signal handler's way to tell the handler thread a verdict is ready (async-signal-safe). */
+void vr_handler_notify_verdict(vr_handler *handler) { notify(handler); }
+
+static void set_fault_signal_mask(const vr_handler *handler, int how)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, handler->signal_number);
+    pthread_sigmask(how, &mask, NULL);
+}
+
 /* --- where is the faulting thread? ------------------------------------------------------------ */
 
 static ssize_t read_proc_task_file(pid_t tid, const char *name, char *buffer, size_t size)
@@ -81,13 +106,22 @@ static ssize_t read_proc_task_file(pid_t tid, const char *name, char *buffer, si
 /* True if the thread is stopped in a user-mode access (not in a syscall) and does not block our
  * signal: only then may a signal be sent. A signal interrupting a fault taken inside a syscall
  * would make that syscall fail with EFAULT or a short count. */
-static int can_signal_thread(vr_handler *handler, pid_t tid)
+static int can_signal_thread(vr_handler *handler, pid_t tid, vr_job *job)
 {
     char text[512];
-    if (read_proc_task_file(tid, "syscall", text, sizeof text) <= 0)
+    if (tid <= 0 || read_proc_task_file(tid, "syscall", text, sizeof text) <= 0)
         return 0;
     if (strncmp(text, "-1 ", 3) != 0)
         return 0; /* a syscall number, or "running": not a user-mode fault */
+    /* "-1 <user sp> <user pc>": the signal handler checks it interrupted the thread right there. */
+    char *end = NULL;
+    job->user_sp = strtoull(text + 3, &end, 16);
+    job->user_pc = strtoull(end, NULL, 16);
+    /* And blocked in a userfault right now: the event may be stale (the thread was woken and has
+     * moved on), and a signal must never land in arbitrary code (it may hold the GIL's mutex). */
+    if (read_proc_task_file(tid, "wchan", text, sizeof text) <= 0 ||
+        strcmp(text, "handle_userfault") != 0)
+        return 0;
     char status[4096];
     if (read_proc_task_file(tid, "status", status, sizeof status) <= 0)
         return 0;
@@ -98,27 +132,31 @@ static int can_signal_thread(vr_handler *handler, pid_t tid)
     return !(mask >> (handler->signal_number - 1) & 1);
 }
 
-/* --- jobs ----------------------------------------------------------------------------------------- */
-
-static void set_fault_signal_mask(const vr_handler *handler, int how)
+static int page_present(const vr_region *region, uintptr_t address)
 {
-    sigset_t mask;
-    sigemptyset(&mask);
-    sigaddset(&mask, handler->signal_number);
-    pthread_sigmask(how, &mask, NULL);
+    unsigned char resident = 0;
+    uintptr_t page = address & ~(uintptr_t)(region->page_size - 1);
+    return mincore((void *)page, region->page_size, &resident) == 0 && (resident & 1);
 }
 
-static vr_job *job_new(vr_region *region, size_t chunk_index, pid_t tid)
+/* --- jobs ----------------------------------------------------------------------------------------- */
+
+static vr_job *job_new(vr_region *region, size_t chunk_index, pid_t tid, int kind)
 {
     vr_job *job = calloc(1, sizeof *job);
     if (!job)
         return NULL;
-    job->buffer = malloc(region->chunk_size);
-    if (!job->buffer) {
-        free(job);
-        return NULL;
+    if (kind == VR_JOB_REGENERATE) {
+        /* Zeroed: should a regenerator ever be reported as successful without filling it, the
+         * region gets zeros rather than another allocation's leftovers. */
+        job->buffer = calloc(1, region->chunk_size);
+        if (!job->buffer) {
+            free(job);
+            return NULL;
+        }
     }
     job->magic = VR_JOB_MAGIC;
+    job->kind = kind;
     job->region = region;
     job->chunk_index = chunk_index;
     job->faulting_tid = tid;
@@ -164,14 +202,14 @@ static void *worker_main(void *arg)
     set_fault_signal_mask(handler, SIG_UNBLOCK);
     pthread_mutex_lock(&handler->lock);
     for (;;) {
-        while (!handler->queue_head && !handler->stopping) {
-            handler->workers_idle++;
-            pthread_cond_wait(&handler->work_ready, &handler->lock);
-            handler->workers_idle--;
-        }
         vr_job *job = handler->queue_head;
-        if (!job)
-            break; /* stopping, and nothing left to do */
+        if (!job) {
+            handler->workers_idle++;
+            while (handler->wakeups == 0)
+                pthread_cond_wait(&handler->work_ready, &handler->lock);
+            handler->wakeups--; /* the enqueuer already took us off the idle count */
+            continue;
+        }
         handler->queue_head = job->next;
         if (!handler->queue_head)
             handler->queue_tail = NULL;
@@ -180,11 +218,12 @@ static void *worker_main(void *arg)
         job_free(job);
         pthread_mutex_lock(&handler->lock);
     }
-    pthread_mutex_unlock(&handler->lock);
     return NULL;
 }
 
-/* Called with the lock held. */
+/* Called with the lock held. Every queued job gets a worker of its own (an idle one, reserved at
+ * once, or a new one): a busy worker may be inside a regenerator whose syscall waits on this very
+ * job (it touches another region), so a job must never wait behind a busy worker. */
 static void queue_for_worker(vr_handler *handler, vr_job *job)
 {
     job->next = NULL;
@@ -193,29 +232,46 @@ static void queue_for_worker(vr_handler *handler, vr_job *job)
     else
         handler->queue_head = job;
     handler->queue_tail = job;
-    /* Every worker may be busy inside a regenerator that waits on this very job (a regenerator
-     * whose syscall touches another region): add a worker rather than wait. */
-    if (handler->workers_idle == 0 && handler->workers_total < VR_MAX_WORKERS &&
-        !__atomic_load_n(&handler->stopping, __ATOMIC_ACQUIRE)) {
-        if (pthread_create(&handler->workers[handler->workers_total], NULL, worker_main, handler) == 0)
-            handler->workers_total++;
-        else if (handler->workers_total == 0) {
-            static const char message[] = "vrange: cannot start a regenerator worker thread\n";
-            (void)!write(STDERR_FILENO, message, sizeof message - 1);
-        }
+    if (handler->workers_idle > 0) {
+        handler->workers_idle--;
+        handler->wakeups++;
+        pthread_cond_signal(&handler->work_ready);
+        return;
     }
-    pthread_cond_signal(&handler->work_ready);
+    if (handler->workers_total >= VR_MAX_WORKERS)
+        return; /* all busy: the job waits for the first to finish */
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, worker_main, handler) != 0) {
+        static const char message[] = "vrange: cannot start a regenerator worker thread\n";
+        (void)!write(STDERR_FILENO, message, sizeof message - 1);
+        return;
+    }
+    pthread_detach(thread);
+    handler->workers_total++;
 }
 
-/* Handler thread: collect verdicts of signalled threads. "Not mine" goes to a worker. */
+/* Handler thread: collect verdicts of signalled threads. "Not mine" goes to a worker, and so does a
+ * regeneration whose signal was never picked up. */
 static void collect_verdicts(vr_handler *handler)
 {
+    int64_t now = monotonic_ms();
     pthread_mutex_lock(&handler->lock);
     vr_job **link = &handler->signalled;
     while (*link) {
         vr_job *job = *link;
         int verdict = __atomic_load_n(&job->verdict, __ATOMIC_ACQUIRE);
         if (verdict == VR_VERDICT_PENDING) {
+            if (job->kind == VR_JOB_REGENERATE && !__atomic_load_n(&job->started, __ATOMIC_ACQUIRE) &&
+                now - job->signalled_at_ms > SIGNAL_PICKUP_TIMEOUT_MS) {
+                /* The job stays listed (the signal may still arrive and use it); a copy goes to a
+                 * worker. Both may regenerate; UFFDIO_COPY never overwrites, so that is safe. */
+                vr_job *copy = job_new(job->region, job->chunk_index, job->faulting_tid,
+                                       VR_JOB_REGENERATE);
+                if (copy) {
+                    __atomic_store_n(&job->started, 1, __ATOMIC_RELEASE); /* requeue only once */
+                    queue_for_worker(handler, copy);
+                }
+            }
             link = &job->next;
             continue;
         }
@@ -250,20 +306,44 @@ static int ensure_staging(vr_handler *handler, size_t size)
     return 0;
 }
 
+/* Called with the lock held: send the job to the faulting thread. 0 if sent. */
+static int signal_job(vr_handler *handler, vr_job *job)
+{
+    job->next = handler->signalled;
+    handler->signalled = job;
+    job->signalled_at_ms = monotonic_ms();
+    siginfo_t info;
+    memset(&info, 0, sizeof info);
+    info.si_signo = handler->signal_number;
+    info.si_code = SI_QUEUE;
+    info.si_pid = getpid();
+    info.si_uid = getuid();
+    info.si_value.sival_ptr = job;
+    if (syscall(SYS_rt_tgsigqueueinfo, getpid(), job->faulting_tid, handler->signal_number, &info)
+        == 0)
+        return 0;
+    handler->signalled = job->next; /* the thread is gone or unreachable */
+    return -1;
+}
+
+static void wake_page(vr_handler *handler, uintptr_t address)
+{
+    struct uffdio_range range = { .start = address & ~(uintptr_t)4095, .len = 4096 };
+    (void)ioctl(handler->uffd, UFFDIO_WAKE, &range);
+}
+
 static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
 {
     pthread_mutex_lock(&handler->lock);
     vr_region *region = find_region(handler, address);
     if (!region) {
         pthread_mutex_unlock(&handler->lock);
-        /* A region closed while this event was queued: let the thread re-fault (SIGSEGV). */
-        struct uffdio_range range = { .start = address & ~(uintptr_t)4095, .len = 4096 };
-        (void)ioctl(handler->uffd, UFFDIO_WAKE, &range);
+        wake_page(handler, address); /* closed while this event was queued: it re-faults (SIGSEGV) */
         return;
     }
     size_t chunk = (address - region->base) / region->chunk_size;
-    uint8_t before = __atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_IN_FLIGHT, __ATOMIC_ACQ_REL);
-    if (before & VR_CHUNK_IN_FLIGHT) {
+    uint8_t state = vr_chunk_load(region, chunk);
+    if (state & VR_CHUNK_IN_FLIGHT) {
         if (tid > 0 && region->owners[chunk] == tid) {
             /* The regenerator of this chunk reads the chunk itself: it would wait for ever. */
             vr_region_ref(region);
@@ -272,20 +352,44 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
             vr_region_unref(region);
             return;
         }
-        /* Someone is regenerating this chunk; its UFFDIO_COPY wakes this thread too. */
+        /* Someone is regenerating this chunk; clearing IN_FLIGHT and then UFFDIO_WAKE wakes this
+         * thread too. If it may hold the GIL (a user-mode access), it must not wait in the kernel:
+         * the regenerator may need the GIL. Ask it to wait in its signal handler without it. */
+        if (region->source_kind == VR_SOURCE_PYTHON) {
+            vr_job *wait = job_new(region, chunk, tid, VR_JOB_WAIT);
+            if (wait && !(can_signal_thread(handler, tid, wait) && signal_job(handler, wait) == 0))
+                job_free(wait);
+        }
         pthread_mutex_unlock(&handler->lock);
         return;
     }
-    if (before & VR_CHUNK_MATERIALIZED) {
-        /* It was filled before and is missing again: the kernel discarded it. */
-        uint8_t old = __atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_PURGED, __ATOMIC_ACQ_REL);
-        if (!(old & VR_CHUNK_PURGED))
-            __atomic_fetch_add(&region->stats.purges, 1, __ATOMIC_RELAXED);
-    }
-    if (region->source_kind != VR_SOURCE_PYTHON) {
-        vr_region_ref(region);
+    if ((state & VR_CHUNK_MATERIALIZED) && page_present(region, address)) {
+        /* A stale event: the page was filled after this fault was queued (two threads touched it
+         * at once). Nothing was purged; just wake the thread. */
         pthread_mutex_unlock(&handler->lock);
-        __atomic_fetch_add(&region->stats.faults_on_handler_thread, 1, __ATOMIC_RELAXED);
+        wake_page(handler, address);
+        return;
+    }
+    /* Only this thread sets IN_FLIGHT on uffd regions, under the lock. */
+    vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
+        /* Closing: start nothing new. The thread waits until the region opens again or is
+         * unmapped; both wake the whole range. */
+        vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+        pthread_mutex_unlock(&handler->lock);
+        return;
+    }
+    if (state & VR_CHUNK_MATERIALIZED) {
+        /* It was filled before and is missing again: the kernel (or purge) discarded it. */
+        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
+        if (!(before & VR_CHUNK_PURGED))
+            vr_stat_add(&region->stats.purges, 1);
+    }
+    vr_region_ref(region);
+    if (region->source_kind != VR_SOURCE_PYTHON) {
+        pthread_mutex_unlock(&handler->lock);
+        vr_stat_add(&region->stats.faults_on_handler_thread, 1);
         if (ensure_staging(handler, region->chunk_size) == 0 &&
             vr_fill_native(region, chunk, handler->staging) == 0)
             vr_resolve_chunk(region, chunk, handler->staging);
@@ -294,29 +398,16 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
         vr_region_unref(region);
         return;
     }
-    vr_job *job = job_new(region, chunk, tid);
+    vr_job *job = job_new(region, chunk, tid, VR_JOB_REGENERATE);
     if (!job) {
         pthread_mutex_unlock(&handler->lock);
         vr_fail_chunk(region, chunk);
+        vr_region_unref(region);
         return;
     }
-    if (tid > 0 && can_signal_thread(handler, tid)) {
-        job->next = handler->signalled;
-        handler->signalled = job;
-        siginfo_t info;
-        memset(&info, 0, sizeof info);
-        info.si_signo = handler->signal_number;
-        info.si_code = SI_QUEUE;
-        info.si_pid = getpid();
-        info.si_uid = getuid();
-        info.si_value.sival_ptr = job;
-        if (syscall(SYS_rt_tgsigqueueinfo, getpid(), tid, handler->signal_number, &info) == 0) {
-            pthread_mutex_unlock(&handler->lock);
-            return;
-        }
-        handler->signalled = job->next; /* the thread is gone or unreachable: use a worker */
-    }
-    queue_for_worker(handler, job);
+    vr_region_unref(region); /* the job holds its own reference */
+    if (!(can_signal_thread(handler, tid, job) && signal_job(handler, job) == 0))
+        queue_for_worker(handler, job);
     pthread_mutex_unlock(&handler->lock);
 }
 
@@ -329,21 +420,22 @@ static void *handler_main(void *arg)
     for (;;) {
         struct pollfd fds[2] = { { .fd = handler->uffd, .events = POLLIN },
                                  { .fd = handler->wake_fd, .events = POLLIN } };
-        if (poll(fds, 2, -1) < 0)
+        pthread_mutex_lock(&handler->lock);
+        int timeout = handler->signalled ? VERDICT_POLL_MS : -1;
+        pthread_mutex_unlock(&handler->lock);
+        if (poll(fds, 2, timeout) < 0)
             continue; /* EINTR; nothing else can fail with valid descriptors */
         if (fds[1].revents & POLLIN) {
             uint64_t count;
             (void)!read(handler->wake_fd, &count, sizeof count);
-            collect_verdicts(handler);
-            if (__atomic_load_n(&handler->stopping, __ATOMIC_ACQUIRE))
-                break;
         }
+        collect_verdicts(handler);
         if (!(fds[0].revents & POLLIN))
             continue;
         struct uffd_msg messages[EVENT_BATCH];
         ssize_t n = read(handler->uffd, messages, sizeof messages);
         if (n <= 0)
-            continue; /* EAGAIN: another reader was faster, or a spurious wake-up */
+            continue; /* EAGAIN: a spurious wake-up */
         for (size_t i = 0; i < (size_t)n / sizeof messages[0]; i++) {
             if (messages[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
@@ -356,44 +448,20 @@ static void *handler_main(void *arg)
 
 int vr_handler_start(vr_handler *handler)
 {
-    int rc = vr_fault_signal_install(handler->signal_number);
+    int rc = vr_fault_signal_install(handler->signal_number, 0);
     if (rc < 0)
         return rc;
     rc = pthread_create(&handler->thread, NULL, handler_main, handler);
     if (rc != 0)
         return -rc;
-    handler->thread_started = 1;
+    pthread_detach(handler->thread);
     return 0;
 }
 
-/* Stop the threads (interpreter exit). Regions must be closed first; a thread that still faults on
- * a region afterwards would wait for ever, so callers close every region before this. */
-int vr_handler_stop(vr_handler *handler)
+/* 1 if the fault signal still reaches our handler; 0 if other code replaced it (re-install). */
+int vr_handler_signal_is_ours(vr_handler *handler)
 {
-    if (handler->owner_pid != getpid())
-        return 0; /* a forked child never had these threads */
-    pthread_mutex_lock(&handler->lock);
-    __atomic_store_n(&handler->stopping, 1, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&handler->work_ready);
-    int workers = handler->workers_total;
-    pthread_mutex_unlock(&handler->lock);
-    notify(handler);
-    if (handler->thread_started)
-        pthread_join(handler->thread, NULL); /* it only ever blocks in poll(): returns at once */
-    handler->thread_started = 0;
-    /* A worker may be stuck in a regenerator that never returns: give each a moment, then leave it
-     * (at interpreter exit, a thread that wants the GIL back after finalization is ended). */
-    for (int i = 0; i < workers; i++) {
-        struct timespec deadline;
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += WORKER_STOP_TIMEOUT_S;
-        if (pthread_timedjoin_np(handler->workers[i], NULL, &deadline) != 0)
-            pthread_detach(handler->workers[i]);
-    }
-    pthread_mutex_lock(&handler->lock);
-    handler->workers_total = 0;
-    pthread_mutex_unlock(&handler->lock);
-    return 0;
+    return vr_fault_signal_is_ours(handler->signal_number);
 }
 
 void vr_handler_free(vr_handler *handler)
@@ -404,6 +472,3 @@ void vr_handler_free(vr_handler *handler)
     free(handler->staging);
     free(handler);
 }
-
-/* The signal handler's way to tell the handler thread a verdict is ready (async-signal-safe). */
-void vr_handler_notify_verdict(vr_handler *handler) { notify(handler); }

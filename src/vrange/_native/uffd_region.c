@@ -89,14 +89,25 @@ static void wake_range(int uffd, uintptr_t start, size_t length)
 int vr_region_close(vr_region *region)
 {
     vr_handler *handler = region->handler;
+    __atomic_store_n(&region->closing, VR_CLOSED, __ATOMIC_RELEASE);
     table_remove(handler, region);
     wake_range(handler->uffd, region->base, region->size);
     return 0;
 }
 
+/* close() found the region still exported: open it again and wake the faults set aside. */
+int vr_region_resume(vr_region *region)
+{
+    __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
+    wake_range(region->handler->uffd, region->base, region->size);
+    return 0;
+}
+
 /* Copy `length` bytes from `source` to the missing pages of [start, start+length); pages that are
  * already present (EEXIST) are kept as they are: a write made by the program is never overwritten.
- * ioctl_number is UFFDIO_COPY; the same walk serves UFFDIO_ZEROPAGE and UFFDIO_POISON. */
+ * The same walk serves UFFDIO_ZEROPAGE and UFFDIO_POISON. Nothing is woken here (DONTWAKE): the
+ * caller clears IN_FLIGHT first and then wakes the range, so that a thread whose fault was set
+ * aside while the chunk was in flight is always woken after the chunk is done. */
 enum fill_kind { FILL_COPY, FILL_ZEROPAGE, FILL_POISON };
 
 static int fill_missing_pages(const vr_region *region, uintptr_t start, size_t length,
@@ -139,11 +150,8 @@ static int fill_missing_pages(const vr_region *region, uintptr_t start, size_t l
             sched_yield(); /* the mm is changing (an event is queued): try again */
             continue;
         }
-        /* EEXIST does not wake waiters, nor does a failure: wake before reporting. */
-        wake_range(uffd, start, length);
         return -err;
     }
-    wake_range(uffd, start, length);
     return 0;
 }
 
@@ -157,6 +165,7 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
         vr_stat_add(&region->stats.bytes_regenerated, length);
     }
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
+    wake_range(region->handler->uffd, start, length); /* EEXIST and failures do not wake */
     return rc;
 }
 
@@ -183,6 +192,7 @@ void vr_fail_page(vr_region *region, uintptr_t address)
 {
     uintptr_t page = address & ~(uintptr_t)(region->page_size - 1);
     apply_error_policy(region, page, region->page_size, (page - region->base) / region->chunk_size);
+    wake_range(region->handler->uffd, page, region->page_size);
 }
 
 /* Regeneration failed: resolve the fault without handing out wrong bytes (see docs/design.md). */
@@ -192,6 +202,7 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
     uintptr_t start = region->base + chunk_index * region->chunk_size;
     apply_error_policy(region, start, length, chunk_index);
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
+    wake_range(region->handler->uffd, start, length);
     return 0;
 }
 

@@ -156,3 +156,15 @@ def test_prefault_regenerates_without_pinning(backend: str) -> None:
         assert stats.resident_bytes == 2 * CHUNK
         assert region.purge() == 2 * CHUNK  # and purgeable
         assert region.mark_nonvolatile(report=True) == [(0, SIZE)]
+
+
+def test_readinto_keeps_datagrams(backend: str) -> None:
+    with purged_region(backend) as region:
+        left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        with left, right:
+            left.send(b"one datagram")
+            view = memoryview(region)
+            got = vio.readinto(right.fileno(), view[CHUNK:2 * CHUNK])
+            assert bytes(view[CHUNK:CHUNK + got]) == b"one datagram"
+            view.release()
+        assert got == len(b"one datagram")

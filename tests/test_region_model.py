@@ -9,17 +9,22 @@ import vrange
 from conftest import CHUNK, PAGE, CountingRegenerator, pattern
 
 CHUNKS = 6
-SIZE = CHUNKS * CHUNK
+SIZE = (CHUNKS - 1) * CHUNK + 3 * PAGE  # the last chunk is a short tail
+PAGES = SIZE // PAGE
 
-chunk_ranges = st.tuples(st.integers(0, CHUNKS - 1), st.integers(1, CHUNKS)).map(
-    lambda pair: (pair[0], min(pair[1], CHUNKS - pair[0])))
+page_ranges = st.tuples(st.integers(0, PAGES), st.integers(0, PAGES)).map(
+    lambda pair: (min(pair), max(pair) - min(pair)))
 operations = st.lists(st.one_of(
-    st.tuples(st.just("volatile"), chunk_ranges),
-    st.tuples(st.just("nonvolatile"), chunk_ranges),
-    st.tuples(st.just("purge"), chunk_ranges),
-    st.tuples(st.just("write"), st.integers(0, SIZE // PAGE - 1), st.binary(min_size=1, max_size=64)),
-    st.tuples(st.just("read"), st.integers(0, SIZE // PAGE - 1)),
+    st.tuples(st.just("volatile"), page_ranges),
+    st.tuples(st.just("nonvolatile"), page_ranges),
+    st.tuples(st.just("purge"), page_ranges),
+    st.tuples(st.just("write"), st.integers(0, PAGES - 1), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("read"), st.integers(0, PAGES - 1)),
 ), max_size=25)
+
+
+def chunk_length(chunk: int) -> int:
+    return min(CHUNK, SIZE - chunk * CHUNK)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -28,39 +33,51 @@ def test_region_matches_model(backend: str, steps: list[tuple]) -> None:
     model = bytearray(pattern(0, SIZE))
     volatile = [False] * CHUNKS
     purged_since_volatile = [False] * CHUNKS
-    materialized = [False] * CHUNKS  # purging a never-filled chunk discards nothing: no purge
+    resident = [False] * CHUNKS  # filled and not discarded since
     with vrange.Region(SIZE, CountingRegenerator(), backend=backend) as region:
         for step in steps:
             kind = step[0]
             if kind in ("volatile", "nonvolatile", "purge"):
-                first, count = step[1]
-                offset, length = first * CHUNK, count * CHUNK
-                chunks = range(first, first + count)
+                first_page, pages = step[1]
+                offset, length = first_page * PAGE, pages * PAGE
+                end = offset + length
+                touching = range(offset // CHUNK, -(-end // CHUNK)) if length else range(0)
                 if kind == "volatile":
                     region.mark_volatile(offset, length)
-                    for chunk in chunks:
-                        volatile[chunk] = True
+                    for chunk in touching:  # whole chunks only (rounded inward)
+                        whole_end = chunk * CHUNK + chunk_length(chunk)
+                        if offset <= chunk * CHUNK and whole_end <= end:
+                            volatile[chunk] = True
                 elif kind == "nonvolatile":
-                    expected = [(c * CHUNK, CHUNK) for c in chunks if purged_since_volatile[c]]
-                    got = region.mark_nonvolatile(offset, length, report=True)
-                    merged = sum(l for _, l in got)
-                    assert merged == sum(l for _, l in expected)
-                    for chunk in chunks:
+                    expected = []
+                    for chunk in touching:
+                        if purged_since_volatile[chunk]:
+                            start = chunk * CHUNK
+                            if expected and sum(expected[-1]) == start:
+                                expected[-1] = (expected[-1][0], expected[-1][1] + chunk_length(chunk))
+                            else:
+                                expected.append((start, chunk_length(chunk)))
+                    assert region.mark_nonvolatile(offset, length, report=True) == expected
+                    for chunk in touching:
                         volatile[chunk] = purged_since_volatile[chunk] = False
-                        materialized[chunk] = True
+                        resident[chunk] = True
                 else:
-                    region.purge(offset, length)
-                    for chunk in chunks:
-                        if volatile[chunk] and materialized[chunk]:
-                            model[chunk * CHUNK:(chunk + 1) * CHUNK] = pattern(chunk * CHUNK, CHUNK)
+                    discarded = sum(chunk_length(chunk) for chunk in touching
+                                    if volatile[chunk] and resident[chunk])
+                    assert region.purge(offset, length) == discarded
+                    for chunk in touching:
+                        if volatile[chunk] and resident[chunk]:
+                            start = chunk * CHUNK
+                            model[start:start + chunk_length(chunk)] = pattern(start, chunk_length(chunk))
                             purged_since_volatile[chunk] = True
+                            resident[chunk] = False
             elif kind == "write":
                 _, page, data = step
-                materialized[page * PAGE // CHUNK] = True
+                resident[page * PAGE // CHUNK] = True
                 region[page * PAGE:page * PAGE + len(data)] = data
                 model[page * PAGE:page * PAGE + len(data)] = data
             else:
                 page = step[1]
-                materialized[page * PAGE // CHUNK] = True
+                resident[page * PAGE // CHUNK] = True
                 assert bytes(region[page * PAGE:(page + 1) * PAGE]) == model[page * PAGE:(page + 1) * PAGE]
         assert bytes(region[:]) == bytes(model)

@@ -615,6 +615,14 @@ _cache: Features | None = None
 _cache_lock = threading.Lock()
 
 
+def _reset_lock_after_fork() -> None:
+    global _cache_lock
+    _cache_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_lock_after_fork)
+
+
 def features(refresh: bool = False) -> Features:
     """The feature report of this kernel and process, computed on first use and then cached.
 

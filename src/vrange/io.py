@@ -113,10 +113,18 @@ def send(sock: socket.socket, data: Any, flags: int = 0) -> int:
 def readinto(fd: int, buffer: Any) -> int:
     """Read from ``fd`` into ``buffer`` once (like ``os.readv``); returns the number of bytes read.
 
-    If the destination holds purged vrange memory, the read is retried after making it present;
-    the kernel consumes no input from a read that failed with EFAULT.
+    The vrange memory of the destination is made present *before* the read: a datagram socket
+    drops a datagram whose copy failed with EFAULT, so retrying afterwards would lose it. Should
+    the destination be purged again in between, the read is retried (byte streams keep unread
+    input on EFAULT).
     """
     view = _byte_view(buffer, writable=True)
     if len(view) == 0:
         return 0
+    try:
+        _prefault(view)
+    except OSError as error:
+        if error.errno != errno.EFAULT:
+            raise
+        # Part of the buffer is not vrange memory: nothing to make present there.
     return _retrying(view, lambda done: os.readv(fd, [view[done:]]), 0)

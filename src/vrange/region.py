@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, cast, overload
 from ._backends import resolve_backend
 from ._backends._base import BackendRegion, RegionStats
 from ._native import ffi, lib
-from .errors import RegenerationError, VRangeOSError, errno_name
+from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
 from .sources import Source
 
 __all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE"]
@@ -39,12 +39,24 @@ _live_regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDicti
 _live_regions_lock = threading.Lock()
 
 
+def _reset_locks_after_fork() -> None:
+    """A lock held by another thread at fork() stays held for ever in the child: make new ones."""
+    global _live_regions_lock
+    _live_regions_lock = threading.Lock()
+    for region in list(_live_regions.values()):
+        region._state_lock = threading.Lock()
+        region._regenerating_threads = set()
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
+
+
 def find_region(address: int) -> Region | None:
     """The open region whose mapping contains ``address``, if any."""
     with _live_regions_lock:
         candidates = list(_live_regions.items())
     for base, region in candidates:
-        if base <= address < base + len(region) and not region.closed:
+        if not region.closed and base <= address < base + region._size:
             return region
     return None
 
@@ -102,6 +114,8 @@ class Region(mmap.mmap):
     _failure_count: int
     _state_lock: threading.Lock
     _address: int
+    _size: int
+    _regenerating_threads: set[int]
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> Region:
@@ -130,6 +144,8 @@ class Region(mmap.mmap):
         self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._closed = False
+        self._size = size
+        self._regenerating_threads = set()
         self._backend_name = backend_name
         self._chunk_size = chunk
         self._regenerate = regenerate
@@ -195,6 +211,9 @@ class Region(mmap.mmap):
     def _open_and_locked(self) -> Iterator[None]:
         """Serialize state changes, and check openness under the lock: another thread may have
         closed the region since the arguments were checked."""
+        if threading.get_ident() in self._regenerating_threads:
+            raise VRangeError("a regenerator cannot change or inspect its own region (the call "
+                              "that is regenerating it holds the region's lock)")
         with self._state_lock:
             self._check_open()
             yield
@@ -216,6 +235,8 @@ class Region(mmap.mmap):
         return offset, length
 
     def _chunks_touching(self, offset: int, length: int) -> tuple[int, int]:
+        if length == 0:
+            return 0, 0  # an empty range touches no chunk
         return offset // self._chunk_size, -(-(offset + length) // self._chunk_size)
 
     def mark_volatile(self, offset: int = 0, length: int | None = None) -> None:
@@ -283,6 +304,8 @@ class Region(mmap.mmap):
         with EFAULT; call it yourself before handing region memory to code that cannot retry."""
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
+        if first >= end:
+            return
         with self._open_and_locked():
             self._regenerate_missing(first, end, self._core.prefault)
 
@@ -292,8 +315,9 @@ class Region(mmap.mmap):
         count_before = self._failure_count
         self._core.discard(first, end, only_failed=True)
         result = populate(first, end)
-        new_failures = [(offset, error) for sequence, offset, error in self._failures
-                        if sequence > count_before]
+        new_failures = [(offset, error) for sequence, offset, error in list(self._failures)
+                        if sequence > count_before
+                        and first * self._chunk_size <= offset < end * self._chunk_size]
         if result >= 0 and not new_failures:
             return
         for chunk in {offset // self._chunk_size for offset, _ in new_failures}:
@@ -305,7 +329,7 @@ class Region(mmap.mmap):
                 f"the regenerator failed for the chunk at offset {failed_offset} "
                 f"({len(new_failures)} failure(s) in this call); it raised:\n"
                 + getattr(cause, "vrange_traceback", repr(cause))) from cause
-        code = -result
+        code = self._core.native_error() or -result
         raise RegenerationError(
             f"could not make the range present: {os.strerror(code)} ({errno_name(code)}); "
             "a native source failed to read") from VRangeOSError(code, os.strerror(code))
@@ -318,6 +342,8 @@ class Region(mmap.mmap):
         """
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
+        if first >= end:
+            return 0
         with self._open_and_locked():
             return self._core.purge(first, end)
 
@@ -366,6 +392,9 @@ class Region(mmap.mmap):
         anything the faulting thread holds.
         """
         view = memoryview(ffi.buffer(buffer, length))
+        thread = threading.get_ident()
+        nested = thread in self._regenerating_threads
+        self._regenerating_threads.add(thread)
         try:
             cast(Callable[[int, memoryview], object], self._regenerate)(offset, view)
             return 0
@@ -382,6 +411,8 @@ class Region(mmap.mmap):
                            offset, error, self._on_error)
             return -1
         finally:
+            if not nested:
+                self._regenerating_threads.discard(thread)
             view.release()
 
     @property

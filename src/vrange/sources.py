@@ -6,7 +6,10 @@ chunk straight from the source on its own thread (uffd) or in its signal handler
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
 from typing import Union
 
 from ._native import lib
@@ -58,6 +61,23 @@ class File(Source):
             raise TypeError(f"path_or_fd must be a path or a file descriptor, not {path_or_fd!r}")
         os.set_inheritable(self._fd, False)
         self._offset = offset
+        try:
+            self._check_readable()
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+
+    def _check_readable(self) -> None:
+        """Refuse now what pread() would refuse at every fault (a fault has no caller to tell)."""
+        info = os.fstat(self._fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, f"{self._name} is a directory")
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
+            raise OSError(errno.ESPIPE, f"{self._name} is not a regular file or block device: "
+                                        "pread() cannot read it at an offset")
+        if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+            raise PermissionError(errno.EBADF, f"{self._name} is open for writing only")
 
     def __repr__(self) -> str:
         return f"File({self._name!r}, offset={self._offset})"

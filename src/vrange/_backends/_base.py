@@ -101,6 +101,10 @@ class BackendRegion(abc.ABC):
     def after_fork_in_child(self) -> None:
         """Make the region work in a forked child (called for every live region)."""
 
+    def native_error(self) -> int:
+        """The errno of the last failure of a native source on this region (0 if none)."""
+        return int(lib.vr_region_last_native_error(self.pointer))
+
     def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
         """Pin the chunks; for each, whether it was purged since marked volatile."""
         purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))

@@ -39,6 +39,8 @@ def ensure_handler() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _install_lock
+    _install_lock = threading.Lock()
     for region in list(_live_regions):
         if region.pointer != ffi.NULL:
             lib.vr_sigbus_after_fork(region.pointer)

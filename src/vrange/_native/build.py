@@ -85,6 +85,7 @@ void vr_handler_free(vr_handler *handler);
 int vr_handler_signal_is_ours(vr_handler *handler);
 int vr_fault_signal_install(int signal_number, int force);
 int vr_region_quiesce(vr_region *region, int timeout_ms);
+int vr_region_last_native_error(vr_region *region);
 
 int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,

@@ -81,6 +81,17 @@ int vr_region_references(vr_region *region)
 
 void vr_region_release(vr_region *region) { vr_region_unref(region); }
 
+int vr_region_last_native_error(vr_region *region)
+{
+    return __atomic_load_n(&region->last_native_error, __ATOMIC_ACQUIRE);
+}
+
+static int native_failure(vr_region *region, int error_number)
+{
+    __atomic_store_n(&region->last_native_error, error_number, __ATOMIC_RELEASE);
+    return -error_number;
+}
+
 /* Fill `buffer` (one chunk) from a native source. Async-signal-safe, no GIL. */
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
 {
@@ -90,7 +101,7 @@ int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
         return 0;
     }
     if (region->source_kind != VR_SOURCE_FILE)
-        return -EINVAL;
+        return native_failure(region, EINVAL);
     size_t done = 0;
     off_t position = (off_t)(region->file_offset + (int64_t)(chunk_index * region->chunk_size));
     while (done < length) {
@@ -98,7 +109,7 @@ int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
-            return -errno;
+            return native_failure(region, errno);
         if (n == 0) { /* past the end of the file: the region's bytes there are zeros */
             memset(buffer + done, 0, length - done);
             break;

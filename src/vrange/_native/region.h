@@ -53,6 +53,7 @@ struct vr_region {
     pid_t *owners;       /* the thread regenerating each in-flight chunk (Python regenerators) */
     int closing;         /* VR_OPEN, VR_CLOSING (draining before unmap), VR_CLOSED */
     int active;          /* sigbus backend: signal handlers inside this region now */
+    int last_native_error; /* errno of the last native-source failure, for the Python error */
 };
 
 enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
@@ -94,6 +95,7 @@ int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 void vr_abort_for_policy(void) __attribute__((noreturn));
 int vr_region_quiesce(vr_region *region, int timeout_ms);
+int vr_region_last_native_error(vr_region *region);
 void vr_pause_briefly(void);
 int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
                                  uint8_t *purged_out);

@@ -28,6 +28,7 @@ void vr_region_unref(vr_region *region)
     if (__atomic_sub_fetch(&region->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
         free(region->chunk_state);
         free(region->owners);
+        free(region->gil_free_waiters);
         free(region);
     }
 }
@@ -46,9 +47,11 @@ int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk
     region->chunk_count = (size + chunk_size - 1) / chunk_size;
     region->chunk_state = calloc(region->chunk_count, 1);
     region->owners = calloc(region->chunk_count, sizeof *region->owners);
-    if (!region->chunk_state || !region->owners) {
+    region->gil_free_waiters = calloc(region->chunk_count, sizeof *region->gil_free_waiters);
+    if (!region->chunk_state || !region->owners || !region->gil_free_waiters) {
         free(region->chunk_state);
         free(region->owners);
+        free(region->gil_free_waiters);
         free(region);
         return -ENOMEM;
     }

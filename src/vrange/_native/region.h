@@ -51,6 +51,7 @@ struct vr_region {
     vr_handler *handler; /* uffd backend */
     int trap_fd;         /* sigbus backend: the empty memfd mapped over missing chunks */
     pid_t *owners;       /* the thread regenerating each in-flight chunk (Python regenerators) */
+    pid_t *gil_free_waiters; /* uffd: a thread known not to hold the GIL, faulting on the chunk */
     int closing;         /* VR_OPEN, VR_CLOSING (draining before unmap), VR_CLOSED */
     int active;          /* sigbus backend: signal handlers inside this region now */
     int last_native_error; /* errno of the last native-source failure, for the Python error */

@@ -276,10 +276,14 @@ static void collect_verdicts(vr_handler *handler)
             continue;
         }
         *link = job->next;
-        if (verdict == VR_VERDICT_DONE)
+        if (verdict == VR_VERDICT_DONE) {
             job_free(job);
-        else
+        } else {
+            /* This thread does not hold the GIL, and cannot take it while it stays in this fault:
+             * when it faults again on the chunk (it will, right away), let it wait in the kernel. */
+            job->region->gil_free_waiters[job->chunk_index] = job->faulting_tid;
             queue_for_worker(handler, job);
+        }
     }
     pthread_mutex_unlock(&handler->lock);
 }
@@ -355,7 +359,7 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
         /* Someone is regenerating this chunk; clearing IN_FLIGHT and then UFFDIO_WAKE wakes this
          * thread too. If it may hold the GIL (a user-mode access), it must not wait in the kernel:
          * the regenerator may need the GIL. Ask it to wait in its signal handler without it. */
-        if (region->source_kind == VR_SOURCE_PYTHON) {
+        if (region->source_kind == VR_SOURCE_PYTHON && region->gil_free_waiters[chunk] != tid) {
             vr_job *wait = job_new(region, chunk, tid, VR_JOB_WAIT);
             if (wait && !(can_signal_thread(handler, tid, wait) && signal_job(handler, wait) == 0))
                 job_free(wait);

@@ -164,6 +164,7 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
         vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
         vr_stat_add(&region->stats.bytes_regenerated, length);
     }
+    region->gil_free_waiters[chunk_index] = 0;
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
     wake_range(region->handler->uffd, start, length); /* EEXIST and failures do not wake */
     return rc;
@@ -201,6 +202,7 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
     size_t length = vr_region_chunk_length(region, chunk_index);
     uintptr_t start = region->base + chunk_index * region->chunk_size;
     apply_error_policy(region, start, length, chunk_index);
+    region->gil_free_waiters[chunk_index] = 0;
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
     wake_range(region->handler->uffd, start, length);
     return 0;

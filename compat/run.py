@@ -231,6 +231,8 @@ def _import_everything_first() -> None:
     unprivileged profile cannot read a Python installed under /root)."""
     import tempfile  # noqa: F401
 
+    import vrange._backends.sigbus  # noqa: F401  (imported lazily by vrange.Region)
+    import vrange._backends.uffd  # noqa: F401
     import vrange.io  # noqa: F401
     import vrange.testing  # noqa: F401
 

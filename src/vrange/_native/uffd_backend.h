@@ -9,9 +9,11 @@
  *     thread and, if that thread holds the GIL, runs the regenerator right there (fault_signal.c);
  *     otherwise it answers "not mine";
  *   - otherwise (a fault inside a syscall, a "not mine", a thread with the signal blocked) the job
- *     goes to a pool of C worker threads that take the GIL to run the regenerator. The pool grows
- *     when every worker is busy, so a regenerator that itself makes a syscall touching another
- *     region (which needs a second worker) cannot deadlock.
+ *     goes to a pool of C worker threads that take the GIL to run the regenerator. Every queued job
+ *     gets a worker of its own (up to VR_MAX_WORKERS), so a regenerator that itself makes a syscall
+ *     touching another region (which needs a second worker) cannot deadlock;
+ *   - a fault on a chunk already being regenerated waits for that job; a thread that may hold the
+ *     GIL waits in its signal handler with the GIL released (a WAIT job) instead of in the kernel.
  * The handler thread itself never takes the GIL and never blocks on anything but poll(), so it
  * always keeps reading events (a thread holding the GIL and faulting is served by the signal). */
 #ifndef VRANGE_UFFD_BACKEND_H

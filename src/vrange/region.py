@@ -188,6 +188,8 @@ class Region(mmap.mmap):
 
     @property
     def chunk_size(self) -> int:
+        """Bytes purged, regenerated and resolved per fault (may exceed the size asked for on the
+        sigbus backend, which uses at most 8192 chunks per region)."""
         return self._chunk_size
 
     @property

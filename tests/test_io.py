@@ -168,3 +168,14 @@ def test_readinto_keeps_datagrams(backend: str) -> None:
             assert bytes(view[CHUNK:CHUNK + got]) == b"one datagram"
             view.release()
         assert got == len(b"one datagram")
+
+
+def test_purge_skips_chunks_held_for_io(backend: str) -> None:
+    with vrange.Region(SIZE, CountingRegenerator(), backend=backend) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        with region.held_for_io(CHUNK + PAGE, CHUNK), region.held_for_io(10 * CHUNK, PAGE):
+            # held: chunks 1 and 2 (the range straddles them) and chunk 10
+            assert region.purge() == SIZE - 3 * CHUNK
+            assert region.stats().resident_bytes == 3 * CHUNK
+        assert region.purge() == 3 * CHUNK  # released

@@ -16,13 +16,14 @@ memory that is not vrange's is re-raised as the OSError it is.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
 from typing import Any
 
 from ._native import ffi
-from .region import find_region
+from .region import Region, find_region
 
 __all__ = ["write", "send", "readinto"]
 
@@ -42,31 +43,41 @@ def _byte_view(buffer: Any, writable: bool) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
-def _prefault(view: memoryview) -> None:
-    """Make the vrange memory in ``view`` present; raise EFAULT if some of it is not vrange's."""
+def _vrange_parts(view: memoryview) -> list[tuple[Region, int, int]]:
+    """The (region, page-aligned offset, length) pieces of vrange memory that ``view`` covers;
+    EFAULT if some of it is not vrange memory."""
     if len(view) == 0:
-        return
+        return []
     pointer = ffi.from_buffer(view)
     try:
         start = int(ffi.cast("uintptr_t", pointer))
     finally:
         ffi.release(pointer)
     end = start + len(view)
+    parts = []
     address = start
+    page = os.sysconf("SC_PAGE_SIZE")
     while address < end:
         region = find_region(address)
         if region is None:
             raise OSError(errno.EFAULT, "Bad address (the buffer is not vrange memory)")
-        page = os.sysconf("SC_PAGE_SIZE")
         offset = (address - region.address) // page * page
         stop = min(end, region.address + len(region))
-        length = -(-(stop - region.address) // page) * page - offset
-        region.prefault(offset, length)
+        parts.append((region, offset, -(-(stop - region.address) // page) * page - offset))
         address = stop
+    return parts
+
+
+def _prefault(view: memoryview) -> None:
+    """Make the vrange memory in ``view`` present; raise EFAULT if some of it is not vrange's."""
+    for region, offset, length in _vrange_parts(view):
+        region.prefault(offset, length)
 
 
 def _retrying(view: memoryview, attempt: Any, done: int) -> int:
-    """Call ``attempt(done)``; on EFAULT prefault the next window of the view and try again."""
+    """Call ``attempt(done)``; on EFAULT make the next window of the view present and try again,
+    with that window held against ``purge()`` until the call returns (a purger running meanwhile
+    would otherwise take the pages back before the kernel reaches them)."""
     failures = 0
     while True:
         try:
@@ -78,7 +89,16 @@ def _retrying(view: memoryview, attempt: Any, done: int) -> int:
             if failures > MAX_RETRIES_WITHOUT_PROGRESS:
                 raise
         # Outside the except block: a RegenerationError should not carry the EFAULT as context.
-        _prefault(view[done:done + PREFAULT_WINDOW])
+        with contextlib.ExitStack() as held:
+            for region, offset, length in _vrange_parts(view[done:done + PREFAULT_WINDOW]):
+                held.enter_context(region.held_for_io(offset, length))
+                region.prefault(offset, length)
+            try:
+                return int(attempt(done))
+            except OSError as error:
+                if error.errno != errno.EFAULT:
+                    raise
+                failures += 1  # the window is held: only pages past it can be missing
 
 
 def write(fd: int, data: Any) -> int:

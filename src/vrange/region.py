@@ -39,6 +39,20 @@ _live_regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDicti
 _live_regions_lock = threading.Lock()
 
 
+def _ranges_without(first: int, end: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[first, end) minus the sorted ``holes`` ranges, as a list of ranges."""
+    ranges, start = [], first
+    for hole_start, hole_end in holes:
+        if hole_end <= start or hole_start >= end:
+            continue
+        if hole_start > start:
+            ranges.append((start, hole_start))
+        start = max(start, hole_end)
+    if start < end:
+        ranges.append((start, end))
+    return ranges
+
+
 def _reset_locks_after_fork() -> None:
     """A lock held by another thread at fork() stays held for ever in the child: make new ones."""
     global _live_regions_lock
@@ -116,6 +130,7 @@ class Region(mmap.mmap):
     _address: int
     _size: int
     _regenerating_threads: set[int]
+    _held_for_io: list[tuple[int, int]]
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> Region:
@@ -146,6 +161,7 @@ class Region(mmap.mmap):
         self._closed = False
         self._size = size
         self._regenerating_threads = set()
+        self._held_for_io = []
         self._backend_name = backend_name
         self._chunk_size = chunk
         self._regenerate = regenerate
@@ -344,10 +360,27 @@ class Region(mmap.mmap):
         """
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
-        if first >= end:
-            return 0
+        purged = 0
         with self._open_and_locked():
-            return self._core.purge(first, end)
+            held = sorted(self._held_for_io)
+            for start, stop in _ranges_without(first, end, held):
+                purged += self._core.purge(start, stop)
+        return purged
+
+    @contextlib.contextmanager
+    def held_for_io(self, offset: int, length: int) -> Iterator[None]:
+        """Keep :meth:`purge` away from these chunks while a system call uses them (``vrange.io``
+        holds the window it just made present). The kernel may still reclaim them on the uffd
+        backend, where a syscall then simply waits for the refill."""
+        offset, length = self._range(offset, length)
+        chunks = self._chunks_touching(offset, length)
+        with self._state_lock:
+            self._held_for_io.append(chunks)
+        try:
+            yield
+        finally:
+            with self._state_lock:
+                self._held_for_io.remove(chunks)
 
     # --- introspection ----------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@
 /* Bumped whenever the exported C interface changes; checked by vrange._native at import. */
 #define VR_NATIVE_VERSION 1
 
+/* cffi: begin (exported to Python; build.py reads these blocks) */
 int vr_native_version(void);
 long vr_page_size(void);
 
@@ -38,5 +39,6 @@ int vr_touch_pages(uintptr_t address, size_t length, size_t stride, int write, u
 
 /* seccomp.c: filters for tests and compatibility profiles. */
 int vr_seccomp_deny_userfaultfd(int error_number, int also_dev_ioctl);
+/* cffi: end */
 
 #endif /* VRANGE_COMMON_H */

@@ -21,6 +21,7 @@ enum vr_on_error { VR_ON_ERROR_POISON = 0, VR_ON_ERROR_ZEROS = 1, VR_ON_ERROR_AB
 #define VR_CHUNK_IN_FLIGHT 0x10    /* being regenerated: more faults on it just wait */
 #define VR_CHUNK_TRAPPED 0x20      /* sigbus backend: the empty memfd is mapped over it */
 
+/* cffi: begin (exported to Python; build.py reads these blocks) */
 struct vr_stats {
     uint64_t faults_on_handler_thread;  /* native source, served by the handler thread */
     uint64_t faults_on_faulting_thread; /* Python regenerator run in the signal handler */
@@ -32,6 +33,7 @@ struct vr_stats {
 
 typedef struct vr_handler vr_handler; /* uffd backend only */
 typedef struct vr_region vr_region;
+/* cffi: end */
 
 struct vr_region {
     uintptr_t base;
@@ -84,27 +86,30 @@ static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
 }
 
 /* region.c */
+/* cffi: begin (exported to Python; build.py reads these blocks) */
 int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out);
 int vr_region_references(vr_region *region);
 void vr_region_release(vr_region *region);
-void vr_region_ref(vr_region *region);
-void vr_region_unref(vr_region *region);
-size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
-int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
-void vr_abort_for_policy(void) __attribute__((noreturn));
 int vr_region_quiesce(vr_region *region, int timeout_ms);
 int vr_region_last_native_error(vr_region *region);
-void vr_pause_briefly(void);
 int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
                                  uint8_t *purged_out);
 int vr_region_chunk_states(vr_region *region, uint8_t *states_out);
 int vr_region_residency(vr_region *region, uint8_t *pages_out);
 void vr_region_stats(vr_region *region, struct vr_stats *out);
+/* cffi: end */
+void vr_region_ref(vr_region *region);
+void vr_region_unref(vr_region *region);
+size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
+int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
+void vr_abort_for_policy(void) __attribute__((noreturn));
+void vr_pause_briefly(void);
 
 /* sigbus.c */
+/* cffi: begin (exported to Python; build.py reads these blocks) */
 int vr_sigbus_install(void);
 int vr_sigbus_handler_is_ours(void);
 void vr_sigbus_python_finalized(void);
@@ -115,5 +120,6 @@ int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
 int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
 void vr_sigbus_after_fork(vr_region *region);
+/* cffi: end */
 
 #endif /* VRANGE_REGION_H */

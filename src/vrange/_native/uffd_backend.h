@@ -68,14 +68,13 @@ struct vr_handler {
     uint64_t features;
 };
 
-/* uffd_handler.c */
+/* uffd_handler.c, uffd_region.c, fault_signal.c */
+/* cffi: begin (exported to Python; build.py reads these blocks) */
 int vr_handler_new(int signal_number, vr_handler **out);
 int vr_handler_start(vr_handler *handler);
 void vr_handler_free(vr_handler *handler);
 int vr_handler_signal_is_ours(vr_handler *handler);
-void vr_handler_notify_verdict(vr_handler *handler);
-
-/* uffd_region.c */
+int vr_fault_signal_install(int signal_number, int force);
 int vr_region_register(vr_region *region);
 int vr_region_close(vr_region *region);
 int vr_region_resume(vr_region *region);
@@ -86,15 +85,15 @@ int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler);
 int vr_pageout(uintptr_t address, size_t length);
+/* cffi: end */
 
 /* internal to the backend */
+void vr_handler_notify_verdict(vr_handler *handler);
 int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source);
 int vr_fail_chunk(vr_region *region, size_t chunk_index);
 void vr_fail_page(vr_region *region, uintptr_t address);
 void vr_run_python_job(vr_job *job, int on_faulting_thread);
 
-/* fault_signal.c */
-int vr_fault_signal_install(int signal_number, int force);
 int vr_fault_signal_is_ours(int signal_number);
 
 #endif /* VRANGE_UFFD_BACKEND_H */

@@ -111,12 +111,38 @@ def assert_pages_match(region: vrange.Region, expected: bytes, offset: int = 0) 
         view.release()
 
 
-@pytest.fixture(params=["uffd", "sigbus"])
-def backend(request: pytest.FixtureRequest, report: vrange.Features) -> str:
-    """Every backend, skipped with the reason where it cannot run here."""
-    support = report.backend(request.param)
+BACKEND_SPECS = ["uffd", "sigbus:uffd", "sigbus:memfd"]
+
+
+def backend_name(spec: str) -> str:
+    """``"sigbus"`` for ``"sigbus:memfd"``: what ``Region.backend`` says."""
+    return spec.partition(":")[0]
+
+
+def kernel_reclaims(spec: str) -> bool:
+    """The kernel discards this backend's volatile pages by itself (MADV_FREE, MADV_PAGEOUT)."""
+    return spec in ("uffd", "sigbus:uffd")
+
+
+def syscalls_are_served(spec: str) -> bool:
+    """A syscall touching a purged page blocks and succeeds (instead of failing with EFAULT)."""
+    return spec == "uffd"
+
+
+def skip_unless_available(report: vrange.Features, spec: str) -> None:
+    name, _, trap = spec.partition(":")
+    support = report.backend(name)
     if not support.usable:
-        pytest.skip(f"backend {request.param!r} unavailable: {support.reason}")
+        pytest.skip(f"backend {name!r} unavailable: {support.reason}")
+    if trap and not report.trap(trap).usable:
+        pytest.skip(f"the sigbus {trap} trap is unavailable: {report.trap(trap).reason}")
+
+
+@pytest.fixture(params=BACKEND_SPECS)
+def backend(request: pytest.FixtureRequest, report: vrange.Features) -> str:
+    """Every backend and every trap of the sigbus backend, skipped with the reason where it cannot
+    run here."""
+    skip_unless_available(report, request.param)
     return str(request.param)
 
 

@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import CHUNK, PAGE, CountingRegenerator, assert_pages_match, pattern
+from conftest import (CHUNK, PAGE, CountingRegenerator, assert_pages_match, backend_name,
+                      kernel_reclaims, pattern, syscalls_are_served)
 
 import vrange
 from vrange import sources
@@ -29,8 +30,8 @@ SIZE = 16 * CHUNK  # 1 MiB
 @pytest.fixture(params=["purge", "kernel"])
 def discard(request: pytest.FixtureRequest, backend: str) -> Callable[[vrange.Region], None]:
     """Make a whole region purged: by ``purge()``, or by the kernel (MADV_PAGEOUT, uffd only)."""
-    if request.param == "kernel" and backend != "uffd":
-        pytest.skip("only the uffd backend lets the kernel discard pages by itself")
+    if request.param == "kernel" and not kernel_reclaims(backend):
+        pytest.skip("the kernel cannot discard the memfd trap's pages by itself")
 
     def discard_all(region: vrange.Region) -> None:
         region.mark_nonvolatile()
@@ -55,7 +56,7 @@ def make(backend: str, regenerate: vrange.sources.Source | CountingRegenerator |
 def test_size_is_rounded_up_to_pages(backend: str, regenerator: CountingRegenerator) -> None:
     with make(backend, regenerator, size=1) as region:
         assert len(region) == PAGE
-        assert region.backend == backend
+        assert region.backend == backend_name(backend)
         assert region.chunk_size == vrange.DEFAULT_CHUNK_SIZE == CHUNK
         assert region[0] == pattern(0, 1)[0]
 
@@ -87,7 +88,8 @@ def test_environment_variable_chooses_the_default_backend(
         backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VRANGE_BACKEND", backend)
     with vrange.Region(SIZE, sources.Zeros()) as region:
-        assert region.backend == backend
+        assert region.backend == backend_name(backend)
+        assert region.trap == (backend.partition(":")[2] or None)
     monkeypatch.setenv("VRANGE_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"unknown backend 'bogus' \(from \$VRANGE_BACKEND\)"):
         vrange.Region(SIZE, sources.Zeros())
@@ -163,8 +165,8 @@ def test_explicit_purge_then_gil_held_access(backend: str, regenerator: Counting
 
 
 def test_kernel_discard_is_reported_and_refilled(backend: str, regenerator: CountingRegenerator) -> None:
-    if backend != "uffd":
-        pytest.skip("only the uffd backend lets the kernel discard pages by itself")
+    if not kernel_reclaims(backend):
+        pytest.skip("the kernel cannot discard the memfd trap's pages by itself")
     with make(backend, regenerator) as region:
         region.mark_nonvolatile()
         region.mark_volatile()
@@ -195,7 +197,7 @@ def test_writes_are_kept_while_nonvolatile(backend: str, regenerator: CountingRe
         data = os.urandom(3 * CHUNK)
         region[CHUNK:4 * CHUNK] = data
         assert region.purge() == 0  # nothing is volatile: purge skips pinned chunks
-        if backend == "uffd":
+        if kernel_reclaims(backend):
             page_out(region)
         assert bytes(region[CHUNK:4 * CHUNK]) == data
         # Volatile elsewhere, pinned here: purge touches only the volatile chunks.
@@ -240,7 +242,7 @@ def test_syscalls_on_purged_pages_succeed(backend: str, regenerator: CountingReg
                                          discard: Callable[[vrange.Region], None]) -> None:
     with make(backend, regenerator) as region:
         discard(region)
-        if backend == "sigbus":
+        if not syscalls_are_served(backend):
             # The documented difference: the kernel's own copy cannot be served by a signal.
             read_end, write_end = os.pipe()
             view = memoryview(region)
@@ -335,8 +337,8 @@ def test_many_threads_faulting_one_chunk_regenerate_it_once(backend: str) -> Non
 def test_partly_present_chunk_keeps_present_pages(backend: str, regenerator: CountingRegenerator) -> None:
     # Page 0 holds the program's write; page 1 alone is dropped. Refilling the chunk must skip
     # page 0 (UFFDIO_COPY answers EEXIST there, which does not wake waiters) and never hang.
-    if backend != "uffd":
-        pytest.skip("a userfaultfd pitfall: sigbus chunks are never partly present")
+    if backend == "sigbus:memfd":
+        pytest.skip("a userfaultfd pitfall: memfd-trap chunks are never partly present")
     with make(backend, regenerator) as region:
         region[0:PAGE] = b"\xaa" * PAGE
         region.madvise(mmap.MADV_DONTNEED, PAGE, PAGE)
@@ -358,7 +360,7 @@ def test_zeros_source(backend: str) -> None:
         # Native sources never need the GIL: uffd serves them on its handler thread, sigbus in
         # the signal handler of the faulting thread; never on a GIL-taking worker.
         served_here = {"uffd": stats.faults_on_handler_thread,
-                       "sigbus": stats.faults_on_faulting_thread}[backend]
+                       "sigbus": stats.faults_on_faulting_thread}[backend_name(backend)]
         assert served_here == stats.faults_served >= 16
         assert stats.faults_on_worker_thread == 0
 

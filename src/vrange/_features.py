@@ -27,6 +27,7 @@ __all__ = [
     "OpenAttempt",
     "ProbeOutcome",
     "PsiReport",
+    "TrapSupport",
     "UserfaultfdReport",
     "features",
 ]
@@ -174,12 +175,28 @@ class CgroupReport:
 
 
 @dataclass(frozen=True)
+class TrapSupport:
+    """Whether the sigbus backend can use one trap here (how an access to a missing page becomes a
+    SIGBUS), and whether the kernel can reclaim the volatile pages of a region behind it."""
+
+    name: Literal["uffd", "memfd"]
+    usable: bool
+    kernel_reclaims: bool
+    reason: str
+
+
+@dataclass(frozen=True)
 class BackendSupport:
     """Whether one backend can run here; ``reason`` says why or why not."""
 
     name: str
     usable: bool
     reason: str
+    trap: str | None = None
+    """sigbus: the trap its regions use by default here (``"uffd"`` or ``"memfd"``); uffd: None."""
+    kernel_reclaims: bool = False
+    """True when the kernel itself takes volatile pages back under memory pressure (MADV_FREE);
+    False when only vrange purges them (the memfd trap)."""
 
 
 @dataclass(frozen=True)
@@ -196,6 +213,7 @@ class Features:
     memfd: ProbeOutcome
     psi: PsiReport
     cgroup: CgroupReport
+    sigbus_traps: tuple[TrapSupport, ...]
     backends: tuple[BackendSupport, ...]
     auto_backend: str | None
     auto_reason: str
@@ -208,6 +226,13 @@ class Features:
             if advice.name == name:
                 return advice.outcome.ok
         raise KeyError(f"MADV_{name} is not among the probed advice {PROBED_ADVICE}")
+
+    def trap(self, name: str) -> TrapSupport:
+        """The support entry of the sigbus trap ``name`` (``"uffd"`` or ``"memfd"``)."""
+        for support in self.sigbus_traps:
+            if support.name == name:
+                return support
+        raise KeyError(f"unknown trap {name!r}; known: {[t.name for t in self.sigbus_traps]}")
 
     def backend(self, name: str) -> BackendSupport:
         """The support entry of backend ``name`` (``"uffd"`` or ``"sigbus"``)."""
@@ -225,7 +250,8 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, tuple):
-        if value and all(isinstance(item, (AdviceSupport, BackendSupport)) for item in value):
+        if value and all(isinstance(item, (AdviceSupport, BackendSupport, TrapSupport))
+                         for item in value):
             return {item.name: _plain(item) for item in value}
         return [_plain(item) for item in value]
     return value
@@ -522,11 +548,41 @@ def _probe_cgroup() -> CgroupReport:
     return CgroupReport("none", None, None, None, None)
 
 
-def _assess_backends(
-    uffd: UserfaultfdReport, madvise: tuple[AdviceSupport, ...], memfd: ProbeOutcome
-) -> tuple[BackendSupport, ...]:
-    from ._backends import IMPLEMENTED_BACKENDS
+def _probe_sigbus_traps(madvise: tuple[AdviceSupport, ...],
+                        memfd: ProbeOutcome) -> tuple[TrapSupport, ...]:
+    """The userfaultfd trap is verified by doing: open a SIGBUS-mode userfaultfd the way a region
+    does, register a scratch page and fill it with UFFDIO_COPY."""
+    fd_out = ffi.new("int *", -1)
+    result = lib.vr_sigbus_uffd_trap_open(fd_out)
+    if result == 0:
+        try:
+            result = lib.vr_sigbus_uffd_trap_probe(fd_out[0])
+        finally:
+            lib.vr_close(fd_out[0])
+    free_accepted = any(advice.name == "FREE" and advice.outcome.ok for advice in madvise)
+    if result < 0:
+        uffd_trap = TrapSupport("uffd", False, False,
+                                "no SIGBUS-mode userfaultfd can be used here: "
+                                f"{describe_errno(-result)}")
+    elif not free_accepted:
+        uffd_trap = TrapSupport("uffd", False, False, "madvise rejects MADV_FREE")
+    else:
+        uffd_trap = TrapSupport(
+            "uffd", True, True,
+            "a SIGBUS-mode userfaultfd (UFFD_FEATURE_SIGBUS, user-mode-only where that is all this "
+            "process may open) registers private anonymous memory: volatile pages are MADV_FREE'd "
+            "and the kernel reclaims them by itself under pressure")
+    memfd_trap = TrapSupport(
+        "memfd", memfd.ok, False,
+        "an empty memfd is mapped over purged chunks: the kernel cannot reclaim these pages, only "
+        "vrange's purges give memory back" if memfd.ok
+        else f"memfd_create fails with {memfd.error}")
+    return (uffd_trap, memfd_trap)
 
+
+def _assess_backends(
+    uffd: UserfaultfdReport, madvise: tuple[AdviceSupport, ...], traps: tuple[TrapSupport, ...]
+) -> tuple[BackendSupport, ...]:
     accepted = {advice.name for advice in madvise if advice.outcome.ok}
     uffd_missing = []
     if not uffd.full:
@@ -535,24 +591,19 @@ def _assess_backends(
         uffd_missing.append("the kernel lacks UFFD_FEATURE_THREAD_ID")
     uffd_missing += [f"madvise rejects MADV_{name}" for name in ("FREE", "POPULATE_WRITE")
                      if name not in accepted]
-    sigbus_missing = [] if memfd.ok else [f"memfd_create fails with {memfd.error}"]
-
-    reasons = {
-        "uffd": (uffd_missing, "userfaultfd serves faults inside syscalls; MADV_FREE and "
-                               "MADV_POPULATE_WRITE are accepted"),
-        "sigbus": (sigbus_missing, "memfd_create works (no userfaultfd needed)"),
-    }
-    supports = []
-    for name, (missing, ok_reason) in reasons.items():
-        if name not in IMPLEMENTED_BACKENDS:
-            kernel = "this machine would allow it" if not missing else "; ".join(missing)
-            supports.append(BackendSupport(name, False, f"not implemented in this version of vrange "
-                                                        f"({kernel})"))
-        elif missing:
-            supports.append(BackendSupport(name, False, "; ".join(missing)))
-        else:
-            supports.append(BackendSupport(name, True, ok_reason))
-    return tuple(supports)
+    uffd_support = (BackendSupport("uffd", False, "; ".join(uffd_missing), kernel_reclaims=True)
+                    if uffd_missing else
+                    BackendSupport("uffd", True, "userfaultfd serves faults inside syscalls; "
+                                   "MADV_FREE and MADV_POPULATE_WRITE are accepted",
+                                   kernel_reclaims=True))
+    trap = next((support for support in traps if support.usable), None)
+    if trap is None:
+        sigbus_support = BackendSupport("sigbus", False, "; ".join(
+            f"{support.name} trap: {support.reason}" for support in traps))
+    else:
+        sigbus_support = BackendSupport("sigbus", True, f"{trap.name} trap: {trap.reason}",
+                                        trap=trap.name, kernel_reclaims=trap.kernel_reclaims)
+    return (uffd_support, sigbus_support)
 
 
 def _choose_auto(backends: tuple[BackendSupport, ...]) -> tuple[str | None, str]:
@@ -560,11 +611,17 @@ def _choose_auto(backends: tuple[BackendSupport, ...]) -> tuple[str | None, str]
     if by_name["uffd"].usable:
         return "uffd", ("uffd: userfaultfd serves faults inside syscalls here, so a syscall that "
                         "touches a purged page blocks and succeeds")
-    if by_name["sigbus"].usable:
-        return "sigbus", (f"sigbus: uffd is unusable ({by_name['uffd'].reason}); syscalls on purged "
-                          "pages fail with EFAULT, use vrange.io")
+    sigbus = by_name["sigbus"]
+    if sigbus.usable:
+        reclaim = ("the kernel reclaims volatile pages by itself (MADV_FREE) and a SIGBUS handler "
+                   "refills them" if sigbus.kernel_reclaims else
+                   "the kernel cannot reclaim these pages: only purge() and vrange's own policy give "
+                   "memory back")
+        return "sigbus", (f"sigbus: uffd is unusable ({by_name['uffd'].reason}); the {sigbus.trap} "
+                          f"trap is used: {reclaim}; syscalls on purged pages fail with EFAULT, "
+                          "use vrange.io")
     return None, ("no backend can run: uffd: " + by_name["uffd"].reason
-                  + "; sigbus: " + by_name["sigbus"].reason)
+                  + "; sigbus: " + sigbus.reason)
 
 
 _UNKNOWN_UFFD = UserfaultfdReport(
@@ -586,9 +643,13 @@ def _compute() -> Features:
     memfd = run.section("memfd", lambda: ProbeOutcome.from_result(lib.vr_probe_memfd()), _FAILED)
     psi = run.section("psi", _probe_psi, PsiReport(_FAILED, _FAILED, None, None))
     cgroup = run.section("cgroup", _probe_cgroup, CgroupReport("none", None, None, None, None))
+    traps = run.section(
+        "sigbus traps", lambda: _probe_sigbus_traps(madvise, memfd),
+        tuple(TrapSupport(name, False, False, "probe failed (see probe_errors)")  # type: ignore[arg-type]
+              for name in ("uffd", "memfd")))
     backends = run.section(
         "backends",
-        lambda: _assess_backends(uffd, madvise, memfd),
+        lambda: _assess_backends(uffd, madvise, traps),
         tuple(BackendSupport(name, False, "assessment failed") for name in ("uffd", "sigbus")),
     )
     auto_backend, auto_reason = _choose_auto(backends)
@@ -603,6 +664,7 @@ def _compute() -> Features:
         memfd=memfd,
         psi=psi,
         cgroup=cgroup,
+        sigbus_traps=traps,
         backends=backends,
         auto_backend=auto_backend,
         auto_reason=auto_reason,
@@ -612,6 +674,7 @@ def _compute() -> Features:
 
 
 _cache: Features | None = None
+_cache_euid: int | None = None
 _cache_lock = threading.Lock()
 
 
@@ -626,11 +689,21 @@ os.register_at_fork(after_in_child=_reset_lock_after_fork)
 def features(refresh: bool = False) -> Features:
     """The feature report of this kernel and process, computed on first use and then cached.
 
-    Pass ``refresh=True`` to probe again (after dropping privileges, installing a seccomp filter,
-    moving to another cgroup). Never raises.
+    The report is probed again by itself when the effective uid changed since (a process that drops
+    privileges); pass ``refresh=True`` after other changes (a seccomp filter installed by other code,
+    a move to another cgroup). :func:`vrange.testing.deny_userfaultfd` refreshes it. Never raises.
     """
+    global _cache, _cache_euid
+    with _cache_lock:
+        euid = os.geteuid()
+        if _cache is None or refresh or _cache_euid != euid:
+            _cache = _compute()
+            _cache_euid = euid
+        return _cache
+
+
+def invalidate() -> None:
+    """Forget the cached report: the next :func:`features` call probes again."""
     global _cache
     with _cache_lock:
-        if _cache is None or refresh:
-            _cache = _compute()
-        return _cache
+        _cache = None

@@ -31,9 +31,9 @@ docs/benchmarks.md)."""
 MAX_KEPT_FAILURES = 64
 CLOSE_TIMEOUT_MS = 5000
 SIGBUS_MAX_CHUNKS = 8192
-"""The sigbus backend keeps each refilled chunk in a mapping of its own (mremap), so it uses at most
-this many chunks per region (a larger chunk_size for regions over 512 MiB at 64 KiB) to stay far
-below vm.max_map_count (65530 by default)."""
+"""The sigbus backend's memfd trap keeps each refilled chunk in a mapping of its own (mremap), so it
+uses at most this many chunks per region (a larger chunk_size for regions over 512 MiB at 64 KiB) to
+stay far below vm.max_map_count (65530 by default). The uffd trap has no such limit."""
 # Live regions by start address, for code that is handed a raw buffer (vrange.io).
 _live_regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
 _live_regions_lock = threading.Lock()
@@ -101,11 +101,13 @@ class Region(mmap.mmap):
     - ``regenerate`` is a callable ``fn(offset, buf)`` that fills the writable memoryview ``buf``
       (one chunk, or the region's tail) with the region's bytes at ``offset``, or a native source
       from :mod:`vrange.sources`.
-    - ``backend``: ``"auto"``, ``"uffd"`` or ``"sigbus"`` (``None``: ``$VRANGE_BACKEND`` or auto).
+    - ``backend``: ``"auto"``, ``"uffd"`` or ``"sigbus"`` (``None``: ``$VRANGE_BACKEND`` or auto);
+      ``"sigbus:uffd"`` or ``"sigbus:memfd"`` force one trap of the sigbus backend (``"sigbus"``
+      uses the userfaultfd trap wherever a userfaultfd of any kind opens, else the memfd trap).
     - ``chunk_size``: a power-of-two multiple of the page size; the unit that is purged,
-      regenerated and resolved per fault (default 64 KiB). The sigbus backend uses at most
-      8192 chunks per region and raises the chunk size for larger regions; ``region.chunk_size``
-      tells the size in use.
+      regenerated and resolved per fault (default 64 KiB). The sigbus backend's memfd trap uses
+      at most 8192 chunks per region and raises the chunk size for larger regions;
+      ``region.chunk_size`` tells the size in use.
     - ``on_error``: what a fault does when the regenerator fails and there is no library call to
       raise from (a plain memory access): ``"poison"`` (default where the kernel has
       UFFDIO_POISON: the access raises SIGBUS, a syscall gets EFAULT, the next
@@ -148,12 +150,12 @@ class Region(mmap.mmap):
                              f"({PAGE_SIZE}), not {chunk_size!r}")
         if on_error is not None and on_error not in _ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {sorted(_ERROR_POLICIES)}, not {on_error!r}")
-        backend_name = resolve_backend(backend)
+        backend_name, trap = resolve_backend(backend)
         policy = _default_error_policy(backend_name) if on_error is None else on_error
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
-        if backend_name == "sigbus" and -(-size // chunk) > SIGBUS_MAX_CHUNKS:
+        if trap == "memfd" and -(-size // chunk) > SIGBUS_MAX_CHUNKS:
             floor = 1 << (-(-size // SIGBUS_MAX_CHUNKS) - 1).bit_length()
-            logger.debug("vrange: sigbus region of %d bytes uses %d-byte chunks (asked: %d)",
+            logger.debug("vrange: memfd-trap region of %d bytes uses %d-byte chunks (asked: %d)",
                          size, floor, chunk)
             chunk = floor
         self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
@@ -176,13 +178,17 @@ class Region(mmap.mmap):
             kind, fd, file_offset = regenerate._kind, regenerate._fd, regenerate._offset
         else:
             kind, fd, file_offset = lib.VR_SOURCE_PYTHON, -1, 0
-        if backend_name == "uffd":
-            from ._backends.uffd import UffdRegion as core_type
-        else:
-            from ._backends.sigbus import SigbusRegion as core_type  # type: ignore[assignment]
         try:
-            self._core = core_type(self, self._address, size, chunk, kind, fd, file_offset,
-                                   _ERROR_POLICIES[policy])
+            if backend_name == "uffd":
+                from ._backends.uffd import UffdRegion
+
+                self._core = UffdRegion(self, self._address, size, chunk, kind, fd, file_offset,
+                                        _ERROR_POLICIES[policy])
+            else:
+                from ._backends.sigbus import SigbusRegion
+
+                self._core = SigbusRegion(self, self._address, size, chunk, kind, fd, file_offset,
+                                          _ERROR_POLICIES[policy], cast(str, trap))
         except BaseException:
             mmap.mmap.close(self)
             self._closed = True
@@ -205,8 +211,22 @@ class Region(mmap.mmap):
     @property
     def chunk_size(self) -> int:
         """Bytes purged, regenerated and resolved per fault (may exceed the size asked for on the
-        sigbus backend, which uses at most 8192 chunks per region)."""
+        sigbus backend's memfd trap, which uses at most 8192 chunks per region)."""
         return self._chunk_size
+
+    @property
+    def trap(self) -> str | None:
+        """How the sigbus backend traps accesses to missing pages here: ``"uffd"`` (the kernel
+        reclaims volatile pages by itself) or ``"memfd"`` (only vrange purges); None on the uffd
+        backend."""
+        return self._core.trap
+
+    @property
+    def kernel_reclaims(self) -> bool:
+        """True when the kernel itself takes this region's volatile pages back under memory
+        pressure (the uffd backend and the sigbus uffd trap); False on the memfd trap, where only
+        :meth:`purge` gives memory back."""
+        return self._core.kernel_reclaims
 
     @property
     def address(self) -> int:
@@ -216,7 +236,9 @@ class Region(mmap.mmap):
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{mmap.mmap.__len__(self)} bytes"
-        return (f"<vrange.Region {state}, backend={self._backend_name!r}, "
+        trap = f", trap={self._core.trap!r}" if getattr(self, "_core", None) and self._core.trap \
+            else ""
+        return (f"<vrange.Region {state}, backend={self._backend_name!r}{trap}, "
                 f"chunk_size={self._chunk_size}>")
 
     # --- volatility -------------------------------------------------------------------------------
@@ -299,7 +321,14 @@ class Region(mmap.mmap):
         if first >= end:
             return [] if report else False
         with self._open_and_locked():
-            self._regenerate_missing(first, end, self._core.populate)
+            # Not volatile from here on (so no refill makes these chunks lazy-free again), then
+            # populated; on failure the chunks that were volatile are volatile again.
+            was_volatile = self._core.begin_pin(first, end)
+            try:
+                self._regenerate_missing(first, end, self._core.populate)
+            except BaseException:
+                self._restore_volatile(first, was_volatile)
+                raise
             purged = self._core.finish_nonvolatile(first, end)
         if not report:
             return any(purged)
@@ -314,6 +343,15 @@ class Region(mmap.mmap):
             else:
                 ranges.append((start, stop - start))
         return ranges
+
+    def _restore_volatile(self, first: int, was_volatile: list[bool]) -> None:
+        run_start = None
+        for index, volatile in enumerate([*was_volatile, False]):
+            if volatile and run_start is None:
+                run_start = index
+            elif not volatile and run_start is not None:
+                self._core.mark_volatile(first + run_start, first + index)
+                run_start = None
 
     def prefault(self, offset: int = 0, length: int | None = None) -> None:
         """Make every page of the range present now, regenerating purged chunks, without changing
@@ -411,6 +449,9 @@ class Region(mmap.mmap):
             bytes_regenerated=counters["bytes_regenerated"],
             regeneration_errors=counters["regeneration_errors"],
             purges=counters["purges"],
+            volatile_refills=counters["volatile_refills"],
+            trap=self._core.trap,
+            kernel_reclaims=self._core.kernel_reclaims,
             volatile_bytes=volatile,
             nonvolatile_bytes=nonvolatile,
             resident_bytes=resident,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno as errno_module
 
 from ._native import lib
+from ._features import invalidate
 from .errors import check
 from .region import Region
 
@@ -22,12 +23,13 @@ def deny_userfaultfd(error_number: int = errno_module.EPERM, *, include_dev: boo
     ``userfaultfd(2)`` system call fails with ``error_number`` (EPERM like Docker's default profile,
     or ENOSYS like others). With ``include_dev`` the ``USERFAULTFD_IOC_NEW`` ioctl on
     /dev/userfaultfd fails the same way, so no userfaultfd can be had at all.
-    Call :func:`vrange.features` with ``refresh=True`` afterwards to see the effect.
+    The next :func:`vrange.features` call probes again and shows the effect.
     """
     if not isinstance(error_number, int) or not 0 < error_number <= 0xFFFF:
         raise ValueError(f"error_number must be a positive errno value, not {error_number!r}")
     check(lib.vr_seccomp_deny_userfaultfd(error_number, int(include_dev)),
           "install a seccomp filter denying userfaultfd")
+    invalidate()  # what this process may use has changed
 
 
 def page_out(region: Region, offset: int = 0, length: int | None = None) -> None:
@@ -37,11 +39,12 @@ def page_out(region: Region, offset: int = 0, length: int | None = None) -> None
     served by the regenerator; non-volatile pages are kept (there is no swap to write them to, or
     they are swapped and come back unchanged). Use it to inject kernel purges into your own tests.
     The kernel may leave a few pages in place (it skips pages it cannot isolate at that moment).
+    Works on every region the kernel reclaims (``region.kernel_reclaims``): the uffd backend and the
+    sigbus backend's uffd trap.
     """
     offset, length = region._range(offset, length)
-    if region.backend != "uffd":
-        raise ValueError(f"page_out needs the uffd backend: the kernel cannot discard a "
-                         f"{region.backend} region's pages by itself; use region.purge()")
-    from ._backends.uffd import page_out as _page_out
-
-    _page_out(region.address + offset, length)
+    if not region.kernel_reclaims:
+        raise ValueError(f"page_out needs a region the kernel reclaims (the uffd backend or the "
+                         f"sigbus backend's uffd trap), not one on the {region.backend} backend's "
+                         f"{region.trap} trap; use region.purge()")
+    check(lib.vr_pageout(region.address + offset, length), "page the range out (MADV_PAGEOUT)")

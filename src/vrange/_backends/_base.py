@@ -42,6 +42,13 @@ class RegionStats:
     """Pages present in memory now (lazy-free pages count until the kernel takes them)."""
     purged_bytes: int
     """Bytes that were filled once and are missing now (purged and not yet refilled)."""
+    volatile_refills: int = 0
+    """Chunks refilled while volatile and made lazy-free again, so the kernel may take them back
+    again (uffd backend and the sigbus uffd trap)."""
+    trap: str | None = None
+    """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
+    kernel_reclaims: bool = True
+    """True when the kernel itself takes this region's volatile pages back under pressure."""
 
 
 class BackendRegion(abc.ABC):
@@ -50,6 +57,10 @@ class BackendRegion(abc.ABC):
 
     name: str
     pointer: Any
+    trap: str | None = None
+    """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
+    kernel_reclaims: bool = True
+    """True when the kernel itself discards volatile pages under pressure."""
 
     def __init__(self, size: int, chunk_size: int) -> None:
         self.chunk_count = -(-size // chunk_size)
@@ -105,6 +116,14 @@ class BackendRegion(abc.ABC):
         """The errno of the last failure of a native source on this region (0 if none)."""
         return int(lib.vr_region_last_native_error(self.pointer))
 
+    def begin_pin(self, first_chunk: int, end_chunk: int) -> list[bool]:
+        """Make the chunks non-volatile before populating them, once refills in flight on them are
+        done; for each, whether it was volatile (to restore should populating fail)."""
+        was_volatile = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))
+        check(lib.vr_region_begin_pin(self.pointer, first_chunk, end_chunk, was_volatile),
+              "pin the range")
+        return [bool(was_volatile[i]) for i in range(end_chunk - first_chunk)]
+
     def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
         """Pin the chunks; for each, whether it was purged since marked volatile."""
         purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))
@@ -127,4 +146,4 @@ class BackendRegion(abc.ABC):
         lib.vr_region_stats(self.pointer, stats)
         return {name: int(getattr(stats, name)) for name in (
             "faults_on_handler_thread", "faults_on_faulting_thread", "faults_on_worker_thread",
-            "bytes_regenerated", "regeneration_errors", "purges")}
+            "bytes_regenerated", "regeneration_errors", "purges", "volatile_refills")}

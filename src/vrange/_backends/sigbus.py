@@ -1,8 +1,16 @@
-"""The sigbus backend: purged chunks are empty-memfd traps; a SIGBUS handler refills them."""
+"""The sigbus backend: a SIGBUS handler on the faulting thread refills missing chunks.
+
+Two traps make an access to a missing page raise SIGBUS (see docs/backends.md):
+
+- ``uffd``: the region is registered with the process's SIGBUS-mode userfaultfd; volatile pages are
+  MADV_FREE'd and the kernel reclaims them by itself under pressure;
+- ``memfd``: an empty memfd is mapped over purged chunks; only vrange purges.
+"""
 
 from __future__ import annotations
 
 import atexit
+import errno
 import logging
 import os
 import threading
@@ -19,6 +27,38 @@ _install_lock = threading.Lock()
 _live_regions: weakref.WeakSet[SigbusRegion] = weakref.WeakSet()
 # Closed regions a SIGBUS handler might still have been using past the grace period: never freed.
 _leaked: list[SigbusRegion] = []
+
+TRAP_KINDS = {"uffd": lib.VR_TRAP_UFFD, "memfd": lib.VR_TRAP_MEMFD}
+
+
+class _TrapDescriptor:
+    """The process's SIGBUS-mode userfaultfd, shared by every region on the uffd trap. Opened on
+    first use; a forked child opens its own (the inherited one belongs to the parent's memory)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.fd: int | None = None
+
+    def get(self) -> int:
+        with self.lock:
+            if self.fd is None:
+                fd_out = ffi.new("int *", -1)
+                check(lib.vr_sigbus_uffd_trap_open(fd_out),
+                      "open a SIGBUS-mode userfaultfd for the sigbus backend's uffd trap")
+                self.fd = int(fd_out[0])
+            return self.fd
+
+    def reopen_in_child(self) -> int | None:
+        """After fork: close the parent's descriptor and open this process's own."""
+        self.lock = threading.Lock()
+        if self.fd is None:
+            return None
+        lib.vr_close(self.fd)
+        self.fd = None
+        return self.get()
+
+
+_trap_descriptor = _TrapDescriptor()
 
 
 def ensure_handler() -> None:
@@ -39,11 +79,26 @@ def ensure_handler() -> None:
 
 
 def _after_fork_in_child() -> None:
+    """Threads that were inside a handler in the parent do not exist here; the child's copy of a
+    uffd-trap region is not registered (a missing page would read as zeros): register it again with
+    the child's own descriptor."""
     global _install_lock
     _install_lock = threading.Lock()
-    for region in list(_live_regions):
-        if region.pointer != ffi.NULL:
-            lib.vr_sigbus_after_fork(region.pointer)
+    regions = [region for region in list(_live_regions) if region.pointer != ffi.NULL]
+    for region in regions:
+        lib.vr_sigbus_after_fork(region.pointer)
+    try:
+        trap_fd = _trap_descriptor.reopen_in_child()
+    except OSError as error:
+        trap_fd = None
+        logger.error("vrange: the forked child cannot open its own userfaultfd: %s", error)
+    for region in regions:
+        if region.trap != "uffd":
+            continue
+        result = lib.vr_sigbus_uffd_rebind(region.pointer, -1 if trap_fd is None else trap_fd)
+        if result < 0:
+            logger.error("vrange: could not register a sigbus region again in the forked child "
+                         "(its purged pages would read as zeros): %s", os.strerror(-result))
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -54,39 +109,60 @@ class SigbusRegion(BackendRegion):
     name = "sigbus"
 
     def __init__(self, owner: Any, base: int, size: int, chunk_size: int, source_kind: int,
-                 file_fd: int, file_offset: int, on_error: int) -> None:
+                 file_fd: int, file_offset: int, on_error: int, trap: str) -> None:
         super().__init__(size, chunk_size)
+        self.trap = trap
+        self.kernel_reclaims = trap == "uffd"
         ensure_handler()
+        trap_fd = _trap_descriptor.get() if trap == "uffd" else -1
         self.handle = ffi.new_handle(owner)
         self.pointer = self.new_native_region(ffi.NULL, base, size, chunk_size, source_kind,
                                               file_fd, file_offset, self.handle, on_error)
-        result = lib.vr_sigbus_attach(self.pointer)
+        result = lib.vr_sigbus_attach(self.pointer, TRAP_KINDS[trap], trap_fd)
         if result < 0:
             lib.vr_sigbus_detach(self.pointer)
             lib.vr_region_release(self.pointer)
             self.pointer = ffi.NULL
-            check(result, "map the region's trap (memfd_create, mmap)"
-                  + (" — too many sigbus regions are open" if result == -24 else ""))
+            action = ("register the region with the uffd trap (UFFDIO_REGISTER)" if trap == "uffd"
+                      else "map the region's memfd trap (memfd_create, mmap)")
+            check(result, action + (" — too many sigbus regions are open"
+                                    if result == -errno.EMFILE else ""))
         _live_regions.add(self)
 
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None:
-        # The kernel cannot discard these pages by itself: purging is vrange's decision.
-        lib.vr_region_set_volatile(self.pointer, first_chunk, end_chunk)
+        if self.trap == "uffd":
+            check(lib.vr_region_mark_volatile(self.pointer, first_chunk, end_chunk),
+                  "mark the range volatile (MADV_FREE)")
+        else:  # the kernel cannot discard memfd-trap pages by itself: purging is vrange's decision
+            lib.vr_region_set_volatile(self.pointer, first_chunk, end_chunk)
 
     def discard(self, first_chunk: int, end_chunk: int, only_failed: bool) -> None:
-        check(lib.vr_sigbus_discard(self.pointer, first_chunk, end_chunk, int(only_failed)),
-              "map the trap over failed chunks")
+        if self.trap == "uffd":
+            check(lib.vr_region_discard(self.pointer, first_chunk, end_chunk, int(only_failed)),
+                  "drop failed pages (MADV_DONTNEED)")
+        else:
+            check(lib.vr_sigbus_memfd_discard(self.pointer, first_chunk, end_chunk,
+                                              int(only_failed)),
+                  "map the trap over failed chunks")
 
     def populate(self, first_chunk: int, end_chunk: int) -> int:
         ensure_handler()
-        return int(lib.vr_sigbus_populate(self.pointer, first_chunk, end_chunk))
+        if self.trap == "uffd":
+            return int(lib.vr_sigbus_uffd_populate(self.pointer, first_chunk, end_chunk, 1))
+        return int(lib.vr_sigbus_memfd_populate(self.pointer, first_chunk, end_chunk))
 
     def prefault(self, first_chunk: int, end_chunk: int) -> int:
-        return self.populate(first_chunk, end_chunk)  # volatility is only vrange's bookkeeping
+        ensure_handler()
+        if self.trap == "uffd":
+            return int(lib.vr_sigbus_uffd_populate(self.pointer, first_chunk, end_chunk, 0))
+        return int(lib.vr_sigbus_memfd_populate(self.pointer, first_chunk, end_chunk))
 
     def purge(self, first_chunk: int, end_chunk: int) -> int:
         ensure_handler()
-        return check(int(lib.vr_sigbus_purge(self.pointer, first_chunk, end_chunk)),
+        if self.trap == "uffd":
+            return check(int(lib.vr_region_purge(self.pointer, first_chunk, end_chunk)),
+                         "purge the range (MADV_DONTNEED)")
+        return check(int(lib.vr_sigbus_memfd_purge(self.pointer, first_chunk, end_chunk)),
                      "purge the range (map the trap over it)")
 
     def resume(self) -> None:

@@ -141,8 +141,3 @@ class UffdRegion(BackendRegion):
         _live_regions.discard(self)
         _retired.append(self)
         _sweep_retired()
-
-
-def page_out(address: int, length: int) -> None:
-    """Ask the kernel to reclaim the range now (MADV_PAGEOUT): lazy-free pages are discarded."""
-    check(lib.vr_pageout(address, length), "page the range out (MADV_PAGEOUT)")

@@ -26,6 +26,9 @@ void vr_region_ref(vr_region *region)
 void vr_region_unref(vr_region *region)
 {
     if (__atomic_sub_fetch(&region->refcount, 1, __ATOMIC_ACQ_REL) == 0) {
+        for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++)
+            if (region->scratch[slot])
+                munmap(region->scratch[slot], region->chunk_size);
         free(region->chunk_state);
         free(region->owners);
         free(region->gil_free_waiters);
@@ -67,6 +70,7 @@ int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk
     region->refcount = 1; /* the caller's (Python's) reference, dropped by vr_region_release */
     region->handler = handler;
     region->trap_fd = -1;
+    region->trap_uffd = -1;
     /* Huge pages would bypass the per-chunk accounting and UFFDIO_COPY works in base pages. */
     if (madvise((void *)base, size, MADV_NOHUGEPAGE) < 0 && errno != EINVAL) {
         int saved = errno;
@@ -137,11 +141,11 @@ void vr_pause_briefly(void)
     nanosleep(&step, NULL);
 }
 
-static int64_t monotonic_ms(void)
+int64_t vr_monotonic_ns(void)
 {
     struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+    clock_gettime(CLOCK_MONOTONIC, &now); /* async-signal-safe; cannot fail for this clock */
+    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
 }
 
 /* Before unmapping: stop starting regenerations of this region and wait until none is running,
@@ -154,13 +158,13 @@ int vr_region_quiesce(vr_region *region, int timeout_ms)
     /* Pairs with the fence after a fault handler claims a chunk: either we see its IN_FLIGHT, or
      * it sees CLOSING and backs off (a store-then-load on both sides needs a full fence). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    int64_t deadline = monotonic_ms() + timeout_ms;
+    int64_t deadline = vr_monotonic_ns() + (int64_t)timeout_ms * 1000000;
     for (size_t chunk = 0; chunk < region->chunk_count;) {
         if (!(vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)) {
             chunk++;
             continue;
         }
-        if (monotonic_ms() > deadline) {
+        if (vr_monotonic_ns() > deadline) {
             __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
             return -ETIMEDOUT;
         }
@@ -210,5 +214,189 @@ void vr_region_stats(vr_region *region, struct vr_stats *out)
     out->bytes_regenerated = __atomic_load_n(&region->stats.bytes_regenerated, __ATOMIC_RELAXED);
     out->regeneration_errors = __atomic_load_n(&region->stats.regeneration_errors, __ATOMIC_RELAXED);
     out->purges = __atomic_load_n(&region->stats.purges, __ATOMIC_RELAXED);
+    out->volatile_refills = __atomic_load_n(&region->stats.volatile_refills, __ATOMIC_RELAXED);
 }
 
+
+/* --- volatility shared by the uffd backend and the sigbus userfaultfd trap ----------------------- */
+
+static void chunk_span(const vr_region *region, size_t first_chunk, size_t end_chunk,
+                       uintptr_t *start_out, size_t *length_out)
+{
+    size_t end = end_chunk * region->chunk_size;
+    if (end > region->size)
+        end = region->size;
+    *start_out = region->base + first_chunk * region->chunk_size;
+    *length_out = end - first_chunk * region->chunk_size;
+}
+
+/* Volatile = MADV_FREE: the kernel discards these pages by itself under pressure. */
+int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    vr_region_set_volatile(region, first_chunk, end_chunk);
+    uintptr_t start;
+    size_t length;
+    chunk_span(region, first_chunk, end_chunk, &start, &length);
+    if (madvise((void *)start, length, MADV_FREE) < 0)
+        return -errno;
+    return 0;
+}
+
+/* A chunk was just refilled (UFFDIO_COPY installs ordinary dirty pages) by a thread that still holds
+ * it IN_FLIGHT: if the chunk is volatile, make it lazy-free again, so that a cache marked volatile
+ * once stays reclaimable however often it is refilled. Async-signal-safe (one madvise).
+ *
+ * Against mark_nonvolatile: vr_region_begin_pin clears VOLATILE and then waits for IN_FLIGHT, so
+ * either this load sees VOLATILE cleared (and frees nothing), or the pin waits until this madvise is
+ * done and then dirties the chunk: a pinned chunk is never left lazy-free. Both sides use seq_cst.
+ *
+ * Why the faulting access cannot refault for ever: the access restarts as soon as it is woken (the
+ * uffd backend wakes it before this call; the sigbus trap returns from the handler right after), and
+ * MADV_FREE puts the chunk at the young end of the inactive list, so reclaim takes every older
+ * lazy-free page first. If reclaim takes it anyway, the access faults again and is served again:
+ * extra work, never wrong bytes. */
+void vr_region_keep_volatile(vr_region *region, size_t chunk_index)
+{
+    if (!(__atomic_load_n(&region->chunk_state[chunk_index], __ATOMIC_SEQ_CST) & VR_CHUNK_VOLATILE))
+        return;
+    uintptr_t start;
+    size_t length;
+    chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
+    /* A failure leaves the chunk pinned (still correct, only not reclaimable): nothing to report
+     * from a fault handler. */
+    if (madvise((void *)start, length, MADV_FREE) == 0)
+        vr_stat_add(&region->stats.volatile_refills, 1);
+}
+
+/* First step of mark_nonvolatile: the chunks stop being volatile now, before they are populated, and
+ * any refill in flight on them finishes first (see vr_region_keep_volatile). `was_volatile_out[i]`
+ * tells the caller which chunks to make volatile again should populating fail. Called with the GIL
+ * released; the refills waited for may need it (Python regenerators on workers or other threads). */
+int vr_region_begin_pin(vr_region *region, size_t first_chunk, size_t end_chunk,
+                        uint8_t *was_volatile_out)
+{
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint8_t before = __atomic_fetch_and(&region->chunk_state[chunk], (uint8_t)~VR_CHUNK_VOLATILE,
+                                            __ATOMIC_SEQ_CST);
+        was_volatile_out[chunk - first_chunk] = (before & VR_CHUNK_VOLATILE) ? 1 : 0;
+    }
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        while (__atomic_load_n(&region->chunk_state[chunk], __ATOMIC_SEQ_CST) & VR_CHUNK_IN_FLIGHT)
+            vr_pause_briefly();
+    return 0;
+}
+
+#define MINCORE_BATCH 256 /* pages per mincore call: a bounded stack whatever the chunk size */
+
+/* How many pages of [start, start + length) are resident; -errno if mincore fails. */
+int64_t vr_region_resident_pages(const vr_region *region, uintptr_t start, size_t length)
+{
+    unsigned char vector[MINCORE_BATCH];
+    int64_t present = 0;
+    size_t batch_bytes = MINCORE_BATCH * region->page_size;
+    for (size_t done = 0; done < length; done += batch_bytes) {
+        size_t part = length - done < batch_bytes ? length - done : batch_bytes;
+        if (mincore((void *)(start + done), part, vector) < 0)
+            return -errno;
+        for (size_t page = 0; page < part / region->page_size; page++)
+            present += vector[page] & 1;
+    }
+    return present;
+}
+
+/* 1 if the page holding `address` is resident. Async-signal-safe. */
+int vr_region_page_present(const vr_region *region, uintptr_t address)
+{
+    uintptr_t page = address & ~(uintptr_t)(region->page_size - 1);
+    return vr_region_resident_pages(region, page, region->page_size) == 1;
+}
+
+/* Discard the volatile chunks of the range now (MADV_DONTNEED); non-volatile chunks are skipped
+ * (never lose a pinned byte). Returns the number of bytes discarded. */
+int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int64_t purged = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint8_t state = vr_chunk_load(region, chunk);
+        if (!(state & VR_CHUNK_VOLATILE) || !(state & VR_CHUNK_MATERIALIZED))
+            continue;
+        uintptr_t start;
+        size_t length;
+        chunk_span(region, chunk, chunk + 1, &start, &length);
+        /* Count what is really discarded: pages already purged (or never refilled) are not. */
+        int64_t present = vr_region_resident_pages(region, start, length);
+        if (present < 0)
+            return present;
+        if (present == 0)
+            continue;
+        if (madvise((void *)start, length, MADV_DONTNEED) < 0)
+            return -errno;
+        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
+        if (!(before & VR_CHUNK_PURGED))
+            vr_stat_add(&region->stats.purges, 1);
+        purged += present * (int64_t)region->page_size;
+    }
+    return purged;
+}
+
+/* Drop chunks so they are missing again (and regenerated on the next access): every chunk of the
+ * range, or only those whose regeneration failed. Used to leave failed chunks missing. */
+int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
+{
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        if (only_poisoned && !(vr_chunk_load(region, chunk) & VR_CHUNK_POISONED))
+            continue;
+        uintptr_t start;
+        size_t length;
+        chunk_span(region, chunk, chunk + 1, &start, &length);
+        if (madvise((void *)start, length, MADV_DONTNEED) < 0)
+            return -errno;
+        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
+    }
+    return 0;
+}
+
+int vr_pageout(uintptr_t address, size_t length)
+{
+    return madvise((void *)address, length, MADV_PAGEOUT) < 0 ? -errno : 0;
+}
+
+/* --- scratch buffers for faults served on the faulting thread ---------------------------------- */
+
+/* A chunk-sized buffer for one fault; `*slot_out` is -1 when it was mapped for this fault alone.
+ * NULL if no memory can be mapped. Async-signal-safe (atomics and mmap). */
+char *vr_region_take_scratch(vr_region *region, int *slot_out)
+{
+    for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++) {
+        if (__atomic_exchange_n(&region->scratch_busy[slot], 1, __ATOMIC_ACQUIRE))
+            continue;
+        char *buffer = __atomic_load_n(&region->scratch[slot], __ATOMIC_ACQUIRE);
+        if (!buffer) {
+            buffer = mmap(NULL, region->chunk_size, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (buffer == MAP_FAILED) {
+                __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
+                return NULL;
+            }
+            __atomic_store_n(&region->scratch[slot], buffer, __ATOMIC_RELEASE);
+        }
+        *slot_out = slot;
+        return buffer;
+    }
+    char *buffer = mmap(NULL, region->chunk_size, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    *slot_out = -1;
+    return buffer == MAP_FAILED ? NULL : buffer;
+}
+
+/* Return a scratch buffer. Its pages are made lazy-free, so an idle region's scratch costs the
+ * process nothing under pressure (reusing a lazy-free page that was not reclaimed costs no fault). */
+void vr_region_give_scratch(vr_region *region, char *scratch, int slot)
+{
+    if (slot < 0) {
+        munmap(scratch, region->chunk_size);
+        return;
+    }
+    (void)madvise(scratch, region->chunk_size, MADV_FREE); /* only an optimisation */
+    __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
+}

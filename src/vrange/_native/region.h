@@ -12,6 +12,13 @@
 
 enum vr_source_kind { VR_SOURCE_ZEROS = 0, VR_SOURCE_FILE = 1, VR_SOURCE_PYTHON = 2 };
 enum vr_on_error { VR_ON_ERROR_POISON = 0, VR_ON_ERROR_ZEROS = 1, VR_ON_ERROR_ABORT = 2 };
+/* How a sigbus region traps accesses to missing pages (the uffd backend has no trap). */
+enum vr_trap_kind { VR_TRAP_NONE = 0, VR_TRAP_MEMFD = 1, VR_TRAP_UFFD = 2 };
+
+/* Scratch buffers a region keeps for faults served on the faulting thread (sigbus userfaultfd
+ * trap): a signal handler cannot allocate with malloc, and a fresh mmap per fault would cost a
+ * first-touch fault per page. One per concurrent fault; more concurrent faults map their own. */
+#define VR_SCRATCH_SLOTS 4
 
 /* Per-chunk state bits (one byte per chunk, updated with atomics from several threads). */
 #define VR_CHUNK_VOLATILE 0x01     /* marked volatile: the kernel (or purge) may discard it */
@@ -29,6 +36,7 @@ struct vr_stats {
     uint64_t bytes_regenerated;
     uint64_t regeneration_errors;
     uint64_t purges; /* chunks purged (explicitly or found discarded by the kernel) */
+    uint64_t volatile_refills; /* chunks refilled while volatile and made lazy-free again */
 };
 
 typedef struct vr_handler vr_handler; /* uffd backend only */
@@ -51,7 +59,11 @@ struct vr_region {
     int refcount; /* Python, the backend's table and every fault in flight hold one */
     int registered;
     vr_handler *handler; /* uffd backend */
-    int trap_fd;         /* sigbus backend: the empty memfd mapped over missing chunks */
+    int trap_kind;       /* sigbus backend: VR_TRAP_MEMFD or VR_TRAP_UFFD */
+    int trap_fd;         /* sigbus memfd trap: the empty memfd mapped over missing chunks */
+    int trap_uffd;       /* sigbus userfaultfd trap: the process's SIGBUS-mode userfaultfd */
+    char *scratch[VR_SCRATCH_SLOTS]; /* chunk-sized, mapped on first use, freed with the region */
+    int scratch_busy[VR_SCRATCH_SLOTS];
     pid_t *owners;       /* the thread regenerating each in-flight chunk (Python regenerators) */
     pid_t *gil_free_waiters; /* uffd: a thread known not to hold the GIL, faulting on the chunk */
     int closing;         /* VR_OPEN, VR_CLOSING (draining before unmap), VR_CLOSED */
@@ -100,6 +112,12 @@ int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t e
 int vr_region_chunk_states(vr_region *region, uint8_t *states_out);
 int vr_region_residency(vr_region *region, uint8_t *pages_out);
 void vr_region_stats(vr_region *region, struct vr_stats *out);
+int vr_region_begin_pin(vr_region *region, size_t first_chunk, size_t end_chunk,
+                        uint8_t *was_volatile_out);
+int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
+int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
+int vr_pageout(uintptr_t address, size_t length);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);
@@ -107,19 +125,11 @@ size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_abort_for_policy(void) __attribute__((noreturn));
 void vr_pause_briefly(void);
-
-/* sigbus.c */
-/* cffi: begin (exported to Python; build.py reads these blocks) */
-int vr_sigbus_install(void);
-int vr_sigbus_handler_is_ours(void);
-void vr_sigbus_python_finalized(void);
-int vr_sigbus_attach(vr_region *region);
-int vr_sigbus_detach(vr_region *region);
-void vr_sigbus_resume(vr_region *region);
-int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
-int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
-int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
-void vr_sigbus_after_fork(vr_region *region);
-/* cffi: end */
+int64_t vr_monotonic_ns(void);
+void vr_region_keep_volatile(vr_region *region, size_t chunk_index);
+int vr_region_page_present(const vr_region *region, uintptr_t address);
+int64_t vr_region_resident_pages(const vr_region *region, uintptr_t start, size_t length);
+char *vr_region_take_scratch(vr_region *region, int *slot_out);
+void vr_region_give_scratch(vr_region *region, char *scratch, int slot);
 
 #endif /* VRANGE_REGION_H */

@@ -1,13 +1,6 @@
-/* The sigbus backend: purged chunks are traps, refilled by a SIGBUS handler on the faulting thread.
- *
- * A missing chunk has an *empty* memfd mapped over it (MAP_SHARED|MAP_FIXED, file offset = offset in
- * the region, so neighbouring traps merge into one VMA): its anonymous pages are freed at once, and
- * any access beyond the file's end raises SIGBUS (BUS_ADRERR). The handler regenerates the chunk
- * into fresh anonymous memory and moves it over the trap with mremap(MREMAP_FIXED): the chunk appears
- * whole in one step, so another thread can never see it half filled. The access then restarts.
- *
- * A system call that touches a trap fails with EFAULT (the kernel does not deliver SIGBUS for its own
- * copies): vrange.io prefaults and retries.
+/* The sigbus backend's shared half: the SIGBUS handler on the faulting thread, chaining to the
+ * previous handler, the table of sigbus regions, and the per-chunk helpers both traps use. Each trap's
+ * own fault path is in sigbus_uffd_trap.c or sigbus_memfd_trap.c (see sigbus_backend.h).
  *
  * Process-wide state, and why it cannot be per region: a signal disposition belongs to the process,
  * so the previous SIGBUS action (for chaining) and the table the handler searches by address are
@@ -29,7 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "region.h"
+#include "sigbus_backend.h"
 
 #define VR_SIGBUS_MAX_REGIONS 4096
 #define GRACE_PERIOD_TIMEOUT_NS (5LL * 1000 * 1000 * 1000)
@@ -44,14 +37,7 @@ static int python_finalized;
 static struct sigaction previous_actions[2];
 static int previous_index;
 
-static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
-
-static int64_t monotonic_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
-}
+pid_t vr_sigbus_current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
 /* The region containing `address`, with `active` raised (the caller lowers it), or NULL. */
 static vr_region *enter_region(uintptr_t address)
@@ -71,67 +57,16 @@ static vr_region *enter_region(uintptr_t address)
     return found;
 }
 
-static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    uintptr_t start = region->base + first_chunk * region->chunk_size;
-    size_t end = end_chunk * region->chunk_size;
-    if (end > region->size)
-        end = region->size;
-    size_t length = end - first_chunk * region->chunk_size;
-    void *mapped = mmap((void *)start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                        region->trap_fd, (off_t)(first_chunk * region->chunk_size));
-    if (mapped == MAP_FAILED)
-        return -errno; /* the chunks keep their data and their state */
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
-        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
-    return 0;
-}
-
-/* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
- * `zeros` 0: regenerate; 1: install zeros (the explicit on_error="zeros" policy). -EIO: regenerator failed. */
-static int install_chunk(vr_region *region, size_t chunk, int zeros)
-{
-    size_t length = vr_region_chunk_length(region, chunk);
-    uintptr_t start = region->base + chunk * region->chunk_size;
-    char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (scratch == MAP_FAILED)
-        return -errno;
-    int rc = 0;
-    if (!zeros) {
-        if (region->source_kind == VR_SOURCE_PYTHON) {
-            if (__atomic_load_n(&python_finalized, __ATOMIC_ACQUIRE))
-                rc = -ESHUTDOWN;
-            else if (vr_python_regenerate(region->python_handle, (uint64_t)(chunk * region->chunk_size),
-                                          scratch, length) != 0)
-                rc = -EIO;
-        } else {
-            rc = vr_fill_native(region, chunk, scratch);
-        }
-    }
-    if (rc == 0 && mremap(scratch, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)start) ==
-                       MAP_FAILED)
-        rc = -errno;
-    if (rc != 0) {
-        munmap(scratch, length);
-        return rc;
-    }
-    vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
-    vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED);
-    vr_stat_add(&region->stats.bytes_regenerated, length);
-    return 0;
-}
-
-static int claim_chunk(vr_region *region, size_t chunk)
+int vr_sigbus_claim_chunk(vr_region *region, size_t chunk)
 {
     uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
     if (before & VR_CHUNK_IN_FLIGHT)
         return 0;
-    region->owners[chunk] = current_tid();
+    region->owners[chunk] = vr_sigbus_current_tid();
     return 1;
 }
 
-static void release_chunk(vr_region *region, size_t chunk)
+void vr_sigbus_release_chunk(vr_region *region, size_t chunk)
 {
     region->owners[chunk] = 0;
     vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
@@ -139,7 +74,7 @@ static void release_chunk(vr_region *region, size_t chunk)
 
 /* Another thread is regenerating this chunk: wait for it. If this thread holds the GIL, let go of
  * it while waiting: the other thread may need it to run a Python regenerator. */
-static void wait_for_chunk(vr_region *region, size_t chunk)
+void vr_sigbus_wait_for_chunk(vr_region *region, size_t chunk)
 {
     PyThreadState *saved = NULL;
     if (PyGILState_Check())
@@ -150,13 +85,46 @@ static void wait_for_chunk(vr_region *region, size_t chunk)
         PyEval_RestoreThread(saved);
 }
 
-static void note_refill(vr_region *region, size_t chunk)
+void vr_sigbus_note_refill(vr_region *region, size_t chunk)
 {
     uint8_t state = vr_chunk_load(region, chunk);
     if (state & VR_CHUNK_MATERIALIZED) {
         uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
         if (!(before & VR_CHUNK_PURGED))
             vr_stat_add(&region->stats.purges, 1);
+    }
+}
+
+/* Fill `buffer` with the chunk's bytes: a Python regenerator (through cffi, which takes the GIL if
+ * this thread does not hold it) or a native source. 0, -EIO (the regenerator raised), -ESHUTDOWN
+ * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. */
+int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer)
+{
+    if (region->source_kind != VR_SOURCE_PYTHON)
+        return vr_fill_native(region, chunk, buffer);
+    if (__atomic_load_n(&python_finalized, __ATOMIC_ACQUIRE))
+        return -ESHUTDOWN;
+    size_t length = vr_region_chunk_length(region, chunk);
+    if (vr_python_regenerate(region->python_handle, (uint64_t)(chunk * region->chunk_size), buffer,
+                             length) != 0)
+        return -EIO;
+    return 0;
+}
+
+/* A refill failed on the fault path: apply the region's policy. Returns what the handler returns (1:
+ * the access restarts on zeros; 0: chain, which raises SIGBUS). The caller holds the chunk. */
+int vr_sigbus_policy_after_failure(vr_region *region, size_t chunk,
+                                   int (*install_zeros)(vr_region *, size_t))
+{
+    vr_stat_add(&region->stats.regeneration_errors, 1);
+    switch (region->on_error) {
+    case VR_ON_ERROR_ZEROS:
+        return install_zeros(region, chunk) == 0;
+    case VR_ON_ERROR_POISON:
+        vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
+        return 0;
+    default:
+        vr_abort_for_policy();
     }
 }
 
@@ -174,43 +142,9 @@ static int serve_fault(vr_region *region, uintptr_t address)
             PyEval_RestoreThread(saved);
         return 1;
     }
-    size_t chunk = (address - region->base) / region->chunk_size;
-    uint8_t state = vr_chunk_load(region, chunk);
-    if (state & VR_CHUNK_POISONED)
-        return 0;
-    if (!(state & VR_CHUNK_TRAPPED))
-        return 1; /* installed meanwhile */
-    if (!claim_chunk(region, chunk)) {
-        if (region->owners[chunk] == current_tid())
-            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
-        wait_for_chunk(region, chunk);
-        return 1;
-    }
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-    if (!(vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) ||
-        __atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
-        release_chunk(region, chunk); /* installed meanwhile, or closing: restart the access */
-        return 1;
-    }
-    note_refill(region, chunk);
-    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-    int handled = 1;
-    if (install_chunk(region, chunk, 0) != 0) {
-        vr_stat_add(&region->stats.regeneration_errors, 1);
-        switch (region->on_error) {
-        case VR_ON_ERROR_ZEROS:
-            handled = install_chunk(region, chunk, 1) == 0;
-            break;
-        case VR_ON_ERROR_POISON:
-            vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
-            handled = 0;
-            break;
-        default:
-            vr_abort_for_policy();
-        }
-    }
-    release_chunk(region, chunk);
-    return handled;
+    if (region->trap_kind == VR_TRAP_UFFD)
+        return vr_sigbus_uffd_serve(region, address);
+    return vr_sigbus_memfd_serve(region, address);
 }
 
 /* The default action: restore it and let the fault happen again (a sent signal is raised again
@@ -307,14 +241,18 @@ int vr_sigbus_handler_is_ours(void)
 
 void vr_sigbus_python_finalized(void) { __atomic_store_n(&python_finalized, 1, __ATOMIC_RELEASE); }
 
-int vr_sigbus_attach(vr_region *region)
+int vr_sigbus_attach(vr_region *region, int trap_kind, int trap_uffd)
 {
-    region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
-    if (region->trap_fd < 0)
-        return -errno;
-    int rc = map_trap(region, 0, region->chunk_count);
+    int rc;
+    if (trap_kind == VR_TRAP_UFFD)
+        rc = vr_sigbus_uffd_attach(region, trap_uffd);
+    else if (trap_kind == VR_TRAP_MEMFD)
+        rc = vr_sigbus_memfd_attach(region);
+    else
+        rc = -EINVAL;
     if (rc < 0)
         return rc;
+    region->trap_kind = trap_kind;
     for (int i = 0; i < VR_SIGBUS_MAX_REGIONS; i++) {
         vr_region *expected = NULL;
         if (__atomic_compare_exchange_n(&regions[i], &expected, region, 0, __ATOMIC_ACQ_REL,
@@ -354,9 +292,9 @@ int vr_sigbus_detach(vr_region *region)
     /* Lookups are short (no blocking inside): once none runs, no handler can still find us. */
     while (__atomic_load_n(&lookups_running, __ATOMIC_ACQUIRE) > 0)
         vr_pause_briefly();
-    int64_t deadline = monotonic_ns() + GRACE_PERIOD_TIMEOUT_NS;
+    int64_t deadline = vr_monotonic_ns() + GRACE_PERIOD_TIMEOUT_NS;
     while (__atomic_load_n(&region->active, __ATOMIC_ACQUIRE) > 0) {
-        if (monotonic_ns() > deadline)
+        if (vr_monotonic_ns() > deadline)
             return -EBUSY;
         vr_pause_briefly();
     }
@@ -369,73 +307,6 @@ void vr_sigbus_resume(vr_region *region)
     __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
 }
 
-/* Discard the volatile chunks that hold data; returns the bytes freed. */
-int64_t vr_sigbus_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    int64_t purged = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t state = vr_chunk_load(region, chunk);
-        if (!(state & VR_CHUNK_VOLATILE) || (state & (VR_CHUNK_TRAPPED | VR_CHUNK_IN_FLIGHT)))
-            continue;
-        int rc = map_trap(region, chunk, chunk + 1);
-        if (rc < 0)
-            return rc;
-        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
-        if (!(before & VR_CHUNK_PURGED))
-            vr_stat_add(&region->stats.purges, 1);
-        purged += (int64_t)vr_region_chunk_length(region, chunk);
-    }
-    return purged;
-}
-
-/* Make chunks missing again: all of them, or only those whose regeneration failed (poisoned). */
-int vr_sigbus_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
-{
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t state = vr_chunk_load(region, chunk);
-        if (only_poisoned && !(state & VR_CHUNK_POISONED))
-            continue;
-        if (!(state & VR_CHUNK_TRAPPED)) {
-            int rc = map_trap(region, chunk, chunk + 1);
-            if (rc < 0)
-                return rc;
-        }
-        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
-    }
-    return 0;
-}
-
-/* Regenerate every missing chunk of the range on this thread (called with the GIL released).
- * Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after trying every
- * chunk; failed chunks stay missing. */
-int vr_sigbus_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    int first_error = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        while (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
-            if (!claim_chunk(region, chunk)) {
-                wait_for_chunk(region, chunk);
-                continue;
-            }
-            int rc = 0;
-            if (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
-                note_refill(region, chunk);
-                vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-                rc = install_chunk(region, chunk, 0);
-                if (rc != 0)
-                    vr_stat_add(&region->stats.regeneration_errors, 1);
-            }
-            release_chunk(region, chunk);
-            if (rc != 0) {
-                if (!first_error)
-                    first_error = rc;
-                break;
-            }
-        }
-    }
-    return first_error;
-}
-
 /* In a forked child: threads that were in a handler or regenerating in the parent do not exist
  * here (call for every live region). */
 void vr_sigbus_after_fork(vr_region *region)
@@ -444,5 +315,7 @@ void vr_sigbus_after_fork(vr_region *region)
     __atomic_store_n(&region->active, 0, __ATOMIC_RELEASE);
     for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
         if (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
-            release_chunk(region, chunk);
+            vr_sigbus_release_chunk(region, chunk);
+    for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++)
+        __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
 }

@@ -78,13 +78,9 @@ int vr_fault_signal_install(int signal_number, int force);
 int vr_region_register(vr_region *region);
 int vr_region_close(vr_region *region);
 int vr_region_resume(vr_region *region);
-int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
-int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
-int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler);
-int vr_pageout(uintptr_t address, size_t length);
 /* cffi: end */
 
 /* internal to the backend */

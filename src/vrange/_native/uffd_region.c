@@ -5,7 +5,6 @@
  * handler: they use only syscalls, atomics and memory the caller owns (async-signal-safe). */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,8 +12,7 @@
 #include <unistd.h>
 
 #include "uffd_backend.h"
-
-#define COPY_EAGAIN_RETRIES 1000
+#include "uffd_fill.h"
 
 static int table_add(vr_handler *handler, vr_region *region)
 {
@@ -103,66 +101,29 @@ int vr_region_resume(vr_region *region)
     return 0;
 }
 
-/* Copy `length` bytes from `source` to the missing pages of [start, start+length); pages that are
- * already present (EEXIST) are kept as they are: a write made by the program is never overwritten.
- * The same walk serves UFFDIO_ZEROPAGE and UFFDIO_POISON. Nothing is woken here (DONTWAKE): the
- * caller clears IN_FLIGHT first and then wakes the range, so that a thread whose fault was set
- * aside while the chunk was in flight is always woken after the chunk is done. */
-enum fill_kind { FILL_COPY, FILL_ZEROPAGE, FILL_POISON };
-
 static int fill_missing_pages(const vr_region *region, uintptr_t start, size_t length,
-                              const char *source, enum fill_kind kind)
+                              const char *source, enum vr_fill_kind kind)
 {
-    int uffd = region->handler->uffd;
-    size_t done = 0;
-    int eagain_retries = 0;
-    while (done < length) {
-        int64_t progress;
-        int rc;
-        if (kind == FILL_COPY) {
-            struct uffdio_copy copy = { .dst = start + done, .src = (uintptr_t)(source + done),
-                                        .len = length - done, .mode = UFFDIO_COPY_MODE_DONTWAKE };
-            rc = ioctl(uffd, UFFDIO_COPY, &copy);
-            progress = copy.copy;
-        } else if (kind == FILL_ZEROPAGE) {
-            struct uffdio_zeropage zero = { .range = { .start = start + done, .len = length - done },
-                                            .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE };
-            rc = ioctl(uffd, UFFDIO_ZEROPAGE, &zero);
-            progress = zero.zeropage;
-        } else {
-            struct vr_uffdio_poison poison = { .range = { .start = start + done, .len = length - done },
-                                               .mode = UFFDIO_COPY_MODE_DONTWAKE };
-            rc = ioctl(uffd, VR_UFFDIO_POISON, &poison);
-            progress = poison.updated;
-        }
-        if (rc == 0)
-            break;
-        int err = errno;
-        if (progress > 0) {
-            done += (size_t)progress;
-            continue;
-        }
-        if (err == EEXIST) {
-            done += region->page_size; /* present already: keep it */
-            continue;
-        }
-        if (err == EAGAIN && eagain_retries++ < COPY_EAGAIN_RETRIES) {
-            sched_yield(); /* the mm is changing (an event is queued): try again */
-            continue;
-        }
-        return -err;
-    }
-    return 0;
+    return vr_uffd_fill_missing(region->handler->uffd, region->page_size, start, length, source, kind);
 }
 
 int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
 {
     size_t length = vr_region_chunk_length(region, chunk_index);
     uintptr_t start = region->base + chunk_index * region->chunk_size;
-    int rc = fill_missing_pages(region, start, length, source, FILL_COPY);
+    int rc = fill_missing_pages(region, start, length, source, VR_FILL_COPY);
     if (rc == 0) {
         vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
         vr_stat_add(&region->stats.bytes_regenerated, length);
+        /* A chunk refilled while volatile must stay as discardable as it was: UFFDIO_COPY installs
+         * ordinary dirty pages. Wake the faulting thread first, so that its access restarts on a
+         * present page before the chunk becomes lazy-free again (see vr_region_keep_volatile for
+         * why it cannot refault for ever); IN_FLIGHT is held until then, which is what a
+         * concurrent mark_nonvolatile waits for (vr_region_begin_pin). */
+        if (vr_chunk_load(region, chunk_index) & VR_CHUNK_VOLATILE) {
+            wake_range(region->handler->uffd, start, length);
+            vr_region_keep_volatile(region, chunk_index);
+        }
     }
     region->gil_free_waiters[chunk_index] = 0;
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
@@ -175,12 +136,12 @@ static void apply_error_policy(vr_region *region, uintptr_t start, size_t length
     vr_stat_add(&region->stats.regeneration_errors, 1);
     switch (region->on_error) {
     case VR_ON_ERROR_ZEROS:
-        if (fill_missing_pages(region, start, length, NULL, FILL_ZEROPAGE) == 0)
+        if (fill_missing_pages(region, start, length, NULL, VR_FILL_ZEROPAGE) == 0)
             vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
         break;
     case VR_ON_ERROR_POISON:
         vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
-        (void)fill_missing_pages(region, start, length, NULL, FILL_POISON);
+        (void)fill_missing_pages(region, start, length, NULL, VR_FILL_POISON);
         break;
     default:
         vr_abort_for_policy();
@@ -205,64 +166,6 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
     region->gil_free_waiters[chunk_index] = 0;
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
     wake_range(region->handler->uffd, start, length);
-    return 0;
-}
-
-int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    vr_region_set_volatile(region, first_chunk, end_chunk);
-    uintptr_t start = region->base + first_chunk * region->chunk_size;
-    size_t end = end_chunk * region->chunk_size;
-    if (end > region->size)
-        end = region->size;
-    if (madvise((void *)start, end - first_chunk * region->chunk_size, MADV_FREE) < 0)
-        return -errno;
-    return 0;
-}
-
-/* Discard the volatile chunks of the range now; non-volatile chunks are skipped (never lose a
- * pinned byte). Returns the number of bytes discarded. */
-int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    int64_t purged = 0;
-    size_t pages_per_chunk = region->chunk_size / region->page_size;
-    unsigned char resident[pages_per_chunk];
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t state = vr_chunk_load(region, chunk);
-        if (!(state & VR_CHUNK_VOLATILE) || !(state & VR_CHUNK_MATERIALIZED))
-            continue;
-        size_t length = vr_region_chunk_length(region, chunk);
-        void *start = (void *)(region->base + chunk * region->chunk_size);
-        /* Count what is really discarded: pages already purged (or never refilled) are not. */
-        if (mincore(start, length, resident) < 0)
-            return -errno;
-        size_t present = 0;
-        for (size_t page = 0; page < length / region->page_size; page++)
-            present += resident[page] & 1;
-        if (present == 0)
-            continue;
-        if (madvise(start, length, MADV_DONTNEED) < 0)
-            return -errno;
-        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
-        if (!(before & VR_CHUNK_PURGED))
-            vr_stat_add(&region->stats.purges, 1);
-        purged += (int64_t)(present * region->page_size);
-    }
-    return purged;
-}
-
-/* Drop chunks so they are missing again (and regenerated on the next access): every chunk of the
- * range, or only those holding poison markers. Used to leave failed chunks missing. */
-int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
-{
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        if (only_poisoned && !(vr_chunk_load(region, chunk) & VR_CHUNK_POISONED))
-            continue;
-        size_t length = vr_region_chunk_length(region, chunk);
-        if (madvise((void *)(region->base + chunk * region->chunk_size), length, MADV_DONTNEED) < 0)
-            return -errno;
-        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
-    }
     return 0;
 }
 
@@ -305,9 +208,4 @@ int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler)
     region->refcount = 1;
     region->registered = 0;
     return vr_region_register(region);
-}
-
-int vr_pageout(uintptr_t address, size_t length)
-{
-    return madvise((void *)address, length, MADV_PAGEOUT) < 0 ? -errno : 0;
 }

@@ -1,0 +1,165 @@
+/* The sigbus backend's memfd trap: missing chunks have an *empty* memfd mapped over them.
+ *
+ * MAP_SHARED|MAP_FIXED with file offset = offset in the region, so neighbouring traps merge into one
+ * VMA: the anonymous pages are freed at once, and any access beyond the file's end raises SIGBUS
+ * (BUS_ADRERR). The handler regenerates the chunk into fresh anonymous memory and moves it over the
+ * trap with mremap(MREMAP_FIXED): the chunk appears whole in one step, so another thread can never see
+ * it half filled. A system call that touches a trap fails with EFAULT (vrange.io prefaults and
+ * retries). The kernel can never discard these pages by itself: purging is vrange's decision.
+ *
+ * Async-signal-safety: the fault path uses syscalls, atomics and the region's own memory; a Python
+ * regenerator is reached through cffi (see sigbus.c). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "sigbus_backend.h"
+
+static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    uintptr_t start = region->base + first_chunk * region->chunk_size;
+    size_t end = end_chunk * region->chunk_size;
+    if (end > region->size)
+        end = region->size;
+    size_t length = end - first_chunk * region->chunk_size;
+    void *mapped = mmap((void *)start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                        region->trap_fd, (off_t)(first_chunk * region->chunk_size));
+    if (mapped == MAP_FAILED)
+        return -errno; /* the chunks keep their data and their state */
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
+    return 0;
+}
+
+/* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
+ * `zeros` 0: regenerate; 1: install zeros (the explicit on_error="zeros" policy). */
+static int install_chunk(vr_region *region, size_t chunk, int zeros)
+{
+    size_t length = vr_region_chunk_length(region, chunk);
+    uintptr_t start = region->base + chunk * region->chunk_size;
+    char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (scratch == MAP_FAILED)
+        return -errno;
+    int rc = zeros ? 0 : vr_sigbus_regenerate(region, chunk, scratch);
+    if (rc == 0 && mremap(scratch, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)start) ==
+                       MAP_FAILED)
+        rc = -errno;
+    if (rc != 0) {
+        munmap(scratch, length);
+        return rc;
+    }
+    vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
+    vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED);
+    vr_stat_add(&region->stats.bytes_regenerated, length);
+    return 0;
+}
+
+static int install_zeros(vr_region *region, size_t chunk) { return install_chunk(region, chunk, 1); }
+
+int vr_sigbus_memfd_serve(vr_region *region, uintptr_t address)
+{
+    size_t chunk = (address - region->base) / region->chunk_size;
+    uint8_t state = vr_chunk_load(region, chunk);
+    if (state & VR_CHUNK_POISONED)
+        return 0;
+    if (!(state & VR_CHUNK_TRAPPED))
+        return 1; /* installed meanwhile */
+    if (!vr_sigbus_claim_chunk(region, chunk)) {
+        if (region->owners[chunk] == vr_sigbus_current_tid())
+            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
+        vr_sigbus_wait_for_chunk(region, chunk);
+        return 1;
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+    if (!(vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) ||
+        __atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
+        vr_sigbus_release_chunk(region, chunk); /* installed meanwhile, or closing: restart */
+        return 1;
+    }
+    vr_sigbus_note_refill(region, chunk);
+    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+    int handled = 1;
+    if (install_chunk(region, chunk, 0) != 0)
+        handled = vr_sigbus_policy_after_failure(region, chunk, install_zeros);
+    vr_sigbus_release_chunk(region, chunk);
+    return handled;
+}
+
+int vr_sigbus_memfd_attach(vr_region *region)
+{
+    region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
+    if (region->trap_fd < 0)
+        return -errno;
+    return map_trap(region, 0, region->chunk_count);
+}
+
+/* Discard the volatile chunks that hold data; returns the bytes freed. */
+int64_t vr_sigbus_memfd_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int64_t purged = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint8_t state = vr_chunk_load(region, chunk);
+        if (!(state & VR_CHUNK_VOLATILE) || (state & (VR_CHUNK_TRAPPED | VR_CHUNK_IN_FLIGHT)))
+            continue;
+        int rc = map_trap(region, chunk, chunk + 1);
+        if (rc < 0)
+            return rc;
+        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
+        if (!(before & VR_CHUNK_PURGED))
+            vr_stat_add(&region->stats.purges, 1);
+        purged += (int64_t)vr_region_chunk_length(region, chunk);
+    }
+    return purged;
+}
+
+/* Make chunks missing again: all of them, or only those whose regeneration failed (poisoned). */
+int vr_sigbus_memfd_discard(vr_region *region, size_t first_chunk, size_t end_chunk,
+                            int only_poisoned)
+{
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint8_t state = vr_chunk_load(region, chunk);
+        if (only_poisoned && !(state & VR_CHUNK_POISONED))
+            continue;
+        if (!(state & VR_CHUNK_TRAPPED)) {
+            int rc = map_trap(region, chunk, chunk + 1);
+            if (rc < 0)
+                return rc;
+        }
+        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
+    }
+    return 0;
+}
+
+/* Regenerate every missing chunk of the range on this thread (called with the GIL released).
+ * Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after trying every
+ * chunk; failed chunks stay missing. */
+int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        while (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
+            if (!vr_sigbus_claim_chunk(region, chunk)) {
+                vr_sigbus_wait_for_chunk(region, chunk);
+                continue;
+            }
+            int rc = 0;
+            if (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
+                vr_sigbus_note_refill(region, chunk);
+                vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+                rc = install_chunk(region, chunk, 0);
+                if (rc != 0)
+                    vr_stat_add(&region->stats.regeneration_errors, 1);
+            }
+            vr_sigbus_release_chunk(region, chunk);
+            if (rc != 0) {
+                if (!first_error)
+                    first_error = rc;
+                break;
+            }
+        }
+    }
+    return first_error;
+}

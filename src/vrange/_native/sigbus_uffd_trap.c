@@ -1,0 +1,239 @@
+/* The sigbus backend's userfaultfd trap: the kernel reclaims volatile pages by itself, and an access
+ * to a reclaimed page raises SIGBUS on the faulting thread.
+ *
+ * The process opens one userfaultfd with UFFD_FEATURE_SIGBUS (user-mode-only: any process may open
+ * that on Linux >= 5.11, whatever vm.unprivileged_userfaultfd says) and registers each region's
+ * private anonymous mapping with it in MISSING mode. Volatile = MADV_FREE, so under pressure the
+ * kernel discards volatile pages one by one; the next user-mode access to a missing page raises
+ * SIGBUS (BUS_ADRERR) instead of queueing an event: no handler thread. The SIGBUS handler regenerates
+ * the whole chunk into a scratch buffer and fills only the pages that are missing (UFFDIO_COPY answers
+ * EEXIST for present ones, so a program's write is never overwritten); the access then restarts. A
+ * refilled chunk that is volatile is made lazy-free again (vr_region_keep_volatile). No mremap: no
+ * mapping per chunk, so no vm.max_map_count pressure and no cap on the number of chunks.
+ *
+ * A system call that touches a missing page fails with EFAULT, as with the memfd trap; vrange.io
+ * prefaults and retries. A regeneration that fails needs no poison marker: a missing page already
+ * raises SIGBUS (user access) or EFAULT (syscall), and the chunk is marked POISONED so that later
+ * faults chain to the previous handler without running the regenerator again.
+ *
+ * Async-signal-safety: the fault path uses ioctls, madvise, mincore, atomics, the region's scratch
+ * buffers; a Python regenerator is reached through cffi (see sigbus.c). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "sigbus_backend.h"
+#include "uffd_fill.h"
+
+#define PIN_RETRIES 1000 /* reclaim racing a pin: each retry refills what was taken meanwhile */
+
+/* Open the process's trap descriptor: user-mode-only first (least privilege, and all an
+ * unprivileged process may have), then a full one (kernels before 5.11 reject the flag), then
+ * /dev/userfaultfd. The first refusal is the one reported. */
+int vr_sigbus_uffd_trap_open(int *fd_out)
+{
+    int fd = -1;
+    int flags = O_CLOEXEC | O_NONBLOCK;
+    int rc = vr_uffd_open_syscall(flags | UFFD_USER_MODE_ONLY, &fd);
+    if (rc == -EINVAL)
+        rc = vr_uffd_open_syscall(flags, &fd);
+    if (rc < 0 && vr_uffd_open_dev(flags | UFFD_USER_MODE_ONLY, &fd) < 0 &&
+        vr_uffd_open_dev(flags, &fd) < 0)
+        return rc;
+    uint64_t features = 0, ioctls = 0;
+    rc = vr_uffd_api(fd, UFFD_FEATURE_SIGBUS, &features, &ioctls);
+    if (rc == 0 && !(features & UFFD_FEATURE_SIGBUS))
+        rc = -EOPNOTSUPP;
+    if (rc < 0) {
+        close(fd);
+        return rc;
+    }
+    *fd_out = fd;
+    return 0;
+}
+
+static int register_range(int uffd, uintptr_t start, size_t length)
+{
+    struct uffdio_register reg = { .range = { .start = start, .len = length },
+                                   .mode = UFFDIO_REGISTER_MODE_MISSING };
+    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
+        return -errno;
+    if (!(reg.ioctls & (1ULL << _UFFDIO_COPY)) || !(reg.ioctls & (1ULL << _UFFDIO_ZEROPAGE)))
+        return -EOPNOTSUPP;
+    return 0;
+}
+
+/* Does the trap work here? Register a scratch page, fill it with UFFDIO_COPY, read it back. */
+int vr_sigbus_uffd_trap_probe(int uffd)
+{
+    size_t page_size = (size_t)sysconf(_SC_PAGESIZE);
+    char *page = mmap(NULL, page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (page == MAP_FAILED)
+        return -errno;
+    char source[64];
+    memset(source, 0x5a, sizeof source);
+    int rc = register_range(uffd, (uintptr_t)page, page_size);
+    char *copy_source = mmap(NULL, page_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                             -1, 0);
+    if (copy_source == MAP_FAILED && rc == 0)
+        rc = -errno;
+    if (rc == 0) {
+        memcpy(copy_source, source, sizeof source);
+        rc = vr_uffd_fill_missing(uffd, page_size, (uintptr_t)page, page_size, copy_source,
+                                  VR_FILL_COPY);
+        if (rc == 0 && memcmp(page, source, sizeof source) != 0)
+            rc = -EIO;
+    }
+    if (copy_source != MAP_FAILED)
+        munmap(copy_source, page_size);
+    if (munmap(page, page_size) < 0 && rc == 0) /* unmapping also unregisters */
+        rc = -errno;
+    return rc;
+}
+
+int vr_sigbus_uffd_attach(vr_region *region, int trap_uffd)
+{
+    int rc = register_range(trap_uffd, region->base, region->size);
+    if (rc == 0)
+        region->trap_uffd = trap_uffd;
+    return rc;
+}
+
+/* In a forked child: the child's copy of the mapping is not registered (no UFFD_FEATURE_EVENT_FORK),
+ * so a missing page would read as zeros. Register it with the child's own descriptor (the inherited
+ * one belongs to the parent's address space and must never be used here). */
+int vr_sigbus_uffd_rebind(vr_region *region, int trap_uffd)
+{
+    region->trap_uffd = -1;
+    return vr_sigbus_uffd_attach(region, trap_uffd);
+}
+
+/* Fill the missing pages of a chunk the caller holds (IN_FLIGHT): regenerated, or zeros for the
+ * explicit on_error="zeros" policy. */
+static int refill_chunk(vr_region *region, size_t chunk, int zeros)
+{
+    size_t length = vr_region_chunk_length(region, chunk);
+    uintptr_t start = region->base + chunk * region->chunk_size;
+    int rc;
+    if (zeros) {
+        rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, NULL,
+                                  VR_FILL_ZEROPAGE);
+    } else {
+        int slot;
+        char *scratch = vr_region_take_scratch(region, &slot);
+        if (!scratch)
+            return -ENOMEM;
+        if (region->source_kind == VR_SOURCE_PYTHON)
+            memset(scratch, 0, length); /* a reused buffer: never hand out another chunk's bytes */
+        rc = vr_sigbus_regenerate(region, chunk, scratch);
+        if (rc == 0)
+            rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, scratch,
+                                      VR_FILL_COPY);
+        vr_region_give_scratch(region, scratch, slot);
+    }
+    if (rc != 0)
+        return rc;
+    vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
+    vr_stat_add(&region->stats.bytes_regenerated, length);
+    vr_region_keep_volatile(region, chunk); /* the access restarts right after we return */
+    return 0;
+}
+
+static int install_zeros(vr_region *region, size_t chunk) { return refill_chunk(region, chunk, 1); }
+
+int vr_sigbus_uffd_serve(vr_region *region, uintptr_t address)
+{
+    size_t chunk = (address - region->base) / region->chunk_size;
+    if (vr_chunk_load(region, chunk) & VR_CHUNK_POISONED)
+        return 0;
+    if (!vr_sigbus_claim_chunk(region, chunk)) {
+        if (region->owners[chunk] == vr_sigbus_current_tid())
+            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
+        vr_sigbus_wait_for_chunk(region, chunk);
+        return 1;
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN ||
+        vr_region_page_present(region, address)) {
+        vr_sigbus_release_chunk(region, chunk); /* closing, or filled meanwhile: restart */
+        return 1;
+    }
+    vr_sigbus_note_refill(region, chunk);
+    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+    int handled = 1;
+    if (refill_chunk(region, chunk, 0) != 0)
+        handled = vr_sigbus_policy_after_failure(region, chunk, install_zeros);
+    vr_sigbus_release_chunk(region, chunk);
+    return handled;
+}
+
+static int chunk_missing_pages(vr_region *region, size_t chunk)
+{
+    size_t length = vr_region_chunk_length(region, chunk);
+    int64_t present = vr_region_resident_pages(region, region->base + chunk * region->chunk_size,
+                                               length);
+    return present < 0 || (size_t)present * region->page_size < length;
+}
+
+/* Dirty every page of a chunk, so the kernel may no longer discard it; 0, -EFAULT when a page was
+ * reclaimed meanwhile (the caller refills and tries again), or another -errno. */
+static int dirty_chunk(vr_region *region, size_t chunk)
+{
+    size_t length = vr_region_chunk_length(region, chunk);
+    uintptr_t start = region->base + chunk * region->chunk_size;
+    for (;;) {
+        if (madvise((void *)start, length, MADV_POPULATE_WRITE) == 0)
+            return 0;
+        if (errno == EINTR || errno == EAGAIN)
+            continue;
+        if (errno != EINVAL)
+            return -errno; /* EFAULT: a missing page (SIGBUS mode fails the populate) */
+        break;
+    }
+    /* No MADV_POPULATE_WRITE (Linux < 5.14): an atomic no-op write dirties each page without
+     * changing it, whatever another thread writes at the same time. A page reclaimed meanwhile
+     * raises SIGBUS on this thread, which the handler serves like any fault. */
+    for (size_t offset = 0; offset < length; offset += region->page_size)
+        __atomic_fetch_or((volatile uint8_t *)(start + offset), 0, __ATOMIC_RELAXED);
+    return 0;
+}
+
+/* Make every page of the range present (regenerating chunks with missing pages on this thread) and,
+ * with `dirty`, no longer discardable (mark_nonvolatile; the chunks' VOLATILE bits are already
+ * cleared). Called with the GIL released. Returns 0, or the first failure's -errno after trying
+ * every chunk; a chunk whose regeneration failed keeps its missing pages. */
+int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty)
+{
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        int rc = 0;
+        for (int attempt = 0; attempt < PIN_RETRIES; attempt++) {
+            if (chunk_missing_pages(region, chunk)) {
+                if (!vr_sigbus_claim_chunk(region, chunk)) {
+                    vr_sigbus_wait_for_chunk(region, chunk);
+                    continue;
+                }
+                if (chunk_missing_pages(region, chunk)) {
+                    vr_sigbus_note_refill(region, chunk);
+                    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+                    rc = refill_chunk(region, chunk, 0);
+                    if (rc != 0)
+                        vr_stat_add(&region->stats.regeneration_errors, 1);
+                }
+                vr_sigbus_release_chunk(region, chunk);
+                if (rc != 0)
+                    break;
+            }
+            rc = dirty ? dirty_chunk(region, chunk) : 0;
+            if (rc != -EFAULT)
+                break;
+        }
+        if (rc != 0 && !first_error)
+            first_error = rc;
+    }
+    return first_error;
+}

@@ -138,10 +138,30 @@ def skip_unless_available(report: vrange.Features, spec: str) -> None:
         pytest.skip(f"the sigbus {trap} trap is unavailable: {report.trap(trap).reason}")
 
 
-@pytest.fixture(params=BACKEND_SPECS)
+KERNEL_RECLAIMED = ("uffd", "sigbus:uffd")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``backend`` with every backend spec a test applies to (``@pytest.mark.backends``
+    narrows it), and ``discard`` with the ways a backend's pages can be discarded: no cell is made
+    for a combination that does not exist (the kernel never discards memfd-trap pages)."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    specs = [spec for spec in BACKEND_SPECS if marker is None or spec in marker.args]
+    if "discard" in metafunc.fixturenames:
+        pairs = [(spec, kind) for spec in specs for kind in ("purge", "kernel")
+                 if kind == "purge" or kernel_reclaims(spec)]
+        metafunc.parametrize(("backend", "discard"), pairs, indirect=True,
+                             ids=[f"{spec}-{kind}" for spec, kind in pairs])
+    else:
+        metafunc.parametrize("backend", specs, indirect=True)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, report: vrange.Features) -> str:
-    """Every backend and every trap of the sigbus backend, skipped with the reason where it cannot
-    run here."""
+    """Every backend and every trap of the sigbus backend (see pytest_generate_tests), skipped with
+    the reason where it cannot run here."""
     skip_unless_available(report, request.param)
     return str(request.param)
 

@@ -8,6 +8,7 @@ import pytest
 
 import vrange
 from vrange import sources
+from conftest import skip_unless_available
 from vrange.testing import deny_userfaultfd
 
 
@@ -38,3 +39,31 @@ def test_uffd_denied_by_seccomp_is_unavailable_with_the_reason(root_privileges: 
     else:
         with pytest.raises(vrange.BackendUnavailable, match="no backend can run"):
             vrange.Region(4096, sources.Zeros(), backend="auto")
+
+
+@pytest.mark.parametrize("spec, expected", [("sigbus:uffd", ("sigbus", "uffd")),
+                                            ("sigbus:memfd", ("sigbus", "memfd")),
+                                            ("uffd", ("uffd", None))])
+def test_a_spec_forces_a_backend_and_trap(report: vrange.Features, spec: str,
+                                          expected: tuple[str, str | None],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    skip_unless_available(report, spec)
+    with vrange.Region(4096, sources.Zeros(), backend=spec) as region:
+        assert (region.backend, region.trap) == expected
+        assert region.kernel_reclaims == (expected[1] != "memfd")
+    monkeypatch.setenv("VRANGE_BACKEND", spec)
+    with vrange.Region(4096, sources.Zeros()) as region:
+        assert (region.backend, region.trap) == expected
+
+
+def test_plain_sigbus_uses_the_trap_the_report_prefers(report: vrange.Features) -> None:
+    skip_unless_available(report, "sigbus")
+    with vrange.Region(4096, sources.Zeros(), backend="sigbus") as region:
+        assert region.trap == report.backend("sigbus").trap
+        assert region.stats().trap == region.trap
+
+
+@pytest.mark.parametrize("spec", ["sigbus:", "sigbus:shm", "uffd:uffd", "SIGBUS", ":memfd"])
+def test_unknown_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="unknown backend"):
+        vrange.Region(4096, sources.Zeros(), backend=spec)

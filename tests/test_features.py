@@ -134,6 +134,20 @@ def test_seccomp_denial_of_every_way_in_is_reported(root_privileges: None, error
     assert not report.backend("uffd").usable
     assert name in report.backend("uffd").reason
     assert report.auto_backend != "uffd"
+    # No userfaultfd of any kind: the sigbus backend falls back to the memfd trap, which the kernel
+    # cannot reclaim, and every report says so.
+    trap = report.trap("uffd")
+    assert not trap.usable and name in trap.reason
+    if report.backend("sigbus").usable:
+        sigbus = report.backend("sigbus")
+        assert (sigbus.trap, sigbus.kernel_reclaims) == ("memfd", False)
+        assert "memfd trap is used" in report.auto_reason
+        assert "cannot reclaim" in report.auto_reason
+        with vrange.Region(1 << 20, vrange.sources.Zeros()) as region:
+            assert (region.backend, region.trap, region.kernel_reclaims) == ("sigbus", "memfd", False)
+            assert "trap='memfd'" in repr(region)
+        with pytest.raises(vrange.BackendUnavailable, match="uffd trap cannot run here"):
+            vrange.Region(1 << 20, vrange.sources.Zeros(), backend="sigbus:uffd")
 
 
 @pytest.mark.forked
@@ -168,6 +182,13 @@ def test_unprivileged_process_gets_what_the_sysctl_allows(root_privileges: None)
         assert "UFFD_USER_MODE_ONLY" in uffd.reason and "EFAULT" in uffd.reason
         assert "vm.unprivileged_userfaultfd=0" in uffd.reason
         assert not report.backend("uffd").usable
+        # ... yet the kernel reclaims: the sigbus backend's userfaultfd trap needs no privilege.
+        assert report.trap("uffd").usable and report.trap("uffd").kernel_reclaims
+        sigbus = report.backend("sigbus")
+        assert (sigbus.usable, sigbus.trap, sigbus.kernel_reclaims) == (True, "uffd", True)
+        assert report.auto_backend == "sigbus" and "uffd trap is used" in report.auto_reason
+        with vrange.Region(1 << 20, vrange.sources.Zeros()) as region:
+            assert (region.trap, region.stats().trap, region.kernel_reclaims) == ("uffd", "uffd", True)
     else:
         assert uffd.access == "syscall" and uffd.serves_syscalls is True
 
@@ -271,3 +292,27 @@ def test_available_backends_agree_with_the_report(report: vrange.Features) -> No
     else:
         assert report.auto_backend == usable[0]
         assert report.auto_reason.startswith(report.auto_backend)
+
+
+def test_the_report_names_each_sigbus_trap(report: vrange.Features) -> None:
+    assert [trap.name for trap in report.sigbus_traps] == ["uffd", "memfd"]
+    sigbus = report.backend("sigbus")
+    if sigbus.usable:
+        preferred = next(trap for trap in report.sigbus_traps if trap.usable)
+        assert sigbus.trap == preferred.name
+        assert sigbus.kernel_reclaims == preferred.kernel_reclaims
+    assert report.trap("memfd").kernel_reclaims is False
+    assert report.backend("uffd").kernel_reclaims is True
+    plain = report.as_dict()
+    assert set(plain["sigbus_traps"]) == {"uffd", "memfd"}
+    assert plain["backends"]["sigbus"]["trap"] == sigbus.trap
+    with pytest.raises(KeyError):
+        report.trap("nope")
+
+
+def test_the_cached_report_is_probed_again_after_the_uid_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    first = vrange.features()
+    assert vrange.features() is first
+    monkeypatch.setattr(os, "geteuid", lambda: 12345)
+    assert vrange.features() is not first

@@ -17,21 +17,21 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import (CHUNK, PAGE, CountingRegenerator, assert_pages_match, backend_name,
-                      kernel_reclaims, pattern, syscalls_are_served)
+from conftest import (CHUNK, KERNEL_RECLAIMED, PAGE, CountingRegenerator, assert_pages_match,
+                      backend_name, kernel_reclaims, pattern, syscalls_are_served)
 
 import vrange
 from vrange import sources
+from vrange._native import lib
 from vrange.testing import page_out
 
 SIZE = 16 * CHUNK  # 1 MiB
 
 
-@pytest.fixture(params=["purge", "kernel"])
+@pytest.fixture
 def discard(request: pytest.FixtureRequest, backend: str) -> Callable[[vrange.Region], None]:
-    """Make a whole region purged: by ``purge()``, or by the kernel (MADV_PAGEOUT, uffd only)."""
-    if request.param == "kernel" and not kernel_reclaims(backend):
-        pytest.skip("the kernel cannot discard the memfd trap's pages by itself")
+    """Make a whole region purged: by ``purge()``, or by the kernel (MADV_PAGEOUT, on the backends
+    the kernel reclaims; conftest makes only the combinations that exist)."""
 
     def discard_all(region: vrange.Region) -> None:
         region.mark_nonvolatile()
@@ -164,9 +164,8 @@ def test_explicit_purge_then_gil_held_access(backend: str, regenerator: Counting
         assert region.mark_nonvolatile() is False  # nothing purged since
 
 
+@pytest.mark.backends(*KERNEL_RECLAIMED)
 def test_kernel_discard_is_reported_and_refilled(backend: str, regenerator: CountingRegenerator) -> None:
-    if not kernel_reclaims(backend):
-        pytest.skip("the kernel cannot discard the memfd trap's pages by itself")
     with make(backend, regenerator) as region:
         region.mark_nonvolatile()
         region.mark_volatile()
@@ -177,6 +176,91 @@ def test_kernel_discard_is_reported_and_refilled(backend: str, regenerator: Coun
         assert all(offset % CHUNK == 0 and length % CHUNK == 0 for offset, length in purged)
         assert_pages_match(region, pattern(0, SIZE))
         assert region.stats().purges >= len(purged)
+
+
+@pytest.mark.backends(*KERNEL_RECLAIMED)
+def test_refilled_chunks_stay_reclaimable_while_volatile(
+        backend: str, regenerator: CountingRegenerator) -> None:
+    """Marked volatile once: every refill is lazy-free again, so the kernel can take it back again."""
+    with make(backend, regenerator) as region:
+        region.mark_volatile()
+        for round_number in range(3):
+            assert_pages_match(region, pattern(0, SIZE))  # first touch, then refills
+            stats = region.stats()
+            assert stats.resident_bytes == SIZE
+            assert stats.volatile_refills >= 16 * (round_number + 1)
+            page_out(region)  # as memory pressure would
+            assert region.stats().resident_bytes <= SIZE // 4, f"round {round_number}: kept"
+        assert region.stats().purges >= 16
+        # Pinned: refilled and dirty, so the kernel keeps it whatever the pressure.
+        assert region.mark_nonvolatile() is True
+        refills = region.stats().volatile_refills
+        page_out(region)
+        assert region.stats().resident_bytes == SIZE
+        assert region.stats().volatile_refills == refills
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+@pytest.mark.backends(*KERNEL_RECLAIMED)
+def test_a_pin_racing_a_refill_is_never_left_reclaimable(backend: str) -> None:
+    """mark_nonvolatile while a refill of the same volatile chunk is in flight: the refill must not
+    make the chunk lazy-free after the pin made it present (a pinned chunk the kernel could take)."""
+    holder: list[vrange.Region] = []
+
+    def pinned_meanwhile(offset: int, buf: memoryview) -> None:
+        # Fill only once the pin has begun on this chunk (it clears VOLATILE first).
+        core = holder[0]._core
+        deadline = time.monotonic() + 10
+        while core.chunk_states()[offset // CHUNK] & lib.VR_CHUNK_VOLATILE:
+            assert time.monotonic() < deadline, "the pin never began"
+            time.sleep(0.001)
+        buf[:] = pattern(offset, len(buf))
+
+    with make(backend, pinned_meanwhile, size=4 * CHUNK) as region:
+        holder.append(region)
+        region.mark_volatile()
+        reader = threading.Thread(target=lambda: bytes(region[CHUNK:CHUNK + 8]))
+        reader.start()  # faults: the refill waits for the pin
+        while not region._core.chunk_states()[1] & lib.VR_CHUNK_IN_FLIGHT:
+            time.sleep(0.001)
+        region.mark_nonvolatile(CHUNK, CHUNK)
+        reader.join(timeout=30)
+        page_out(region, CHUNK, CHUNK)
+        assert region._core.residency()[16:32] == b"\x01" * 16, "a pinned chunk was left lazy-free"
+        assert bytes(region[CHUNK:2 * CHUNK]) == pattern(CHUNK, CHUNK)
+        holder.clear()
+
+
+def test_a_failed_pin_leaves_the_range_volatile(backend: str) -> None:
+    flaky = Flaky(2 * CHUNK)
+    with make(backend, flaky) as region:
+        region.mark_volatile()
+        with pytest.raises(vrange.RegenerationError):
+            region.mark_nonvolatile()
+        stats = region.stats()
+        assert stats.volatile_bytes == SIZE  # nothing changed but the failed chunk, left missing
+        assert stats.resident_bytes >= 2 * CHUNK
+        assert region.purge() == stats.resident_bytes  # whatever was filled is purgeable
+        flaky.fail = False
+        region.mark_nonvolatile()
+        assert region.stats().nonvolatile_bytes == SIZE
+
+
+@pytest.mark.backends(*KERNEL_RECLAIMED)
+def test_partly_discarded_chunk_is_refilled_and_reported_on_the_uffd_trap(
+        backend: str, regenerator: CountingRegenerator) -> None:
+    """The kernel discards single pages: the chunk is regenerated whole, only the missing pages are
+    filled, and the chunk counts as purged."""
+    with make(backend, regenerator) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        region[CHUNK:CHUNK + 4] = b"mine"   # a write to volatile memory, on the page that stays
+        region.madvise(mmap.MADV_DONTNEED, CHUNK + 2 * PAGE, 3 * PAGE)  # three pages only
+        assert region.stats().purged_bytes == 3 * PAGE
+        assert bytes(region[CHUNK + 3 * PAGE:CHUNK + 4 * PAGE]) == pattern(CHUNK + 3 * PAGE, PAGE)
+        assert bytes(region[CHUNK:CHUNK + 4]) == b"mine"  # present pages are never overwritten
+        assert regenerator.calls[CHUNK] == 2
+        assert region.mark_nonvolatile(report=True) == [(CHUNK, CHUNK)]
 
 
 def test_report_lists_merged_purged_ranges(backend: str, regenerator: CountingRegenerator) -> None:
@@ -299,9 +383,8 @@ def test_another_python_thread(backend: str, regenerator: CountingRegenerator,
         assert results == [pattern(CHUNK, 4 * CHUNK)]
 
 
+@pytest.mark.backends("uffd")
 def test_many_threads_faulting_one_chunk_regenerate_it_once(backend: str) -> None:
-    if backend != "uffd":
-        pytest.skip("needs syscalls that fault without the GIL (uffd)")
     regenerator = CountingRegenerator()
     started = threading.Event()
 
@@ -334,11 +417,10 @@ def test_many_threads_faulting_one_chunk_regenerate_it_once(backend: str) -> Non
         assert regenerator.calls == {2 * CHUNK: 1}
 
 
+@pytest.mark.backends(*KERNEL_RECLAIMED)
 def test_partly_present_chunk_keeps_present_pages(backend: str, regenerator: CountingRegenerator) -> None:
     # Page 0 holds the program's write; page 1 alone is dropped. Refilling the chunk must skip
     # page 0 (UFFDIO_COPY answers EEXIST there, which does not wake waiters) and never hang.
-    if backend == "sigbus:memfd":
-        pytest.skip("a userfaultfd pitfall: memfd-trap chunks are never partly present")
     with make(backend, regenerator) as region:
         region[0:PAGE] = b"\xaa" * PAGE
         region.madvise(mmap.MADV_DONTNEED, PAGE, PAGE)
@@ -543,9 +625,8 @@ def test_regenerator_reading_its_own_region_elsewhere(backend: str) -> None:
         holder.clear()
 
 
+@pytest.mark.backends("uffd")
 def test_regenerator_making_syscalls_on_another_region(backend: str) -> None:
-    if backend != "uffd":
-        pytest.skip("raw syscalls on purged pages need the uffd backend")
     with make(backend, CountingRegenerator()) as inner:
         inner.mark_volatile()
         inner.purge()

@@ -1,4 +1,4 @@
-"""What only the sigbus backend has: signal hygiene and mapping-count limits."""
+"""What only the sigbus backend has: signal hygiene (on both traps) and mapping-count limits."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ import textwrap
 import pytest
 
 import vrange
+from conftest import skip_unless_available
 from vrange import sources
 from vrange.region import SIGBUS_MAX_CHUNKS
 
 
-@pytest.fixture(autouse=True)
-def sigbus_backend(report: vrange.Features) -> None:
-    support = report.backend("sigbus")
-    if not support.usable:
-        pytest.skip(f"backend 'sigbus' unavailable: {support.reason}")
+@pytest.fixture(params=["sigbus:uffd", "sigbus:memfd"])
+def spec(request: pytest.FixtureRequest, report: vrange.Features) -> str:
+    skip_unless_available(report, request.param)
+    return str(request.param)
 
 
-def run_python(script: str) -> subprocess.CompletedProcess[str]:
-    prelude = textwrap.dedent("""
+def run_python(script: str, spec: str) -> subprocess.CompletedProcess[str]:
+    prelude = textwrap.dedent(f"""
+        SPEC = {spec!r}
         import faulthandler, mmap, os, sys, tempfile, vrange
         from vrange import sources
         def truncated_mapping_access():
@@ -35,7 +36,7 @@ def run_python(script: str) -> subprocess.CompletedProcess[str]:
                 print("touching", flush=True)
                 return mapping[4096]   # beyond the end of the file: SIGBUS that is not vrange's
         def purged_region():
-            region = vrange.Region(1 << 20, sources.Zeros(), backend="sigbus")
+            region = vrange.Region(1 << 20, sources.Zeros(), backend=SPEC)
             region[0:3] = b"abc"
             region.mark_volatile()
             region.purge()
@@ -45,30 +46,30 @@ def run_python(script: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_foreign_sigbus_still_kills_the_process() -> None:
+def test_foreign_sigbus_still_kills_the_process(spec: str) -> None:
     result = run_python("""
         region = purged_region()
         assert bytes(region[0:3]) == bytes(3)   # vrange's own traps are served
         truncated_mapping_access()
         print("survived", flush=True)
-    """)
+    """, spec)
     assert result.returncode == -signal.SIGBUS, result.stderr
     assert "touching" in result.stdout and "survived" not in result.stdout
 
 
-def test_faulthandler_installed_first_still_reports_foreign_sigbus() -> None:
+def test_faulthandler_installed_first_still_reports_foreign_sigbus(spec: str) -> None:
     result = run_python("""
         faulthandler.enable()
         region = purged_region()
         assert bytes(region[0:3]) == bytes(3)
         truncated_mapping_access()
-    """)
+    """, spec)
     assert result.returncode == -signal.SIGBUS
     assert "Fatal Python error: Bus error" in result.stderr
     assert "truncated_mapping_access" in result.stderr  # faulthandler's Python traceback
 
 
-def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front() -> None:
+def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front(spec: str) -> None:
     result = run_python("""
         region = purged_region()
         faulthandler.enable()        # replaces vrange's SIGBUS handler
@@ -76,14 +77,14 @@ def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front() -> None:
         assert bytes(region[0:3]) == bytes(3), "trap not served"
         print("served", flush=True)
         truncated_mapping_access()
-    """)
+    """, spec)
     assert "served" in result.stdout, result.stderr
     assert "another SIGBUS handler replaced vrange's" in result.stderr
     assert result.returncode == -signal.SIGBUS
     assert "Fatal Python error: Bus error" in result.stderr
 
 
-def test_errno_is_preserved_across_a_served_fault() -> None:
+def test_errno_is_preserved_across_a_served_fault(spec: str) -> None:
     result = run_python("""
         import ctypes, errno
         libc = ctypes.CDLL(None, use_errno=True)
@@ -93,7 +94,7 @@ def test_errno_is_preserved_across_a_served_fault() -> None:
         assert value == b"\\0"
         assert ctypes.get_errno() == errno.ENOTTY, ctypes.get_errno()
         print("ok", flush=True)
-    """)
+    """, spec)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
 
@@ -105,9 +106,11 @@ def _map_count() -> int:
 
 @pytest.mark.forked
 @pytest.mark.hang_timeout(120)
-def test_large_region_with_scattered_purges_stays_far_from_max_map_count() -> None:
+def test_large_region_with_scattered_purges_stays_far_from_max_map_count(
+        report: vrange.Features) -> None:
+    skip_unless_available(report, "sigbus:memfd")
     size = 1 << 30
-    region = vrange.Region(size, sources.Zeros(), backend="sigbus")
+    region = vrange.Region(size, sources.Zeros(), backend="sigbus:memfd")
     try:
         chunk = region.chunk_size
         assert chunk == size // SIGBUS_MAX_CHUNKS == 128 * 1024  # raised from 64 KiB
@@ -129,3 +132,25 @@ def test_large_region_with_scattered_purges_stays_far_from_max_map_count() -> No
         assert region.mark_nonvolatile(0, size // 2) is True
     finally:
         region.close()
+
+
+@pytest.mark.forked
+@pytest.mark.hang_timeout(120)
+def test_uffd_trap_keeps_the_chunk_size_and_adds_no_mappings(report: vrange.Features) -> None:
+    skip_unless_available(report, "sigbus:uffd")
+    size = 1 << 30
+    with vrange.Region(size, sources.Zeros(), backend="sigbus:uffd") as region:
+        chunk = region.chunk_size
+        assert chunk == vrange.DEFAULT_CHUNK_SIZE  # no cap on the number of chunks
+        assert size // chunk > SIGBUS_MAX_CHUNKS
+        before = _map_count()
+        for index in range(0, size // chunk, 2):
+            region[index * chunk] = index % 251 + 1
+        region.mark_volatile(0, size // 2)
+        for index in range(0, size // chunk // 2, 6):
+            region.purge(index * chunk, chunk)
+        assert _map_count() - before <= 2  # one VMA, whatever happens inside it
+        for index in range(0, size // chunk, 2):
+            purged = index < size // chunk // 2 and index % 6 == 0
+            assert region[index * chunk] == (0 if purged else index % 251 + 1), index
+        assert region.mark_nonvolatile(0, size // 2) is True

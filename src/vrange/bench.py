@@ -65,6 +65,10 @@ def _anonymous_baseline(length: int, python_loop: bool) -> float:
         anonymous.close()
 
 
+def _spec(region: Region) -> str:
+    return f"{region.backend}:{region.trap}" if region.trap else region.backend
+
+
 def _measure(name: str, make: Callable[[int, int], Region], chunk_size: int, length: int,
              python_loop: bool, context: str, repeats: int) -> BenchResult:
     timings, baselines = [], []
@@ -72,7 +76,7 @@ def _measure(name: str, make: Callable[[int, int], Region], chunk_size: int, len
     for _ in range(repeats):
         baselines.append(_anonymous_baseline(length, python_loop))
         with make(length, chunk_size) as region:
-            backend, chunk_size = region.backend, region.chunk_size
+            backend, chunk_size = _spec(region), region.chunk_size
             if python_loop:
                 timings.append(_touch_python(region, length))
             else:
@@ -103,10 +107,13 @@ def _python_context(backend: str) -> str:
 def run(quick: bool = False) -> tuple[list[BenchResult], float]:
     """Run every case; returns the results and the median feature-probe time in seconds."""
     repeats = 1 if quick else 3
-    native_length = (8 if quick else 32) << 20  # 8192 pages: sigbus keeps 4 KiB chunks
+    native_length = (8 if quick else 32) << 20  # 8192 pages: the memfd trap keeps 4 KiB chunks
     python_length = (2 if quick else 16) << 20
     results = []
-    backends = [name for name in ("uffd", "sigbus") if features().backend(name).usable]
+    report = features()
+    backends = [spec for spec in ("uffd", "sigbus:uffd", "sigbus:memfd")
+                if report.backend(spec.partition(":")[0]).usable
+                and (":" not in spec or report.trap(spec.partition(":")[2]).usable)]
     for chunk_size in (PAGE, 64 * 1024):
         for backend in backends:
             def native(size: int, chunk: int, name: str = backend) -> Region:
@@ -136,12 +143,12 @@ def format_results(results: list[BenchResult], probe_seconds: float) -> str:
         "Per-page cost of serving a fault (median of runs; baseline = anonymous first-touch write",
         "fault over the same pages, touched the same way (C loop or Python loop), in the same run)",
         "",
-        f"{'regenerator':<20}{'backend':<9}{'chunk':>7}  {'context':<27}{'pages':>7}"
+        f"{'regenerator':<20}{'backend':<14}{'chunk':>7}  {'context':<27}{'pages':>7}"
         f"{'us/page':>10}{'baseline':>10}{'ratio':>8}",
     ]
     for result in results:
         lines.append(
-            f"{result.name:<20}{result.backend:<9}{result.chunk_size // 1024:>5}Ki  "
+            f"{result.name:<20}{result.backend:<14}{result.chunk_size // 1024:>5}Ki  "
             f"{result.context:<27}{result.pages:>7}{result.microseconds_per_page:>10.2f}"
             f"{result.baseline_microseconds_per_page:>10.2f}{result.ratio:>8.1f}")
     lines += ["", f"vrange.features() full probe: {probe_seconds * 1000:.1f} ms (median of 5)"]

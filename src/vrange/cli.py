@@ -79,9 +79,19 @@ def format_report(report: Features) -> str:
     row("memory limit", _bytes(cgroup.memory_limit_bytes)
         + (f" (set at {cgroup.limit_set_at})" if cgroup.limit_set_at else ""))
     row("memory usage", _bytes(cgroup.memory_usage_bytes))
+    heading("sigbus backend traps")
+    for trap in report.sigbus_traps:
+        state = "usable" if trap.usable else "not usable"
+        reclaim = "the kernel reclaims" if trap.kernel_reclaims else "only vrange purges"
+        row(f"{trap.name} trap", f"{state} ({reclaim}): {trap.reason}" if trap.usable
+            else f"{state}: {trap.reason}")
     heading("Backends")
     for support in report.backends:
-        row(support.name, ("usable: " if support.usable else "not usable: ") + support.reason)
+        trap = f" [{support.trap} trap]" if support.trap else ""
+        reclaim = (" the kernel reclaims volatile pages." if support.kernel_reclaims
+                   else " only vrange purges (the kernel cannot reclaim).") if support.usable else ""
+        row(support.name + trap, ("usable:" + reclaim + " " if support.usable else "not usable: ")
+            + support.reason)
     row("auto", report.auto_reason)
     if report.probe_errors:
         heading("Probe errors")

@@ -61,7 +61,8 @@ def run(say: Callable[[str], None] = print) -> bool:
         return False
     with Region(CACHE_BYTES, _expensive_chunk) as cache:
         chosen_by = os.environ.get("VRANGE_BACKEND")
-        say(f"Backend: {cache.backend} (from $VRANGE_BACKEND)" if chosen_by
+        spec = f"{cache.backend}:{cache.trap}" if cache.trap else cache.backend
+        say(f"Backend: {spec} (from $VRANGE_BACKEND)" if chosen_by
             else f"Backend: {report.auto_reason}")
         started = time.perf_counter()
         first_pass = hashlib.sha256(cache[:]).hexdigest()
@@ -71,15 +72,15 @@ def run(say: Callable[[str], None] = print) -> bool:
             f"{_mib(stats.resident_bytes)} resident)")
 
         cache.mark_volatile()
-        who = "the kernel" if cache.backend == "uffd" else "vrange"
+        who = "the kernel" if cache.kernel_reclaims else "vrange"
         say(f"2. Marked volatile: {who} may now take back {_mib(cache.stats().volatile_bytes)}")
 
-        if cache.backend == "uffd":
+        if cache.kernel_reclaims:
             page_out(cache)  # what memory pressure does; the kernel decides by itself
             how = "The kernel reclaimed it (MADV_PAGEOUT, as under memory pressure)"
         else:
             cache.purge()
-            how = "vrange purged it (this backend purges on the library's decision)"
+            how = "vrange purged it (the kernel cannot reclaim the memfd trap's pages)"
         stats = cache.stats()
         say(f"3. {how}: {_mib(stats.resident_bytes)} resident, {_mib(stats.purged_bytes)} purged")
 

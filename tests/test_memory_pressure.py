@@ -1,0 +1,140 @@
+"""The kernel takes volatile memory back under a real memory limit instead of OOM-killing.
+
+Each case runs a child process in a memory cgroup made beneath this process's own (never at the
+hierarchy's root) and removed afterwards, with a volatile cache more than three times the limit. As
+uid 65534 with ``backend="auto"`` (what an ordinary user gets: the sigbus backend's userfaultfd trap)
+and as root on the uffd backend; the cache read in passes both ways users do it: each part pinned,
+read and marked volatile again, or the whole cache marked volatile once and then only read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import vrange
+
+CHILD = Path(__file__).resolve().parent / "memory_pressure_child.py"
+LIMIT = 96 << 20
+CACHE = 320 << 20  # 3.3 x the limit
+NOBODY = 65534
+
+
+@dataclass
+class MemoryCgroup:
+    version: str
+    path: Path
+
+    @property
+    def procs(self) -> Path:
+        return self.path / "cgroup.procs"
+
+    def oom_kills(self) -> int:
+        name = "memory.oom_control" if self.version == "v1" else "memory.events"
+        for line in (self.path / name).read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+
+def _own_cgroup_directory(version: str) -> Path | None:
+    from vrange._features import _cgroup_directory, _cgroup_mounts
+
+    v1_mount, v2_mount = _cgroup_mounts()
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if version == "v1" and "memory" in controllers.split(",") and v1_mount:
+            return _cgroup_directory(v1_mount, path)
+        if version == "v2" and controllers == "" and v2_mount:
+            return _cgroup_directory(v2_mount, path)
+    return None
+
+
+def _make_cgroup(version: str) -> MemoryCgroup:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a memory cgroup")
+    parent = _own_cgroup_directory(version)
+    if parent is None:
+        pytest.skip(f"no cgroup {version} memory hierarchy is mounted here")
+    if version == "v2":
+        controllers = (parent / "cgroup.controllers").read_text().split()
+        if "memory" not in controllers:
+            pytest.skip(f"cgroup v2 at {parent} has no memory controller (controllers: "
+                        f"{' '.join(controllers) or 'none'}; memory is bound to cgroup v1 here)")
+        try:
+            (parent / "cgroup.subtree_control").write_text("+memory")
+        except OSError as error:
+            pytest.skip(f"cannot enable the v2 memory controller beneath {parent}: {error}")
+    path = parent / f"vrange-test-{os.getpid()}"
+    path.mkdir()
+    limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
+    (path / limit_file).write_text(str(LIMIT))
+    return MemoryCgroup(version, path)
+
+
+@pytest.fixture(params=["v1", "v2"])
+def memory_cgroup(request: pytest.FixtureRequest) -> Iterator[MemoryCgroup]:
+    cgroup = _make_cgroup(request.param)
+    try:
+        yield cgroup
+    finally:
+        cgroup.path.rmdir()
+
+
+def run_child(cgroup: MemoryCgroup, backend: str, mode: str, uid: int | None) -> dict[str, object]:
+    command = [sys.executable, str(CHILD), "--cgroup-procs", str(cgroup.procs), "--backend",
+               backend, "--mode", mode, "--size", str(CACHE), "--passes", "3"]
+    if uid is not None:
+        command += ["--uid", str(uid)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode != -9, (
+        f"OOM-killed (oom_kill count {cgroup.oom_kills()}): {completed.stderr[-2000:]}")
+    assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
+    assert cgroup.oom_kills() == 0
+    result: dict[str, object] = json.loads(completed.stdout)
+    assert result["wrong_parts"] == []
+    # The kernel took chunks back and they were regenerated: more bytes than the cache holds.
+    assert isinstance(result["purges"], int) and result["purges"] > 0, result
+    assert isinstance(result["bytes_regenerated"], int) and result["bytes_regenerated"] > CACHE
+    return result
+
+
+def _skip_unless_unprivileged_trap() -> None:
+    report = vrange.features()
+    if not report.trap("uffd").usable:
+        pytest.skip(f"the sigbus uffd trap is unavailable: {report.trap('uffd').reason}")
+
+
+@pytest.mark.hang_timeout(150)
+@pytest.mark.parametrize("mode", ["remark", "once"])
+def test_unprivileged_auto_cache_is_reclaimed_not_oom_killed(memory_cgroup: MemoryCgroup,
+                                                            mode: str) -> None:
+    _skip_unless_unprivileged_trap()
+    result = run_child(memory_cgroup, "auto", mode, uid=NOBODY)
+    assert result["uid"] == NOBODY
+    assert (result["backend"], result["trap"]) == ("sigbus", "uffd"), result["auto_reason"]
+    if mode == "once":
+        assert isinstance(result["volatile_refills"], int) and result["volatile_refills"] > 0
+
+
+@pytest.mark.hang_timeout(150)
+def test_mark_once_cache_on_uffd_backend_is_reclaimed(memory_cgroup: MemoryCgroup,
+                                                     full_userfaultfd: vrange.Features) -> None:
+    result = run_child(memory_cgroup, "uffd", "once", uid=None)
+    assert (result["backend"], result["trap"]) == ("uffd", None)
+    assert isinstance(result["volatile_refills"], int) and result["volatile_refills"] > 0
+
+
+@pytest.mark.hang_timeout(150)
+def test_mark_once_cache_on_forced_uffd_trap_as_root(memory_cgroup: MemoryCgroup) -> None:
+    _skip_unless_unprivileged_trap()
+    result = run_child(memory_cgroup, "sigbus:uffd", "once", uid=None)
+    assert (result["backend"], result["trap"]) == ("sigbus", "uffd")

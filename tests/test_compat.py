@@ -39,11 +39,12 @@ def test_no_cell_fails(matrix: dict) -> None:
 def test_container_profiles_fall_back_to_sigbus(matrix: dict, name: str, errno_name: str) -> None:
     entry = profile(matrix, name)
     assert entry["userfaultfd"] == "none"
-    assert entry["auto"] == "sigbus"
+    assert (entry["auto"], entry["auto_trap"]) == ("sigbus", "memfd")
     for scenario, row in entry["cells"].items():
-        assert row["uffd"]["status"] == "N/A" and errno_name in row["uffd"]["reason"]
+        for spec in ("uffd", "sigbus:uffd"):  # no userfaultfd of any kind: neither can run
+            assert row[spec]["status"] == "N/A" and errno_name in row[spec]["reason"], spec
         expected = "SKIP" if scenario == "kernel discard" else "PASS"
-        assert row["sigbus"]["status"] == expected, (scenario, row["sigbus"])
+        assert row["sigbus:memfd"]["status"] == expected, (scenario, row["sigbus:memfd"])
 
 
 def test_native_profile_runs_everything_that_applies(matrix: dict) -> None:
@@ -52,7 +53,7 @@ def test_native_profile_runs_everything_that_applies(matrix: dict) -> None:
         for backend, cell in row.items():
             assert cell["status"] in ("PASS", "SKIP", "N/A"), (scenario, backend, cell)
             if cell["status"] == "SKIP":
-                assert (scenario, backend) == ("kernel discard", "sigbus")
+                assert (scenario, backend) == ("kernel discard", "sigbus:memfd")
 
 
 def test_unprivileged_profile_is_user_mode_only(matrix: dict) -> None:
@@ -63,4 +64,7 @@ def test_unprivileged_profile_is_user_mode_only(matrix: dict) -> None:
         if sysctl.read().strip() != "0":
             pytest.skip("vm.unprivileged_userfaultfd=1 gives unprivileged users a full userfaultfd")
     assert entry["userfaultfd"] == "user_mode_only"
-    assert entry["auto"] == "sigbus"
+    assert (entry["auto"], entry["auto_trap"]) == ("sigbus", "uffd")  # the kernel reclaims
+    for scenario, row in entry["cells"].items():
+        assert row["uffd"]["status"] == "N/A"
+        assert row["sigbus:uffd"]["status"] == "PASS", (scenario, row["sigbus:uffd"])

@@ -37,7 +37,7 @@ static int python_finalized;
 static struct sigaction previous_actions[2];
 static int previous_index;
 
-pid_t vr_sigbus_current_tid(void) { return (pid_t)syscall(SYS_gettid); }
+static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
 /* The region containing `address`, with `active` raised (the caller lowers it), or NULL. */
 static vr_region *enter_region(uintptr_t address)
@@ -57,16 +57,16 @@ static vr_region *enter_region(uintptr_t address)
     return found;
 }
 
-int vr_sigbus_claim_chunk(vr_region *region, size_t chunk)
+static int claim_chunk(vr_region *region, size_t chunk)
 {
     uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
     if (before & VR_CHUNK_IN_FLIGHT)
         return 0;
-    region->owners[chunk] = vr_sigbus_current_tid();
+    region->owners[chunk] = current_tid();
     return 1;
 }
 
-void vr_sigbus_release_chunk(vr_region *region, size_t chunk)
+static void release_chunk(vr_region *region, size_t chunk)
 {
     region->owners[chunk] = 0;
     vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
@@ -74,7 +74,7 @@ void vr_sigbus_release_chunk(vr_region *region, size_t chunk)
 
 /* Another thread is regenerating this chunk: wait for it. If this thread holds the GIL, let go of
  * it while waiting: the other thread may need it to run a Python regenerator. */
-void vr_sigbus_wait_for_chunk(vr_region *region, size_t chunk)
+static void wait_for_chunk(vr_region *region, size_t chunk)
 {
     PyThreadState *saved = NULL;
     if (PyGILState_Check())
@@ -85,7 +85,7 @@ void vr_sigbus_wait_for_chunk(vr_region *region, size_t chunk)
         PyEval_RestoreThread(saved);
 }
 
-void vr_sigbus_note_refill(vr_region *region, size_t chunk)
+static void note_refill(vr_region *region, size_t chunk)
 {
     uint8_t state = vr_chunk_load(region, chunk);
     if (state & VR_CHUNK_MATERIALIZED) {
@@ -111,21 +111,62 @@ int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer)
     return 0;
 }
 
-/* A refill failed on the fault path: apply the region's policy. Returns what the handler returns (1:
- * the access restarts on zeros; 0: chain, which raises SIGBUS). The caller holds the chunk. */
-int vr_sigbus_policy_after_failure(vr_region *region, size_t chunk,
-                                   int (*install_zeros)(vr_region *, size_t))
+int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_sigbus_trap *trap)
 {
-    vr_stat_add(&region->stats.regeneration_errors, 1);
-    switch (region->on_error) {
-    case VR_ON_ERROR_ZEROS:
-        return install_zeros(region, chunk) == 0;
-    case VR_ON_ERROR_POISON:
-        vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
-        return 0;
-    default:
-        vr_abort_for_policy();
+    size_t chunk = (address - region->base) / region->chunk_size;
+    if (vr_chunk_load(region, chunk) & VR_CHUNK_POISONED)
+        return 0; /* its regeneration failed: the access raises SIGBUS until a pin retries it */
+    if (!claim_chunk(region, chunk)) {
+        if (region->owners[chunk] == current_tid())
+            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
+        wait_for_chunk(region, chunk);
+        return 1;
     }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN ||
+        !trap->page_missing(region, chunk, address)) {
+        release_chunk(region, chunk); /* closing, or filled meanwhile: restart the access */
+        return 1;
+    }
+    note_refill(region, chunk);
+    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+    int handled = 1;
+    if (trap->refill(region, chunk, 0) != 0) {
+        vr_stat_add(&region->stats.regeneration_errors, 1);
+        switch (region->on_error) {
+        case VR_ON_ERROR_ZEROS:
+            handled = trap->refill(region, chunk, 1) == 0;
+            break;
+        case VR_ON_ERROR_POISON:
+            vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
+            handled = 0;
+            break;
+        default:
+            vr_abort_for_policy();
+        }
+    }
+    release_chunk(region, chunk);
+    return handled;
+}
+
+int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
+{
+    if (!trap->chunk_missing(region, chunk))
+        return 0;
+    if (!claim_chunk(region, chunk)) {
+        wait_for_chunk(region, chunk);
+        return 1;
+    }
+    int rc = 0;
+    if (trap->chunk_missing(region, chunk)) {
+        note_refill(region, chunk);
+        vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+        rc = trap->refill(region, chunk, 0);
+        if (rc != 0)
+            vr_stat_add(&region->stats.regeneration_errors, 1);
+    }
+    release_chunk(region, chunk);
+    return rc;
 }
 
 /* 1: the access may restart; 0: this SIGBUS must go to the previous handler (the process dies
@@ -142,9 +183,9 @@ static int serve_fault(vr_region *region, uintptr_t address)
             PyEval_RestoreThread(saved);
         return 1;
     }
-    if (region->trap_kind == VR_TRAP_UFFD)
-        return vr_sigbus_uffd_serve(region, address);
-    return vr_sigbus_memfd_serve(region, address);
+    return vr_sigbus_serve_chunk(region, address, region->trap_kind == VR_TRAP_UFFD
+                                                      ? &vr_sigbus_uffd_trap
+                                                      : &vr_sigbus_memfd_trap);
 }
 
 /* The default action: restore it and let the fault happen again (a sent signal is raised again
@@ -315,7 +356,7 @@ void vr_sigbus_after_fork(vr_region *region)
     __atomic_store_n(&region->active, 0, __ATOMIC_RELEASE);
     for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
         if (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
-            vr_sigbus_release_chunk(region, chunk);
+            release_chunk(region, chunk);
     for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++)
         __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
 }

@@ -35,21 +35,30 @@ int vr_sigbus_uffd_rebind(vr_region *region, int trap_uffd);
 int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty);
 /* cffi: end */
 
-/* Shared by the two traps (sigbus.c). */
-pid_t vr_sigbus_current_tid(void);
-int vr_sigbus_claim_chunk(vr_region *region, size_t chunk);
-void vr_sigbus_release_chunk(vr_region *region, size_t chunk);
-void vr_sigbus_wait_for_chunk(vr_region *region, size_t chunk);
-void vr_sigbus_note_refill(vr_region *region, size_t chunk);
-int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer);
-int vr_sigbus_policy_after_failure(vr_region *region, size_t chunk,
-                                   int (*install_zeros)(vr_region *, size_t));
+/* What a trap tells the shared fault path (sigbus.c). Every function is async-signal-safe. */
+struct vr_sigbus_trap {
+    /* Is the page at `address` (in `chunk`) still missing? Called with the chunk held. */
+    int (*page_missing)(vr_region *region, size_t chunk, uintptr_t address);
+    /* Does the chunk have any missing page? */
+    int (*chunk_missing)(vr_region *region, size_t chunk);
+    /* Fill the chunk's missing pages, regenerated (`zeros` 0) or with zeros (the explicit
+     * on_error="zeros" policy); the caller holds the chunk (IN_FLIGHT). 0 or -errno. */
+    int (*refill)(vr_region *region, size_t chunk, int zeros);
+};
 
-/* Each trap's fault path: 1 if the access may restart, 0 to chain to the previous handler. Called
- * with the chunk's region entered (`active` raised) and the region open. */
-int vr_sigbus_memfd_serve(vr_region *region, uintptr_t address);
+extern const struct vr_sigbus_trap vr_sigbus_memfd_trap;
+extern const struct vr_sigbus_trap vr_sigbus_uffd_trap;
+
+/* Shared by the two traps (sigbus.c). */
+int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer);
+/* Serve a SIGBUS on a missing page: 1 if the access may restart, 0 to chain to the previous
+ * handler. Called with the region entered (`active` raised). */
+int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_sigbus_trap *trap);
+/* Populate path (a library call, GIL released): regenerate the chunk on this thread if it has
+ * missing pages. 0, 1 (another thread held it: look again), or -errno (the regeneration failed). */
+int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap);
+
 int vr_sigbus_memfd_attach(vr_region *region);
-int vr_sigbus_uffd_serve(vr_region *region, uintptr_t address);
 int vr_sigbus_uffd_attach(vr_region *region, int trap_uffd);
 
 #endif /* VRANGE_SIGBUS_BACKEND_H */

@@ -57,36 +57,22 @@ static int install_chunk(vr_region *region, size_t chunk, int zeros)
     return 0;
 }
 
-static int install_zeros(vr_region *region, size_t chunk) { return install_chunk(region, chunk, 1); }
-
-int vr_sigbus_memfd_serve(vr_region *region, uintptr_t address)
+static int chunk_trapped(vr_region *region, size_t chunk)
 {
-    size_t chunk = (address - region->base) / region->chunk_size;
-    uint8_t state = vr_chunk_load(region, chunk);
-    if (state & VR_CHUNK_POISONED)
-        return 0;
-    if (!(state & VR_CHUNK_TRAPPED))
-        return 1; /* installed meanwhile */
-    if (!vr_sigbus_claim_chunk(region, chunk)) {
-        if (region->owners[chunk] == vr_sigbus_current_tid())
-            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
-        vr_sigbus_wait_for_chunk(region, chunk);
-        return 1;
-    }
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-    if (!(vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) ||
-        __atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
-        vr_sigbus_release_chunk(region, chunk); /* installed meanwhile, or closing: restart */
-        return 1;
-    }
-    vr_sigbus_note_refill(region, chunk);
-    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-    int handled = 1;
-    if (install_chunk(region, chunk, 0) != 0)
-        handled = vr_sigbus_policy_after_failure(region, chunk, install_zeros);
-    vr_sigbus_release_chunk(region, chunk);
-    return handled;
+    return (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) != 0;
 }
+
+static int page_trapped(vr_region *region, size_t chunk, uintptr_t address)
+{
+    (void)address; /* the whole chunk is trapped or installed: never part of it */
+    return chunk_trapped(region, chunk);
+}
+
+const struct vr_sigbus_trap vr_sigbus_memfd_trap = {
+    .page_missing = page_trapped,
+    .chunk_missing = chunk_trapped,
+    .refill = install_chunk,
+};
 
 int vr_sigbus_memfd_attach(vr_region *region)
 {
@@ -140,26 +126,11 @@ int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_c
 {
     int first_error = 0;
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        while (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
-            if (!vr_sigbus_claim_chunk(region, chunk)) {
-                vr_sigbus_wait_for_chunk(region, chunk);
-                continue;
-            }
-            int rc = 0;
-            if (vr_chunk_load(region, chunk) & VR_CHUNK_TRAPPED) {
-                vr_sigbus_note_refill(region, chunk);
-                vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-                rc = install_chunk(region, chunk, 0);
-                if (rc != 0)
-                    vr_stat_add(&region->stats.regeneration_errors, 1);
-            }
-            vr_sigbus_release_chunk(region, chunk);
-            if (rc != 0) {
-                if (!first_error)
-                    first_error = rc;
-                break;
-            }
-        }
+        int rc;
+        while ((rc = vr_sigbus_populate_chunk(region, chunk, &vr_sigbus_memfd_trap)) == 1)
+            ;
+        if (rc < 0 && !first_error)
+            first_error = rc;
     }
     return first_error;
 }

@@ -143,34 +143,6 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
     return 0;
 }
 
-static int install_zeros(vr_region *region, size_t chunk) { return refill_chunk(region, chunk, 1); }
-
-int vr_sigbus_uffd_serve(vr_region *region, uintptr_t address)
-{
-    size_t chunk = (address - region->base) / region->chunk_size;
-    if (vr_chunk_load(region, chunk) & VR_CHUNK_POISONED)
-        return 0;
-    if (!vr_sigbus_claim_chunk(region, chunk)) {
-        if (region->owners[chunk] == vr_sigbus_current_tid())
-            return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
-        vr_sigbus_wait_for_chunk(region, chunk);
-        return 1;
-    }
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN ||
-        vr_region_page_present(region, address)) {
-        vr_sigbus_release_chunk(region, chunk); /* closing, or filled meanwhile: restart */
-        return 1;
-    }
-    vr_sigbus_note_refill(region, chunk);
-    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-    int handled = 1;
-    if (refill_chunk(region, chunk, 0) != 0)
-        handled = vr_sigbus_policy_after_failure(region, chunk, install_zeros);
-    vr_sigbus_release_chunk(region, chunk);
-    return handled;
-}
-
 static int chunk_missing_pages(vr_region *region, size_t chunk)
 {
     size_t length = vr_region_chunk_length(region, chunk);
@@ -178,6 +150,18 @@ static int chunk_missing_pages(vr_region *region, size_t chunk)
                                                length);
     return present < 0 || (size_t)present * region->page_size < length;
 }
+
+static int page_missing(vr_region *region, size_t chunk, uintptr_t address)
+{
+    (void)chunk;
+    return !vr_region_page_present(region, address);
+}
+
+const struct vr_sigbus_trap vr_sigbus_uffd_trap = {
+    .page_missing = page_missing,
+    .chunk_missing = chunk_missing_pages,
+    .refill = refill_chunk,
+};
 
 /* Dirty every page of a chunk, so the kernel may no longer discard it; 0, -EFAULT when a page was
  * reclaimed meanwhile (the caller refills and tries again), or another -errno. */
@@ -212,25 +196,14 @@ int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_ch
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
         int rc = 0;
         for (int attempt = 0; attempt < PIN_RETRIES; attempt++) {
-            if (chunk_missing_pages(region, chunk)) {
-                if (!vr_sigbus_claim_chunk(region, chunk)) {
-                    vr_sigbus_wait_for_chunk(region, chunk);
-                    continue;
-                }
-                if (chunk_missing_pages(region, chunk)) {
-                    vr_sigbus_note_refill(region, chunk);
-                    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-                    rc = refill_chunk(region, chunk, 0);
-                    if (rc != 0)
-                        vr_stat_add(&region->stats.regeneration_errors, 1);
-                }
-                vr_sigbus_release_chunk(region, chunk);
-                if (rc != 0)
-                    break;
-            }
+            rc = vr_sigbus_populate_chunk(region, chunk, &vr_sigbus_uffd_trap);
+            if (rc == 1)
+                continue; /* another thread was filling it */
+            if (rc < 0)
+                break;
             rc = dirty ? dirty_chunk(region, chunk) : 0;
             if (rc != -EFAULT)
-                break;
+                break; /* -EFAULT: a lazy-free page was reclaimed before it was dirtied */
         }
         if (rc != 0 && !first_error)
             first_error = rc;

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, Union, cast, overload
 
 from ._backends import resolve_backend
-from ._backends._base import BackendRegion, RegionStats
+from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats
 from ._native import ffi, lib
 from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
 from .sources import Source
@@ -37,20 +37,6 @@ stay far below vm.max_map_count (65530 by default). The uffd trap has no such li
 # Live regions by start address, for code that is handed a raw buffer (vrange.io).
 _live_regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
 _live_regions_lock = threading.Lock()
-
-
-def _ranges_without(first: int, end: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """[first, end) minus the sorted ``holes`` ranges, as a list of ranges."""
-    ranges, start = [], first
-    for hole_start, hole_end in holes:
-        if hole_end <= start or hole_start >= end:
-            continue
-        if hole_start > start:
-            ranges.append((start, hole_start))
-        start = max(start, hole_end)
-    if start < end:
-        ranges.append((start, end))
-    return ranges
 
 
 def _reset_locks_after_fork() -> None:
@@ -132,7 +118,6 @@ class Region(mmap.mmap):
     _address: int
     _size: int
     _regenerating_threads: set[int]
-    _held_for_io: list[tuple[int, int]]
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> Region:
@@ -163,7 +148,6 @@ class Region(mmap.mmap):
         self._closed = False
         self._size = size
         self._regenerating_threads = set()
-        self._held_for_io = []
         self._backend_name = backend_name
         self._chunk_size = chunk
         self._regenerate = regenerate
@@ -398,27 +382,22 @@ class Region(mmap.mmap):
         """
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
-        purged = 0
         with self._open_and_locked():
-            held = sorted(self._held_for_io)
-            for start, stop in _ranges_without(first, end, held):
-                purged += self._core.purge(start, stop)
-        return purged
+            return self._core.purge(first, end)
 
     @contextlib.contextmanager
     def held_for_io(self, offset: int, length: int) -> Iterator[None]:
-        """Keep :meth:`purge` away from these chunks while a system call uses them (``vrange.io``
-        holds the window it just made present). The kernel may still reclaim them on the uffd
-        backend, where a syscall then simply waits for the refill."""
+        """Keep vrange's purges (:meth:`purge`, the pressure monitor, budgets) away from these
+        chunks while a system call uses them (``vrange.io`` holds the window it just made present).
+        The kernel may still reclaim them where it reclaims (a syscall then waits for the refill on
+        the uffd backend, or fails with EFAULT and is retried)."""
         offset, length = self._range(offset, length)
-        chunks = self._chunks_touching(offset, length)
-        with self._state_lock:
-            self._held_for_io.append(chunks)
+        first, end = self._chunks_touching(offset, length)
+        self._core.hold(first, end, +1)
         try:
             yield
         finally:
-            with self._state_lock:
-                self._held_for_io.remove(chunks)
+            self._core.hold(first, end, -1)
 
     # --- introspection ----------------------------------------------------------------------------
 
@@ -449,6 +428,9 @@ class Region(mmap.mmap):
             bytes_regenerated=counters["bytes_regenerated"],
             regeneration_errors=counters["regeneration_errors"],
             purges=counters["purges"],
+            purges_by_reason={reason: counters[f"purges_{reason}"] for reason in PURGE_REASONS},
+            bytes_purged_by_reason={reason: counters[f"bytes_purged_{reason}"]
+                                    for reason in PURGE_REASONS},
             volatile_refills=counters["volatile_refills"],
             trap=self._core.trap,
             kernel_reclaims=self._core.kernel_reclaims,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._native import ffi, lib
@@ -18,6 +18,14 @@ def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: i
     not) makes cffi print it and return -1: a failure, never success with an unfilled buffer."""
     owner = ffi.from_handle(python_handle)
     return int(owner.run_regenerator(offset, buffer, length))
+
+
+PURGE_REASONS = {
+    "explicit": lib.VR_PURGE_EXPLICIT,
+    "pressure": lib.VR_PURGE_PRESSURE,
+    "budget": lib.VR_PURGE_BUDGET,
+    "kernel": lib.VR_PURGE_KERNEL,
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,8 @@ class RegionStats:
     bytes_regenerated: int
     regeneration_errors: int
     purges: int
-    """Chunks discarded: by ``purge()`` or found discarded by the kernel."""
+    """Chunk discards of every reason: by ``purge()``, by vrange's pressure monitor or budget, or
+    found discarded by the kernel (a chunk discarded three times counts three times)."""
     volatile_bytes: int
     nonvolatile_bytes: int
     resident_bytes: int
@@ -49,6 +58,11 @@ class RegionStats:
     """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
     kernel_reclaims: bool = True
     """True when the kernel itself takes this region's volatile pages back under pressure."""
+    purges_by_reason: dict[str, int] = field(default_factory=dict)
+    """Chunk discards by reason: ``explicit`` (``purge()``), ``pressure`` (the pressure monitor),
+    ``budget`` (over a byte budget), ``kernel`` (found discarded by the kernel)."""
+    bytes_purged_by_reason: dict[str, int] = field(default_factory=dict)
+    """Bytes vrange itself gave back, by reason (the kernel's discards are not measured)."""
 
 
 class BackendRegion(abc.ABC):
@@ -89,8 +103,15 @@ class BackendRegion(abc.ABC):
     def prefault(self, first_chunk: int, end_chunk: int) -> int:
         """Make every page present without changing volatility; 0 or -errno."""
 
-    @abc.abstractmethod
-    def purge(self, first_chunk: int, end_chunk: int) -> int: ...
+    def purge(self, first_chunk: int, end_chunk: int) -> int:
+        """Discard the volatile, unheld chunks of the range now; the bytes given back."""
+        return check(int(lib.vr_region_purge_range(self.pointer, first_chunk, end_chunk,
+                                                   lib.VR_PURGE_EXPLICIT)),
+                     "purge the range")
+
+    def hold(self, first_chunk: int, end_chunk: int, delta: int) -> None:
+        """Keep vrange's purges away from the chunks while a system call uses them (+1 / -1)."""
+        lib.vr_region_hold(self.pointer, first_chunk, end_chunk, delta)
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -144,6 +165,10 @@ class BackendRegion(abc.ABC):
     def counters(self) -> dict[str, int]:
         stats = ffi.new("struct vr_stats *")
         lib.vr_region_stats(self.pointer, stats)
-        return {name: int(getattr(stats, name)) for name in (
+        counters = {name: int(getattr(stats, name)) for name in (
             "faults_on_handler_thread", "faults_on_faulting_thread", "faults_on_worker_thread",
             "bytes_regenerated", "regeneration_errors", "purges", "volatile_refills")}
+        for reason, index in PURGE_REASONS.items():
+            counters[f"purges_{reason}"] = int(stats.purges_by_reason[index])
+            counters[f"bytes_purged_{reason}"] = int(stats.bytes_purged_by_reason[index])
+        return counters

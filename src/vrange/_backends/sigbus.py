@@ -158,12 +158,8 @@ class SigbusRegion(BackendRegion):
         return int(lib.vr_sigbus_memfd_populate(self.pointer, first_chunk, end_chunk))
 
     def purge(self, first_chunk: int, end_chunk: int) -> int:
-        ensure_handler()
-        if self.trap == "uffd":
-            return check(int(lib.vr_region_purge(self.pointer, first_chunk, end_chunk)),
-                         "purge the range (MADV_DONTNEED)")
-        return check(int(lib.vr_sigbus_memfd_purge(self.pointer, first_chunk, end_chunk)),
-                     "purge the range (map the trap over it)")
+        ensure_handler()  # a replaced handler would make the next access to a purged chunk fatal
+        return super().purge(first_chunk, end_chunk)
 
     def resume(self) -> None:
         lib.vr_sigbus_resume(self.pointer)

@@ -127,10 +127,6 @@ class UffdRegion(BackendRegion):
     def prefault(self, first_chunk: int, end_chunk: int) -> int:
         return int(lib.vr_region_prefault(self.pointer, first_chunk, end_chunk))
 
-    def purge(self, first_chunk: int, end_chunk: int) -> int:
-        return check(int(lib.vr_region_purge(self.pointer, first_chunk, end_chunk)),
-                     "purge the range (MADV_DONTNEED)")
-
     def resume(self) -> None:
         lib.vr_region_resume(self.pointer)
 

@@ -32,6 +32,8 @@ void vr_region_unref(vr_region *region)
         free(region->chunk_state);
         free(region->owners);
         free(region->gil_free_waiters);
+        free(region->volatile_since);
+        free(region->holds);
         free(region);
     }
 }
@@ -51,11 +53,12 @@ int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk
     region->chunk_state = calloc(region->chunk_count, 1);
     region->owners = calloc(region->chunk_count, sizeof *region->owners);
     region->gil_free_waiters = calloc(region->chunk_count, sizeof *region->gil_free_waiters);
-    if (!region->chunk_state || !region->owners || !region->gil_free_waiters) {
-        free(region->chunk_state);
-        free(region->owners);
-        free(region->gil_free_waiters);
-        free(region);
+    region->volatile_since = calloc(region->chunk_count, sizeof *region->volatile_since);
+    region->holds = calloc(region->chunk_count, sizeof *region->holds);
+    region->refcount = 1; /* the caller's (Python's) reference, dropped by vr_region_release */
+    if (!region->chunk_state || !region->owners || !region->gil_free_waiters ||
+        !region->volatile_since || !region->holds) {
+        vr_region_unref(region);
         return -ENOMEM;
     }
     region->base = base;
@@ -67,10 +70,10 @@ int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk
     region->file_offset = file_offset;
     region->python_handle = python_handle;
     region->on_error = on_error;
-    region->refcount = 1; /* the caller's (Python's) reference, dropped by vr_region_release */
     region->handler = handler;
     region->trap_fd = -1;
     region->trap_uffd = -1;
+    region->discard_chunk = vr_region_discard_pages;
     /* Huge pages would bypass the per-chunk accounting and UFFDIO_COPY works in base pages. */
     if (madvise((void *)base, size, MADV_NOHUGEPAGE) < 0 && errno != EINVAL) {
         int saved = errno;
@@ -175,8 +178,11 @@ int vr_region_quiesce(vr_region *region, int timeout_ms)
 
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
 {
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+    int64_t now = vr_monotonic_ns();
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        __atomic_store_n(&region->volatile_since[chunk], now, __ATOMIC_RELAXED);
         vr_chunk_set(region, chunk, VR_CHUNK_VOLATILE);
+    }
 }
 
 /* After populating: report which chunks were purged since marked volatile, and pin them. */
@@ -215,6 +221,12 @@ void vr_region_stats(vr_region *region, struct vr_stats *out)
     out->regeneration_errors = __atomic_load_n(&region->stats.regeneration_errors, __ATOMIC_RELAXED);
     out->purges = __atomic_load_n(&region->stats.purges, __ATOMIC_RELAXED);
     out->volatile_refills = __atomic_load_n(&region->stats.volatile_refills, __ATOMIC_RELAXED);
+    for (int reason = 0; reason < 4; reason++) {
+        out->purges_by_reason[reason] =
+            __atomic_load_n(&region->stats.purges_by_reason[reason], __ATOMIC_RELAXED);
+        out->bytes_purged_by_reason[reason] =
+            __atomic_load_n(&region->stats.bytes_purged_by_reason[reason], __ATOMIC_RELAXED);
+    }
 }
 
 
@@ -311,32 +323,106 @@ int vr_region_page_present(const vr_region *region, uintptr_t address)
     return vr_region_resident_pages(region, page, region->page_size) == 1;
 }
 
-/* Discard the volatile chunks of the range now (MADV_DONTNEED); non-volatile chunks are skipped
- * (never lose a pinned byte). Returns the number of bytes discarded. */
-int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
+static void count_purge(vr_region *region, int reason, uint64_t bytes)
+{
+    vr_stat_add(&region->stats.purges, 1);
+    vr_stat_add(&region->stats.purges_by_reason[reason], 1);
+    vr_stat_add(&region->stats.bytes_purged_by_reason[reason], bytes);
+}
+
+/* A refill found the chunk, filled before, missing again: count the discard as the kernel's unless
+ * vrange's own purge counted it already. Async-signal-safe. */
+void vr_region_note_discard_found(vr_region *region, size_t chunk_index)
+{
+    if (!(vr_chunk_load(region, chunk_index) & VR_CHUNK_MATERIALIZED))
+        return; /* a first touch is not a purge */
+    vr_chunk_set(region, chunk_index, VR_CHUNK_PURGED);
+    uint8_t before = __atomic_fetch_and(&region->chunk_state[chunk_index],
+                                        (uint8_t)~VR_CHUNK_COUNTED, __ATOMIC_ACQ_REL);
+    if (!(before & VR_CHUNK_COUNTED))
+        count_purge(region, VR_PURGE_KERNEL, 0);
+}
+
+/* The default discard: drop the chunk's pages (MADV_DONTNEED); on a userfaultfd-registered range
+ * they are then missing, and the next access is a fault vrange serves. */
+int vr_region_discard_pages(vr_region *region, size_t chunk_index)
+{
+    uintptr_t start;
+    size_t length;
+    chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
+    return madvise((void *)start, length, MADV_DONTNEED) < 0 ? -errno : 0;
+}
+
+/* Discard one chunk if it is volatile, filled, resident and not held; returns the bytes given back
+ * (0 if it was skipped) or -errno. Safe against every other thread: the chunk is claimed (IN_FLIGHT)
+ * first, so a fault on it waits, close() waits (vr_region_quiesce), and a pin that cleared VOLATILE
+ * either is seen here or waits for this to finish (vr_region_begin_pin). Never called from a signal
+ * handler; needs no GIL (the pressure monitor calls it from its own thread). */
+int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason)
+{
+    uint8_t state = vr_chunk_load(region, chunk_index);
+    if ((state & (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED)) !=
+            (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED) ||
+        (state & (VR_CHUNK_IN_FLIGHT | VR_CHUNK_TRAPPED)) ||
+        __atomic_load_n(&region->holds[chunk_index], __ATOMIC_ACQUIRE))
+        return 0;
+    if (__atomic_fetch_or(&region->chunk_state[chunk_index], VR_CHUNK_IN_FLIGHT, __ATOMIC_SEQ_CST) &
+        VR_CHUNK_IN_FLIGHT)
+        return 0; /* being refilled or purged by another thread */
+    int64_t freed = 0;
+    state = __atomic_load_n(&region->chunk_state[chunk_index], __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) == VR_OPEN &&
+        (state & VR_CHUNK_VOLATILE) && !(state & VR_CHUNK_TRAPPED) &&
+        !__atomic_load_n(&region->holds[chunk_index], __ATOMIC_SEQ_CST)) {
+        uintptr_t start;
+        size_t length;
+        chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
+        /* Count what is really given back: pages already discarded by the kernel are not. */
+        int64_t present = vr_region_resident_pages(region, start, length);
+        if (present > 0) {
+            int rc = region->discard_chunk(region, chunk_index);
+            if (rc < 0) {
+                freed = rc;
+            } else {
+                freed = present * (int64_t)region->page_size;
+                vr_chunk_set(region, chunk_index, VR_CHUNK_PURGED | VR_CHUNK_COUNTED);
+                count_purge(region, reason, (uint64_t)freed);
+            }
+        } else if (present < 0) {
+            freed = present;
+        }
+    }
+    vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
+    if (region->after_purge)
+        region->after_purge(region, chunk_index);
+    return freed;
+}
+
+/* Discard the volatile chunks of the range now; non-volatile chunks are skipped (never lose a
+ * pinned byte), and so are chunks held for a system call. Returns the bytes discarded or -errno. */
+int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_chunk, int reason)
 {
     int64_t purged = 0;
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t state = vr_chunk_load(region, chunk);
-        if (!(state & VR_CHUNK_VOLATILE) || !(state & VR_CHUNK_MATERIALIZED))
-            continue;
-        uintptr_t start;
-        size_t length;
-        chunk_span(region, chunk, chunk + 1, &start, &length);
-        /* Count what is really discarded: pages already purged (or never refilled) are not. */
-        int64_t present = vr_region_resident_pages(region, start, length);
-        if (present < 0)
-            return present;
-        if (present == 0)
-            continue;
-        if (madvise((void *)start, length, MADV_DONTNEED) < 0)
-            return -errno;
-        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
-        if (!(before & VR_CHUNK_PURGED))
-            vr_stat_add(&region->stats.purges, 1);
-        purged += present * (int64_t)region->page_size;
+        int64_t freed = vr_region_purge_chunk(region, chunk, reason);
+        if (freed < 0)
+            return freed;
+        purged += freed;
     }
     return purged;
+}
+
+/* vrange.io holds the chunks a system call is about to use (+1) and lets go afterwards (-1). */
+void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta)
+{
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        __atomic_fetch_add(&region->holds[chunk], (uint16_t)delta, __ATOMIC_SEQ_CST);
+}
+
+void vr_region_set_policy(vr_region *region, int priority, int group)
+{
+    region->priority = priority;
+    region->group = group;
 }
 
 /* Drop chunks so they are missing again (and regenerated on the next access): every chunk of the

@@ -27,6 +27,15 @@ enum vr_trap_kind { VR_TRAP_NONE = 0, VR_TRAP_MEMFD = 1, VR_TRAP_UFFD = 2 };
 #define VR_CHUNK_POISONED 0x08     /* regeneration failed; missing pages hold poison markers */
 #define VR_CHUNK_IN_FLIGHT 0x10    /* being regenerated: more faults on it just wait */
 #define VR_CHUNK_TRAPPED 0x20      /* sigbus backend: the empty memfd is mapped over it */
+#define VR_CHUNK_COUNTED 0x40      /* vrange's own purge counted this discard: its refill must not */
+
+/* Why a chunk was discarded (the purge counters of struct vr_stats). */
+enum vr_purge_reason {
+    VR_PURGE_EXPLICIT = 0, /* Region.purge() */
+    VR_PURGE_PRESSURE = 1, /* the pressure monitor, before the OOM killer */
+    VR_PURGE_BUDGET = 2,   /* over a byte budget for resident volatile memory */
+    VR_PURGE_KERNEL = 3,   /* found discarded by the kernel (MADV_FREE reclaim, MADV_PAGEOUT) */
+};
 
 /* cffi: begin (exported to Python; build.py reads these blocks) */
 struct vr_stats {
@@ -35,12 +44,15 @@ struct vr_stats {
     uint64_t faults_on_worker_thread;   /* Python regenerator run by a GIL-taking worker */
     uint64_t bytes_regenerated;
     uint64_t regeneration_errors;
-    uint64_t purges; /* chunks purged (explicitly or found discarded by the kernel) */
+    uint64_t purges; /* chunk discards of every reason (the sum of the four below) */
     uint64_t volatile_refills; /* chunks refilled while volatile and made lazy-free again */
+    uint64_t purges_by_reason[4];       /* indexed by enum vr_purge_reason */
+    uint64_t bytes_purged_by_reason[4]; /* bytes vrange gave back (the kernel's are not known) */
 };
 
 typedef struct vr_handler vr_handler; /* uffd backend only */
 typedef struct vr_region vr_region;
+typedef struct vr_monitor vr_monitor; /* the pressure monitor and budget policy (pressure.c) */
 /* cffi: end */
 
 struct vr_region {
@@ -69,6 +81,18 @@ struct vr_region {
     int closing;         /* VR_OPEN, VR_CLOSING (draining before unmap), VR_CLOSED */
     int active;          /* sigbus backend: signal handlers inside this region now */
     int last_native_error; /* errno of the last native-source failure, for the Python error */
+    /* Purge policy (pressure.c): lower priorities are purged first, then the chunks marked volatile
+     * longest ago; a chunk held for a system call (vrange.io) is never purged by vrange. */
+    int priority;
+    int group;
+    int64_t *volatile_since; /* per chunk: monotonic ns of the last mark_volatile */
+    uint16_t *holds;         /* per chunk: system calls holding it (atomic) */
+    vr_monitor *monitor;     /* set while the policy manages this region */
+    /* Make one claimed, volatile chunk missing (the backend's way: MADV_DONTNEED or the memfd trap);
+     * 0 or -errno. `after_purge`, if set, runs once the chunk is released (the uffd backend wakes
+     * faults that arrived meanwhile). */
+    int (*discard_chunk)(vr_region *region, size_t chunk);
+    void (*after_purge)(vr_region *region, size_t chunk);
 };
 
 enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
@@ -115,9 +139,11 @@ void vr_region_stats(vr_region *region, struct vr_stats *out);
 int vr_region_begin_pin(vr_region *region, size_t first_chunk, size_t end_chunk,
                         uint8_t *was_volatile_out);
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
-int64_t vr_region_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_pageout(uintptr_t address, size_t length);
+int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_chunk, int reason);
+void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta);
+void vr_region_set_policy(vr_region *region, int priority, int group);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);
@@ -127,6 +153,9 @@ void vr_abort_for_policy(void) __attribute__((noreturn));
 void vr_pause_briefly(void);
 int64_t vr_monotonic_ns(void);
 void vr_region_keep_volatile(vr_region *region, size_t chunk_index);
+void vr_region_note_discard_found(vr_region *region, size_t chunk_index);
+int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason);
+int vr_region_discard_pages(vr_region *region, size_t chunk_index);
 int vr_region_page_present(const vr_region *region, uintptr_t address);
 int64_t vr_region_resident_pages(const vr_region *region, uintptr_t start, size_t length);
 char *vr_region_take_scratch(vr_region *region, int *slot_out);

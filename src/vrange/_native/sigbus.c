@@ -85,16 +85,6 @@ static void wait_for_chunk(vr_region *region, size_t chunk)
         PyEval_RestoreThread(saved);
 }
 
-static void note_refill(vr_region *region, size_t chunk)
-{
-    uint8_t state = vr_chunk_load(region, chunk);
-    if (state & VR_CHUNK_MATERIALIZED) {
-        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
-        if (!(before & VR_CHUNK_PURGED))
-            vr_stat_add(&region->stats.purges, 1);
-    }
-}
-
 /* Fill `buffer` with the chunk's bytes: a Python regenerator (through cffi, which takes the GIL if
  * this thread does not hold it) or a native source. 0, -EIO (the regenerator raised), -ESHUTDOWN
  * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. */
@@ -128,7 +118,7 @@ int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_
         release_chunk(region, chunk); /* closing, or filled meanwhile: restart the access */
         return 1;
     }
-    note_refill(region, chunk);
+    vr_region_note_discard_found(region, chunk);
     vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
     int handled = 1;
     if (trap->refill(region, chunk, 0) != 0) {
@@ -159,7 +149,7 @@ int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_si
     }
     int rc = 0;
     if (trap->chunk_missing(region, chunk)) {
-        note_refill(region, chunk);
+        vr_region_note_discard_found(region, chunk);
         vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
         rc = trap->refill(region, chunk, 0);
         if (rc != 0)

@@ -24,7 +24,6 @@ int vr_sigbus_detach(vr_region *region);
 void vr_sigbus_resume(vr_region *region);
 void vr_sigbus_after_fork(vr_region *region);
 
-int64_t vr_sigbus_memfd_purge(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_sigbus_memfd_discard(vr_region *region, size_t first_chunk, size_t end_chunk,
                             int only_poisoned);
 int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk);

@@ -74,31 +74,16 @@ const struct vr_sigbus_trap vr_sigbus_memfd_trap = {
     .refill = install_chunk,
 };
 
+/* The purge of a memfd-trap chunk (vr_region_purge_chunk): map the trap over it. */
+static int trap_one_chunk(vr_region *region, size_t chunk) { return map_trap(region, chunk, chunk + 1); }
+
 int vr_sigbus_memfd_attach(vr_region *region)
 {
     region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
     if (region->trap_fd < 0)
         return -errno;
+    region->discard_chunk = trap_one_chunk;
     return map_trap(region, 0, region->chunk_count);
-}
-
-/* Discard the volatile chunks that hold data; returns the bytes freed. */
-int64_t vr_sigbus_memfd_purge(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    int64_t purged = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        uint8_t state = vr_chunk_load(region, chunk);
-        if (!(state & VR_CHUNK_VOLATILE) || (state & (VR_CHUNK_TRAPPED | VR_CHUNK_IN_FLIGHT)))
-            continue;
-        int rc = map_trap(region, chunk, chunk + 1);
-        if (rc < 0)
-            return rc;
-        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
-        if (!(before & VR_CHUNK_PURGED))
-            vr_stat_add(&region->stats.purges, 1);
-        purged += (int64_t)vr_region_chunk_length(region, chunk);
-    }
-    return purged;
 }
 
 /* Make chunks missing again: all of them, or only those whose regeneration failed (poisoned). */

@@ -374,8 +374,13 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
         wake_page(handler, address);
         return;
     }
-    /* Only this thread sets IN_FLIGHT on uffd regions, under the lock. */
-    vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
+    /* Claim the chunk. Faults set IN_FLIGHT only here, under the lock; a purge (vrange's own, from
+     * another thread) may hold it: then leave this thread asleep, the purge wakes the chunk when it
+     * lets go (uffd_region.c, wake_after_purge) and the access faults again. */
+    if (vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT) {
+        pthread_mutex_unlock(&handler->lock);
+        return;
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
     if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
         /* Closing: start nothing new. The thread waits until the region opens again or is
@@ -384,12 +389,7 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
         pthread_mutex_unlock(&handler->lock);
         return;
     }
-    if (state & VR_CHUNK_MATERIALIZED) {
-        /* It was filled before and is missing again: the kernel (or purge) discarded it. */
-        uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_PURGED);
-        if (!(before & VR_CHUNK_PURGED))
-            vr_stat_add(&region->stats.purges, 1);
-    }
+    vr_region_note_discard_found(region, chunk); /* filled before: the kernel or a purge took it */
     vr_region_ref(region);
     if (region->source_kind != VR_SOURCE_PYTHON) {
         pthread_mutex_unlock(&handler->lock);

@@ -58,8 +58,18 @@ static int uffd_register_range(int uffd, uintptr_t base, size_t size)
     return ioctl(uffd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
 }
 
+/* After vrange purged a chunk (vr_region_purge_chunk): a fault that arrived while the purge held the
+ * chunk was left asleep; wake it, so it faults again and is served. */
+static void wake_after_purge(vr_region *region, size_t chunk)
+{
+    struct uffdio_range range = { .start = region->base + chunk * region->chunk_size,
+                                  .len = vr_region_chunk_length(region, chunk) };
+    (void)ioctl(region->handler->uffd, UFFDIO_WAKE, &range); /* fails only once unmapped */
+}
+
 int vr_region_register(vr_region *region)
 {
+    region->after_purge = wake_after_purge;
     /* In the table first: a fault can arrive as soon as the range is registered. */
     int rc = table_add(region->handler, region);
     if (rc < 0)

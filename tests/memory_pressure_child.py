@@ -23,6 +23,8 @@ from array import array
 import vrange
 import vrange._backends.sigbus  # noqa: F401
 import vrange._backends.uffd  # noqa: F401
+import vrange.policy
+import vrange.testing
 
 CHUNK = vrange.DEFAULT_CHUNK_SIZE
 PART = 16 * CHUNK
@@ -45,10 +47,14 @@ def main() -> int:
     parser.add_argument("--mode", choices=("once", "remark"), required=True)
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--deny-userfaultfd", action="store_true",
+                        help="a container's default seccomp profile: no userfaultfd at all")
     args = parser.parse_args()
 
     with open(args.cgroup_procs, "w") as procs:
         procs.write(str(os.getpid()))
+    if args.deny_userfaultfd:
+        vrange.testing.deny_userfaultfd()
     if args.uid is not None:
         os.setgroups([])
         os.setgid(args.uid)
@@ -68,7 +74,13 @@ def main() -> int:
                 if args.mode == "remark":
                     cache.mark_volatile(offset, PART)
         stats = cache.stats()
+        policy = vrange.policy.stats()
         result = {"backend": cache.backend, "trap": cache.trap, "uid": os.geteuid(),
+                  "managed": cache.managed, "purges_by_reason": stats.purges_by_reason,
+                  "policy_signal": policy.signal, "policy_reason": policy.reason,
+                  "policy_purges": policy.purges_by_reason, "peak_usage": policy.peak_usage_bytes,
+                  "throttled_faults": policy.throttled_faults, "pokes": policy.pokes,
+                  "signal_events": policy.signal_events,
                   "auto_reason": vrange.features().auto_reason, "wrong_parts": wrong[:10],
                   "purges": stats.purges, "faults_served": stats.faults_served,
                   "volatile_refills": stats.volatile_refills,

@@ -25,6 +25,7 @@ __all__ = [
     "CgroupReport",
     "Features",
     "OpenAttempt",
+    "PressurePlan",
     "ProbeOutcome",
     "PsiReport",
     "TrapSupport",
@@ -172,6 +173,30 @@ class CgroupReport:
     """None when no ancestor sets a limit."""
     limit_set_at: str | None
     memory_usage_bytes: int | None
+    directory: str | None = None
+    """This process's own cgroup directory in the mounted hierarchy."""
+
+
+@dataclass(frozen=True)
+class PressurePlan:
+    """What vrange's pressure monitor watches here (see :mod:`vrange.policy`), and why.
+
+    The monitor purges volatile chunks of the regions it manages when ``usage_file`` says usage is
+    above ``high_water_bytes``, until it is back under ``low_water_bytes``. It wakes on the kernel's
+    signal (``psi_file`` trigger, cgroup v1 usage threshold, cgroup v2 ``memory.events``), on
+    vrange's own refills, and every ``interval_ms`` to watch the headroom proactively."""
+
+    signal: Literal["cgroup-v2", "cgroup-v1", "psi", "meminfo"]
+    reason: str
+    limit_bytes: int
+    usage_file: str
+    usage_kind: Literal["cgroup", "meminfo"]
+    high_water_bytes: int
+    low_water_bytes: int
+    interval_ms: int
+    psi_file: str | None = None
+    events_file: str | None = None
+    threshold_control: str | None = None
 
 
 @dataclass(frozen=True)
@@ -213,6 +238,7 @@ class Features:
     memfd: ProbeOutcome
     psi: PsiReport
     cgroup: CgroupReport
+    pressure: PressurePlan
     sigbus_traps: tuple[TrapSupport, ...]
     backends: tuple[BackendSupport, ...]
     auto_backend: str | None
@@ -537,14 +563,14 @@ def _probe_cgroup() -> CgroupReport:
         directory = _cgroup_directory(v1_mount, v1_path)
         limit, where = _tightest_limit(directory, Path(v1_mount[1]), "memory.limit_in_bytes")
         usage = _read_int(str(directory / "memory.usage_in_bytes"))
-        return CgroupReport("v1", v1_path, limit, where, usage)
+        return CgroupReport("v1", v1_path, limit, where, usage, str(directory))
     if v2_path is not None and v2_mount is not None:
         available = (_read_text(str(Path(v2_mount[1]) / "cgroup.controllers")) or "").split()
         if "memory" in available:
             directory = _cgroup_directory(v2_mount, v2_path)
             limit, where = _tightest_limit(directory, Path(v2_mount[1]), "memory.max")
             usage = _read_int(str(directory / "memory.current"))
-            return CgroupReport("v2", v2_path, limit, where, usage)
+            return CgroupReport("v2", v2_path, limit, where, usage, str(directory))
     return CgroupReport("none", None, None, None, None)
 
 
@@ -624,6 +650,55 @@ def _choose_auto(backends: tuple[BackendSupport, ...]) -> tuple[str | None, str]
                   + "; sigbus: " + sigbus.reason)
 
 
+def water_marks(limit: int, headroom_fraction: int = 8) -> tuple[int, int]:
+    """(high, low): purge when usage passes ``limit - headroom``, down to ``limit - 2 * headroom``,
+    where the headroom is an eighth of the limit (at least 4 MiB, at most 1 GiB)."""
+    headroom = min(max(limit // headroom_fraction, 4 << 20), 1 << 30)
+    return max(limit - headroom, 0), max(limit - 2 * headroom, 0)
+
+
+def _meminfo_total() -> int | None:
+    for line in (_read_text("/proc/meminfo") or "").splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _plan_pressure(cgroup: CgroupReport, psi: PsiReport) -> PressurePlan:
+    """Prefer the signal closest to what kills the process: its cgroup's limit, else the machine's
+    memory (PSI, then MemAvailable)."""
+    if cgroup.memory_limit_bytes is not None and cgroup.limit_set_at is not None:
+        limit, where = cgroup.memory_limit_bytes, cgroup.limit_set_at
+        high, low = water_marks(limit)
+        if cgroup.version == "v2":
+            own = cgroup.directory or where
+            return PressurePlan(
+                "cgroup-v2", f"cgroup v2 limit memory.max={limit} at {where}: a PSI trigger on "
+                f"{own}/memory.pressure and changes of memory.events wake the monitor; it also "
+                "checks memory.current every 100 ms and after vrange's own refills", limit,
+                f"{where}/memory.current", "cgroup", high, low, 100,
+                psi_file=f"{own}/memory.pressure", events_file=f"{where}/memory.events")
+        return PressurePlan(
+            "cgroup-v1", f"cgroup v1 limit memory.limit_in_bytes={limit} at {where}: a usage "
+            "threshold (cgroup.event_control + eventfd on memory.usage_in_bytes) at the high-water "
+            "mark wakes the monitor; it also checks usage every 100 ms and after vrange's own "
+            "refills", limit, f"{where}/memory.usage_in_bytes", "cgroup", high, low, 100,
+            threshold_control=f"{where}/cgroup.event_control")
+    total = _meminfo_total() or 0
+    high, low = water_marks(total, headroom_fraction=20)
+    if psi.triggers_writable.ok:
+        return PressurePlan(
+            "psi", "no memory cgroup limit: a PSI trigger on /proc/pressure/memory wakes the "
+            "monitor, which keeps MemTotal - MemAvailable under the high-water mark (checked every "
+            "second too)", total, "/proc/meminfo", "meminfo", high, low, 1000,
+            psi_file="/proc/pressure/memory")
+    why = psi.triggers_writable.error or "unavailable"
+    return PressurePlan(
+        "meminfo", f"no memory cgroup limit and no PSI trigger ({why}): the monitor polls "
+        "MemAvailable in /proc/meminfo every second, the last resort", total, "/proc/meminfo",
+        "meminfo", high, low, 1000)
+
+
 _UNKNOWN_UFFD = UserfaultfdReport(
     access="none", serves_syscalls=None, reason="userfaultfd probe failed (see probe_errors)",
     attempts=(), api_features=(), api_features_mask=0, api_ioctls=(), range_ioctls=(),
@@ -643,6 +718,9 @@ def _compute() -> Features:
     memfd = run.section("memfd", lambda: ProbeOutcome.from_result(lib.vr_probe_memfd()), _FAILED)
     psi = run.section("psi", _probe_psi, PsiReport(_FAILED, _FAILED, None, None))
     cgroup = run.section("cgroup", _probe_cgroup, CgroupReport("none", None, None, None, None))
+    pressure = run.section("pressure", lambda: _plan_pressure(cgroup, psi), PressurePlan(
+        "meminfo", "planning failed (see probe_errors)", 0, "/proc/meminfo", "meminfo", 0, 0,
+        1000))
     traps = run.section(
         "sigbus traps", lambda: _probe_sigbus_traps(madvise, memfd),
         tuple(TrapSupport(name, False, False, "probe failed (see probe_errors)")  # type: ignore[arg-type]
@@ -664,6 +742,7 @@ def _compute() -> Features:
         memfd=memfd,
         psi=psi,
         cgroup=cgroup,
+        pressure=pressure,
         sigbus_traps=traps,
         backends=backends,
         auto_backend=auto_backend,

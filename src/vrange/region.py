@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, cast, overload
 from ._backends import resolve_backend
 from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats
 from ._native import ffi, lib
+from . import policy
 from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
 from .sources import Source
 
@@ -94,6 +95,11 @@ class Region(mmap.mmap):
       regenerated and resolved per fault (default 64 KiB). The sigbus backend's memfd trap uses
       at most 8192 chunks per region and raises the chunk size for larger regions;
       ``region.chunk_size`` tells the size in use.
+    - ``priority``, ``group``, ``managed``: vrange's own purge policy (:mod:`vrange.policy`).
+      A managed region is purged by the pressure monitor before the OOM killer and by byte budgets,
+      lowest ``priority`` first, then the chunks marked volatile longest ago. ``managed=None``
+      manages the regions the kernel cannot reclaim (the memfd trap) and regions with a ``group``
+      (named budgets: :func:`vrange.policy.set_budget`).
     - ``on_error``: what a fault does when the regenerator fails and there is no library call to
       raise from (a plain memory access): ``"poison"`` (default where the kernel has
       UFFDIO_POISON: the access raises SIGBUS, a syscall gets EFAULT, the next
@@ -120,7 +126,9 @@ class Region(mmap.mmap):
     _regenerating_threads: set[int]
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
-                chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> Region:
+                chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
+                priority: int = 0, group: str | None = None,
+                managed: bool | None = None) -> Region:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
             raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
         if nbytes <= 0:
@@ -135,8 +143,15 @@ class Region(mmap.mmap):
                              f"({PAGE_SIZE}), not {chunk_size!r}")
         if on_error is not None and on_error not in _ERROR_POLICIES:
             raise ValueError(f"on_error must be one of {sorted(_ERROR_POLICIES)}, not {on_error!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or \
+                not -(1 << 31) <= priority < (1 << 31):
+            raise TypeError(f"priority must be an int (32-bit), not {priority!r}")
+        if group is not None and (not isinstance(group, str) or not group):
+            raise TypeError(f"group must be a non-empty str or None, not {group!r}")
+        if managed is not None and not isinstance(managed, bool):
+            raise TypeError(f"managed must be True, False or None, not {managed!r}")
         backend_name, trap = resolve_backend(backend)
-        policy = _default_error_policy(backend_name) if on_error is None else on_error
+        error_policy = _default_error_policy(backend_name) if on_error is None else on_error
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
         if trap == "memfd" and -(-size // chunk) > SIGBUS_MAX_CHUNKS:
             floor = 1 << (-(-size // SIGBUS_MAX_CHUNKS) - 1).bit_length()
@@ -151,7 +166,7 @@ class Region(mmap.mmap):
         self._backend_name = backend_name
         self._chunk_size = chunk
         self._regenerate = regenerate
-        self._on_error = policy
+        self._on_error = error_policy
         self._failures = collections.deque(maxlen=MAX_KEPT_FAILURES)
         self._failure_count = 0
         self._state_lock = threading.Lock()
@@ -167,13 +182,18 @@ class Region(mmap.mmap):
                 from ._backends.uffd import UffdRegion
 
                 self._core = UffdRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                        _ERROR_POLICIES[policy])
+                                        _ERROR_POLICIES[error_policy])
             else:
                 from ._backends.sigbus import SigbusRegion
 
                 self._core = SigbusRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                          _ERROR_POLICIES[policy], cast(str, trap))
+                                          _ERROR_POLICIES[error_policy], cast(str, trap))
+            if managed or (managed is None and (not self._core.kernel_reclaims or group)):
+                policy.manage(self._core, priority, group)
         except BaseException:
+            if hasattr(self, "_core"):
+                policy.release(self._core)
+                self._core.close()
             mmap.mmap.close(self)
             self._closed = True
             raise
@@ -182,7 +202,9 @@ class Region(mmap.mmap):
         return self
 
     def __init__(self, nbytes: int, regenerate: Regenerator, backend: str | None = None,
-                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None) -> None:
+                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
+                 priority: int = 0, group: str | None = None,
+                 managed: bool | None = None) -> None:
         pass  # everything happens in __new__ (mmap.mmap is built there)
 
     # --- properties -----------------------------------------------------------------------------
@@ -204,6 +226,11 @@ class Region(mmap.mmap):
         reclaims volatile pages by itself) or ``"memfd"`` (only vrange purges); None on the uffd
         backend."""
         return self._core.trap
+
+    @property
+    def managed(self) -> bool:
+        """True when vrange's pressure monitor and budgets may purge this region."""
+        return bool(getattr(self._core, "managed", False))
 
     @property
     def kernel_reclaims(self) -> bool:
@@ -278,6 +305,7 @@ class Region(mmap.mmap):
         if first < end:
             with self._open_and_locked():
                 self._core.mark_volatile(first, end)
+            policy.after_mark_volatile(self._core)
 
     def _core_chunk_count(self) -> int:
         return -(-len(self) // self._chunk_size)
@@ -500,6 +528,7 @@ class Region(mmap.mmap):
             self._closed = True
             with _live_regions_lock:
                 _live_regions.pop(self._address, None)
+            policy.release(self._core)
             self._core.close()
 
     def __enter__(self) -> Region:

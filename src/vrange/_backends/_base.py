@@ -75,6 +75,8 @@ class BackendRegion(abc.ABC):
     """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
     kernel_reclaims: bool = True
     """True when the kernel itself discards volatile pages under pressure."""
+    managed: bool = False
+    """vrange's pressure monitor and budgets may purge it (vrange.policy)."""
 
     def __init__(self, size: int, chunk_size: int) -> None:
         self.chunk_count = -(-size // chunk_size)

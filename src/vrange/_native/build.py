@@ -26,13 +26,14 @@ C_SOURCES = [
     "sigbus.c",
     "sigbus_memfd_trap.c",
     "sigbus_uffd_trap.c",
+    "pressure.c",
     "bench.c",
 ]
 
 # The functions and types exported to Python are declared once, in the headers, between
 # "cffi: begin" and "cffi: end" markers; cffi cannot read the headers themselves (macros, system
 # types, inline functions), so only those blocks are handed to it.
-EXPORTING_HEADERS = ["common.h", "region.h", "uffd_backend.h", "sigbus_backend.h"]
+EXPORTING_HEADERS = ["common.h", "region.h", "uffd_backend.h", "sigbus_backend.h", "pressure.h"]
 EXPORTED_BLOCK = re.compile(r"/\* cffi: begin[^*]*\*/(.*?)/\* cffi: end \*/", re.S)
 
 
@@ -70,6 +71,7 @@ CDEF_CONSTANTS = """
 #define VR_PURGE_PRESSURE ...
 #define VR_PURGE_BUDGET ...
 #define VR_PURGE_KERNEL ...
+#define VR_MAX_GROUPS ...
 #define VR_TRAP_UFFD ...
 #define VR_NATIVE_VERSION ...
 #define O_CLOEXEC ...
@@ -98,7 +100,7 @@ for declarations in (exported_declarations(), CDEF_CALLBACK, CDEF_CONSTANTS):
 
 ffibuilder.set_source(
     "vrange._vrange_native",
-    '#define _GNU_SOURCE\n#include "uffd_backend.h"\n#include "sigbus_backend.h"\n',
+    '#define _GNU_SOURCE\n#include "uffd_backend.h"\n#include "sigbus_backend.h"\n#include "pressure.h"\n',
     sources=[_relative(NATIVE_DIR / name) for name in C_SOURCES],
     include_dirs=[_relative(NATIVE_DIR)],
     depends=[_relative(path) for path in sorted(NATIVE_DIR.glob("*.h"))],

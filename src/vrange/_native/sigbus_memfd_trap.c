@@ -15,6 +15,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "pressure.h"
 #include "sigbus_backend.h"
 
 static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
@@ -39,6 +40,7 @@ static int install_chunk(vr_region *region, size_t chunk, int zeros)
 {
     size_t length = vr_region_chunk_length(region, chunk);
     uintptr_t start = region->base + chunk * region->chunk_size;
+    vr_monitor_note_refill(region, length, 1); /* memory the kernel cannot take back */
     char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (scratch == MAP_FAILED)

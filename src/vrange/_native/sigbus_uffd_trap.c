@@ -26,6 +26,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "pressure.h"
 #include "sigbus_backend.h"
 #include "uffd_fill.h"
 
@@ -123,6 +124,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
         rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, NULL,
                                   VR_FILL_ZEROPAGE);
     } else {
+        vr_monitor_note_refill(region, length, 1);
         int slot;
         char *scratch = vr_region_take_scratch(region, &slot);
         if (!scratch)

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "uffd_backend.h"
+#include "pressure.h"
 #include "uffd_fill.h"
 
 static int table_add(vr_handler *handler, vr_region *region)
@@ -121,6 +122,8 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
 {
     size_t length = vr_region_chunk_length(region, chunk_index);
     uintptr_t start = region->base + chunk_index * region->chunk_size;
+    /* The handler thread and workers never wait for the monitor: other faults depend on them. */
+    vr_monitor_note_refill(region, length, 0);
     int rc = fill_missing_pages(region, start, length, source, VR_FILL_COPY);
     if (rc == 0) {
         vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);

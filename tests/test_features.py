@@ -259,13 +259,20 @@ def test_cgroup_limit_is_found_in_a_child_cgroup(root_privileges: None) -> None:
         script = (
             "import json, os, sys, vrange\n"
             f"open({str(child / 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
-            "print(json.dumps(vrange.features().as_dict()['cgroup']))\n"
+            "report = vrange.features().as_dict()\n"
+            "print(json.dumps([report['cgroup'], report['pressure']]))\n"
         )
         output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                 check=True, timeout=60).stdout
-        cgroup = json.loads(output)
+        cgroup, pressure = json.loads(output)
     finally:
         child.rmdir()
+    # vrange's pressure monitor watches the limit that would kill the process.
+    assert pressure["signal"] == "cgroup-v1"
+    assert pressure["limit_bytes"] == limit
+    assert pressure["usage_file"] == str(child / "memory.usage_in_bytes")
+    assert pressure["threshold_control"] == str(child / "cgroup.event_control")
+    assert (pressure["high_water_bytes"], pressure["low_water_bytes"]) == (224 << 20, 192 << 20)
     assert cgroup["version"] == "v1"
     assert cgroup["memory_limit_bytes"] == limit
     assert cgroup["limit_set_at"] == str(child)
@@ -316,3 +323,12 @@ def test_the_cached_report_is_probed_again_after_the_uid_changes(
     assert vrange.features() is first
     monkeypatch.setattr(os, "geteuid", lambda: 12345)
     assert vrange.features() is not first
+
+
+def test_without_a_limit_the_monitor_watches_the_machine(report: vrange.Features) -> None:
+    if report.cgroup.memory_limit_bytes is not None:
+        pytest.skip("this process runs under a memory cgroup limit")
+    plan = report.pressure
+    assert plan.signal == ("psi" if report.psi.triggers_writable.ok else "meminfo")
+    assert plan.usage_file == "/proc/meminfo" and plan.usage_kind == "meminfo"
+    assert 0 < plan.low_water_bytes < plan.high_water_bytes < plan.limit_bytes

@@ -79,6 +79,13 @@ def format_report(report: Features) -> str:
     row("memory limit", _bytes(cgroup.memory_limit_bytes)
         + (f" (set at {cgroup.limit_set_at})" if cgroup.limit_set_at else ""))
     row("memory usage", _bytes(cgroup.memory_usage_bytes))
+    heading("Pressure policy (vrange.policy)")
+    plan = report.pressure
+    row("monitor signal", plan.signal)
+    row("why", plan.reason)
+    row("limit", _bytes(plan.limit_bytes))
+    row("purges when usage passes", f"{_bytes(plan.high_water_bytes)}, down to "
+        f"{_bytes(plan.low_water_bytes)} ({plan.usage_file})")
     heading("sigbus backend traps")
     for trap in report.sigbus_traps:
         state = "usable" if trap.usable else "not usable"

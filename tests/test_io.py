@@ -9,7 +9,7 @@ import socket
 import threading
 
 import pytest
-from conftest import CHUNK, PAGE, CountingRegenerator, pattern
+from conftest import CHUNK, KERNEL_RECLAIMED, PAGE, CountingRegenerator, pattern
 
 import vrange
 from vrange import io as vio
@@ -179,3 +179,40 @@ def test_purge_skips_chunks_held_for_io(backend: str) -> None:
             assert region.purge() == SIZE - 3 * CHUNK
             assert region.stats().resident_bytes == 3 * CHUNK
         assert region.purge() == 3 * CHUNK  # released
+
+
+@pytest.mark.backends(*KERNEL_RECLAIMED)
+@pytest.mark.hang_timeout(120)
+def test_io_write_is_not_starved_by_kernel_reclaim(backend: str, tmp_path: "os.PathLike[str]") -> None:
+    """While vrange.io writes a volatile region, the kernel keeps reclaiming it (MADV_PAGEOUT every
+    millisecond): the window the call holds stays present, so every write completes."""
+    import threading
+
+    from vrange.testing import page_out
+
+    data = os.urandom(8 << 20)
+    source_path = os.path.join(tmp_path, "source")
+    with open(source_path, "wb") as file:
+        file.write(data)
+    stop = threading.Event()
+    with vrange.Region(len(data), vrange.sources.File(source_path), backend=backend) as region:
+        region.mark_volatile()
+
+        def reclaim() -> None:
+            while not stop.wait(0.001):
+                page_out(region)
+
+        reclaimer = threading.Thread(target=reclaim)
+        reclaimer.start()
+        try:
+            out = os.open(os.path.join(tmp_path, "out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            for _ in range(10):
+                os.lseek(out, 0, os.SEEK_SET)
+                assert vrange.io.write(out, region) == len(data)
+            os.close(out)
+        finally:
+            stop.set()
+            reclaimer.join(timeout=30)
+        with open(os.path.join(tmp_path, "out"), "rb") as file:
+            assert file.read() == data
+        assert region.stats().volatile_bytes == len(data)  # still volatile after the calls

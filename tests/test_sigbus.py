@@ -154,3 +154,60 @@ def test_uffd_trap_keeps_the_chunk_size_and_adds_no_mappings(report: vrange.Feat
             purged = index < size // chunk // 2 and index % 6 == 0
             assert region[index * chunk] == (0 if purged else index % 251 + 1), index
         assert region.mark_nonvolatile(0, size // 2) is True
+
+
+def test_a_handler_replaced_later_is_taken_back_by_the_watchdog(report: vrange.Features) -> None:
+    """On the userfaultfd trap the kernel makes pages missing with no vrange call in between: the
+    monitor's thread notices a replaced SIGBUS handler and puts vrange's back in front."""
+    skip_unless_available(report, "sigbus:uffd")
+    result = run_python("""
+        import time, vrange.policy, vrange.testing
+        region = vrange.Region(1 << 20, sources.Zeros(), backend=SPEC)
+        region[0:3] = b"abc"
+        region.mark_volatile()
+        faulthandler.enable()                       # replaces vrange's handler
+        deadline = time.monotonic() + 10
+        while vrange.policy.stats().handler_reinstalls == 0:
+            assert time.monotonic() < deadline, "the watchdog never re-installed the handler"
+            time.sleep(0.01)
+        vrange.testing.page_out(region)             # as memory pressure would
+        assert bytes(region[0:3]) == bytes(3), "trap not served"
+        print("served", flush=True)
+        truncated_mapping_access()                  # still reaches faulthandler, chained
+    """, "sigbus:uffd")
+    assert "served" in result.stdout, result.stderr
+    assert result.returncode == -signal.SIGBUS
+    assert "Fatal Python error: Bus error" in result.stderr
+
+
+@pytest.mark.forked
+def test_a_forked_child_without_userfaultfd_falls_back_to_the_memfd_trap(
+        report: vrange.Features, root_privileges: None) -> None:
+    """The child's copy of the mapping is not registered; if the child cannot open a userfaultfd,
+    the region moves to the memfd trap instead of handing out zeros."""
+    skip_unless_available(report, "sigbus:uffd")
+    from conftest import CountingRegenerator, pattern
+
+    from vrange.testing import deny_userfaultfd
+
+    region = vrange.Region(1 << 20, CountingRegenerator(), backend="sigbus:uffd")
+    region.mark_nonvolatile(0, 1 << 19)              # pinned half, then a volatile half
+    region.mark_volatile(1 << 19)
+    region[1 << 19:(1 << 19) + 4] = bytes(region[1 << 19:(1 << 19) + 4])
+    deny_userfaultfd(include_dev=True)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ok = region.trap == "memfd" and not region.kernel_reclaims and region.managed
+            region.purge()
+            ok = ok and bytes(region[:]) == pattern(0, 1 << 20)
+            region.mark_volatile()
+            region.purge()
+            ok = ok and region.mark_nonvolatile() is True and bytes(region[:]) == pattern(0, 1 << 20)
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert region.trap == "uffd"                      # the parent is untouched
+    region.close()

@@ -723,7 +723,7 @@ def _compute() -> Features:
         1000))
     traps = run.section(
         "sigbus traps", lambda: _probe_sigbus_traps(madvise, memfd),
-        tuple(TrapSupport(name, False, False, "probe failed (see probe_errors)")  # type: ignore[arg-type]
+        tuple(TrapSupport(name, False, False, "probe failed (see probe_errors)")
               for name in ("uffd", "memfd")))
     backends = run.section(
         "backends",

@@ -94,10 +94,10 @@ def format_report(report: Features) -> str:
             else f"{state}: {trap.reason}")
     heading("Backends")
     for support in report.backends:
-        trap = f" [{support.trap} trap]" if support.trap else ""
+        trap_note = f" [{support.trap} trap]" if support.trap else ""
         reclaim = (" the kernel reclaims volatile pages." if support.kernel_reclaims
                    else " only vrange purges (the kernel cannot reclaim).") if support.usable else ""
-        row(support.name + trap, ("usable:" + reclaim + " " if support.usable else "not usable: ")
+        row(support.name + trap_note, ("usable:" + reclaim + " " if support.usable else "not usable: ")
             + support.reason)
     row("auto", report.auto_reason)
     if report.probe_errors:
@@ -119,7 +119,7 @@ def _command_features(args: argparse.Namespace) -> int:
 def _command_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return 0 if run() else 1
+    return 0 if run(args) else 1
 
 
 def _command_bench(args: argparse.Namespace) -> int:
@@ -137,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     features_parser = commands.add_parser("features", help="what this kernel and process may use")
     features_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     features_parser.set_defaults(handler=_command_features)
-    demo_parser = commands.add_parser("demo", help="show vrange at work on this machine")
+    demo_parser = commands.add_parser(
+        "demo", help="a decoded-tile cache three times larger than the memory it may use")
+    from .demo import add_arguments
+
+    add_arguments(demo_parser)
     demo_parser.set_defaults(handler=_command_demo)
     bench_parser = commands.add_parser("bench", help="measure fault costs against a baseline")
     bench_parser.add_argument("--quick", action="store_true", help="fewer pages, one run")

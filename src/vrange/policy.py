@@ -79,6 +79,8 @@ class PolicyStats:
     bytes_by_reason: dict[str, int] = field(default_factory=dict)
     throttled_faults: int = 0
     """Refills that waited for a purge under way above the high-water mark."""
+    handler_reinstalls: int = 0
+    """Times the monitor's thread put vrange's SIGBUS handler back after other code replaced it."""
 
 
 class _Monitor:
@@ -204,6 +206,7 @@ def _group_id(name: str) -> int:
 def manage(core: BackendRegion, priority: int, group: str | None) -> None:
     """Put a region under the policy (called by Region)."""
     lib.vr_region_set_policy(core.pointer, priority, -1 if group is None else _group_id(group))
+    core.priority, core.group = priority, group
     monitor = _get_monitor()
     check(lib.vr_monitor_attach(monitor.pointer, core.pointer), "put the region under the policy")
     with _lock:
@@ -221,6 +224,12 @@ def release(core: BackendRegion) -> None:
         monitor = _monitor
     if monitor is not None and core.pointer != ffi.NULL:
         lib.vr_monitor_detach(monitor.pointer, core.pointer)
+
+
+def start_watchdog() -> None:
+    """Make sure the monitor's thread runs: it also puts vrange's SIGBUS handler back in front when
+    other code replaced it while userfaultfd-trap regions are open."""
+    _get_monitor()
 
 
 def after_mark_volatile(core: BackendRegion) -> None:
@@ -335,6 +344,7 @@ def stats() -> PolicyStats:
         bytes_by_reason={"pressure": int(native.bytes_pressure),
                          "budget": int(native.bytes_budget)},
         throttled_faults=int(native.throttled_faults),
+        handler_reinstalls=int(native.handler_reinstalls),
     )
 
 

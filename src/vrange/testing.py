@@ -47,4 +47,8 @@ def page_out(region: Region, offset: int = 0, length: int | None = None) -> None
         raise ValueError(f"page_out needs a region the kernel reclaims (the uffd backend or the "
                          f"sigbus backend's uffd trap), not one on the {region.backend} backend's "
                          f"{region.trap} trap; use region.purge()")
+    if region.backend == "sigbus":
+        from ._backends.sigbus import ensure_handler
+
+        ensure_handler()  # a handler replaced since would make the refill fatal
     check(lib.vr_pageout(region.address + offset, length), "page the range out (MADV_PAGEOUT)")

@@ -77,6 +77,8 @@ class BackendRegion(abc.ABC):
     """True when the kernel itself discards volatile pages under pressure."""
     managed: bool = False
     """vrange's pressure monitor and budgets may purge it (vrange.policy)."""
+    priority: int = 0
+    group: str | None = None
 
     def __init__(self, size: int, chunk_size: int) -> None:
         self.chunk_count = -(-size // chunk_size)

@@ -17,6 +17,7 @@ import threading
 import weakref
 from typing import Any
 
+from .. import policy
 from .._native import ffi, lib
 from ..errors import check
 from ._base import BackendRegion
@@ -95,10 +96,27 @@ def _after_fork_in_child() -> None:
     for region in regions:
         if region.trap != "uffd":
             continue
-        result = lib.vr_sigbus_uffd_rebind(region.pointer, -1 if trap_fd is None else trap_fd)
-        if result < 0:
-            logger.error("vrange: could not register a sigbus region again in the forked child "
-                         "(its purged pages would read as zeros): %s", os.strerror(-result))
+        result = -errno.EBADF if trap_fd is None else lib.vr_sigbus_uffd_rebind(region.pointer,
+                                                                                trap_fd)
+        if result >= 0:
+            continue
+        # Unregistered, a page the kernel discards would read as zeros: hand the region over to
+        # the memfd trap (only vrange purges it from now on, under its pressure policy).
+        taken_over = lib.vr_sigbus_memfd_take_over(region.pointer)
+        if taken_over < 0:
+            logger.error("vrange: a sigbus region cannot work in this forked child (no userfaultfd: "
+                         "%s; no memfd trap: %s); it is inaccessible", os.strerror(-result),
+                         os.strerror(-taken_over))
+            continue
+        logger.warning("vrange: the forked child cannot register its userfaultfd-trap region (%s); "
+                       "it uses the memfd trap now (the kernel cannot reclaim it)",
+                       os.strerror(-result))
+        region.trap, region.kernel_reclaims = "memfd", False
+        try:
+            policy.manage(region, region.priority, region.group)
+        except OSError as error:
+            logger.error("vrange: the region taken over in the forked child has no pressure "
+                         "policy: %s", error)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -128,8 +146,13 @@ class SigbusRegion(BackendRegion):
             check(result, action + (" — too many sigbus regions are open"
                                     if result == -errno.EMFILE else ""))
         _live_regions.add(self)
+        if trap == "uffd":
+            # The kernel makes this trap's pages missing with no vrange call that could notice a
+            # replaced SIGBUS handler: the monitor's thread watches for that.
+            policy.start_watchdog()
 
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None:
+        ensure_handler()
         if self.trap == "uffd":
             check(lib.vr_region_mark_volatile(self.pointer, first_chunk, end_chunk),
                   "mark the range volatile (MADV_FREE)")
@@ -156,6 +179,14 @@ class SigbusRegion(BackendRegion):
         if self.trap == "uffd":
             return int(lib.vr_sigbus_uffd_populate(self.pointer, first_chunk, end_chunk, 0))
         return int(lib.vr_sigbus_memfd_populate(self.pointer, first_chunk, end_chunk))
+
+    def hold(self, first_chunk: int, end_chunk: int, delta: int) -> None:
+        super().hold(first_chunk, end_chunk, delta)
+        if delta > 0 and self.trap == "uffd":
+            # Present and dirty for the system call: the kernel cannot take the window back before
+            # the call reaches it (the hold's release makes it lazy-free again). A regeneration
+            # failure here is reported by the prefault that follows.
+            lib.vr_sigbus_uffd_populate(self.pointer, first_chunk, end_chunk, 1)
 
     def purge(self, first_chunk: int, end_chunk: int) -> int:
         ensure_handler()  # a replaced handler would make the next access to a purged chunk fatal

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "pressure.h"
+#include "sigbus_backend.h"
 
 #define THROTTLE_LIMIT_NS (250LL * 1000 * 1000) /* a fault never waits longer for the monitor */
 #define DEFAULT_POKE_BYTES (16ULL << 20)
@@ -238,10 +239,15 @@ static size_t collect(vr_monitor *monitor, int group, struct candidate **out, in
             __atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) != VR_OPEN)
             continue;
         size_t pages = region->size / region->page_size;
-        unsigned char *vector = malloc(pages);
-        if (!vector || mincore((void *)region->base, region->size, vector) < 0) {
-            free(vector); /* out of memory, or unmapped by a close in progress: skip it */
-            continue;
+        /* The memfd trap's chunks are whole or trapped: their state says what is resident, and
+         * mincore over its many file mappings would cost a page-cache lookup per page. */
+        unsigned char *vector = NULL;
+        if (region->trap_kind != VR_TRAP_MEMFD) {
+            vector = malloc(pages);
+            if (!vector || mincore((void *)region->base, region->size, vector) < 0) {
+                free(vector); /* out of memory, or unmapped by a close in progress: skip it */
+                continue;
+            }
         }
         size_t pages_per_chunk = region->chunk_size / region->page_size;
         for (size_t chunk = 0; chunk < region->chunk_count; chunk++) {
@@ -252,7 +258,7 @@ static size_t collect(vr_monitor *monitor, int group, struct candidate **out, in
                 continue;
             size_t present = 0, first = chunk * pages_per_chunk;
             for (size_t page = first; page < first + pages_per_chunk && page < pages; page++)
-                present += vector[page] & 1;
+                present += vector ? vector[page] & 1 : 1;
             if (!present)
                 continue;
             resident += (int64_t)(present * region->page_size);
@@ -422,6 +428,8 @@ static void *monitor_main(void *arg)
         }
         check_locked(monitor);
         pthread_mutex_unlock(&monitor->lock);
+        if (vr_sigbus_reinstall_if_replaced() == 1)
+            vr_stat_add(&monitor->stats.handler_reinstalls, 1);
     }
     return NULL;
 }

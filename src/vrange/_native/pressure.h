@@ -27,6 +27,7 @@ struct vr_monitor_stats {
     uint64_t purges_pressure, bytes_pressure;
     uint64_t purges_budget, bytes_budget;
     uint64_t throttled_faults; /* faults that waited for the monitor to catch up */
+    uint64_t handler_reinstalls; /* vrange's SIGBUS handler put back after other code replaced it */
     int64_t last_usage, peak_usage;
 };
 

@@ -271,6 +271,10 @@ void vr_region_keep_volatile(vr_region *region, size_t chunk_index)
 {
     if (!(__atomic_load_n(&region->chunk_state[chunk_index], __ATOMIC_SEQ_CST) & VR_CHUNK_VOLATILE))
         return;
+    /* Held for a system call (vrange.io): it must stay present until the call is done; the hold's
+     * release makes it lazy-free again (vr_region_hold). */
+    if (__atomic_load_n(&region->holds[chunk_index], __ATOMIC_SEQ_CST))
+        return;
     uintptr_t start;
     size_t length;
     chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
@@ -412,11 +416,33 @@ int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_
     return purged;
 }
 
-/* vrange.io holds the chunks a system call is about to use (+1) and lets go afterwards (-1). */
+/* The last hold of a volatile chunk of a region the kernel reclaims is gone: make it lazy-free
+ * again, claimed like a refill (so a pin racing this is safe, see vr_region_keep_volatile). */
+static void free_after_hold(vr_region *region, size_t chunk)
+{
+    while (__atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_IN_FLIGHT, __ATOMIC_SEQ_CST) &
+           VR_CHUNK_IN_FLIGHT)
+        vr_pause_briefly(); /* a refill or purge of it is finishing */
+    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) == VR_OPEN)
+        vr_region_keep_volatile(region, chunk);
+    vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+    if (region->after_purge)
+        region->after_purge(region, chunk); /* wake faults set aside meanwhile (uffd backend) */
+}
+
+/* vrange.io holds the chunks a system call is about to use (+1) and lets go afterwards (-1). A held
+ * chunk is never purged by vrange, and on regions the kernel reclaims a refill leaves it dirty (the
+ * caller dirties it too), so the call cannot be starved by reclaim; the release makes it volatile
+ * again. Called with the GIL released. */
 void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta)
 {
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
-        __atomic_fetch_add(&region->holds[chunk], (uint16_t)delta, __ATOMIC_SEQ_CST);
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uint16_t now = __atomic_add_fetch(&region->holds[chunk], (uint16_t)delta, __ATOMIC_SEQ_CST);
+        if (delta < 0 && now == 0 && region->kernel_reclaims &&
+            (vr_chunk_load(region, chunk) & (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED)) ==
+                (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED))
+            free_after_hold(region, chunk);
+    }
 }
 
 void vr_region_set_policy(vr_region *region, int priority, int group)

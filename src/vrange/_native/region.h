@@ -88,6 +88,7 @@ struct vr_region {
     int64_t *volatile_since; /* per chunk: monotonic ns of the last mark_volatile */
     uint16_t *holds;         /* per chunk: system calls holding it (atomic) */
     vr_monitor *monitor;     /* set while the policy manages this region */
+    int kernel_reclaims;     /* volatile = MADV_FREE (uffd backend, sigbus userfaultfd trap) */
     /* Make one claimed, volatile chunk missing (the backend's way: MADV_DONTNEED or the memfd trap);
      * 0 or -errno. `after_purge`, if set, runs once the chunk is released (the uffd backend wakes
      * faults that arrived meanwhile). */

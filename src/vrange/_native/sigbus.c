@@ -270,6 +270,21 @@ int vr_sigbus_handler_is_ours(void)
     return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == sigbus_handler;
 }
 
+/* The watchdog, called by the pressure monitor's thread at every wake-up: while sigbus regions are
+ * open, put vrange's handler back in front if other code replaced it since (on the userfaultfd trap
+ * the kernel makes pages missing without any vrange call that could notice). 1 if it re-installed,
+ * 0 if nothing was to do, or -errno. */
+int vr_sigbus_reinstall_if_replaced(void)
+{
+    int high = __atomic_load_n(&regions_high_water, __ATOMIC_ACQUIRE), open_regions = 0;
+    for (int i = 0; i < high && !open_regions; i++)
+        open_regions = __atomic_load_n(&regions[i], __ATOMIC_ACQUIRE) != NULL;
+    if (!open_regions || vr_sigbus_handler_is_ours() == 1)
+        return 0;
+    int rc = vr_sigbus_install();
+    return rc < 0 ? rc : 1;
+}
+
 void vr_sigbus_python_finalized(void) { __atomic_store_n(&python_finalized, 1, __ATOMIC_RELEASE); }
 
 int vr_sigbus_attach(vr_region *region, int trap_kind, int trap_uffd)

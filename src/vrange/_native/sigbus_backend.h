@@ -27,6 +27,8 @@ void vr_sigbus_after_fork(vr_region *region);
 int vr_sigbus_memfd_discard(vr_region *region, size_t first_chunk, size_t end_chunk,
                             int only_poisoned);
 int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_sigbus_memfd_take_over(vr_region *region);
+int vr_sigbus_reinstall_if_replaced(void);
 
 int vr_sigbus_uffd_trap_open(int *fd_out);
 int vr_sigbus_uffd_trap_probe(int uffd);

@@ -88,6 +88,37 @@ int vr_sigbus_memfd_attach(vr_region *region)
     return map_trap(region, 0, region->chunk_count);
 }
 
+/* A forked child could not register a uffd-trap region again (no userfaultfd can be opened there):
+ * its copy of the mapping is not registered, so a page the kernel discards would read as zeros.
+ * Hand the region to the memfd trap instead: every chunk that is volatile (the kernel may discard
+ * it) or has a missing page gets the trap; pinned chunks are whole and dirty, so they stay. The
+ * child is single-threaded here (called from the at-fork hook). If even that fails, the region is
+ * made inaccessible (an access raises SIGSEGV): never zeros handed out silently. */
+int vr_sigbus_memfd_take_over(vr_region *region)
+{
+    int rc = 0;
+    region->trap_uffd = -1;
+    region->kernel_reclaims = 0;
+    region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
+    if (region->trap_fd < 0)
+        rc = -errno;
+    for (size_t chunk = 0; rc == 0 && chunk < region->chunk_count; chunk++) {
+        size_t length = vr_region_chunk_length(region, chunk);
+        int64_t present = vr_region_resident_pages(region, region->base + chunk * region->chunk_size,
+                                                   length);
+        if ((vr_chunk_load(region, chunk) & VR_CHUNK_VOLATILE) || present < 0 ||
+            (size_t)present * region->page_size < length)
+            rc = map_trap(region, chunk, chunk + 1);
+    }
+    if (rc < 0) {
+        (void)mprotect((void *)region->base, region->size, PROT_NONE);
+        return rc;
+    }
+    region->trap_kind = VR_TRAP_MEMFD;
+    region->discard_chunk = trap_one_chunk;
+    return 0;
+}
+
 /* Make chunks missing again: all of them, or only those whose regeneration failed (poisoned). */
 int vr_sigbus_memfd_discard(vr_region *region, size_t first_chunk, size_t end_chunk,
                             int only_poisoned)

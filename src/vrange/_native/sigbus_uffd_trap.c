@@ -99,8 +99,10 @@ int vr_sigbus_uffd_trap_probe(int uffd)
 int vr_sigbus_uffd_attach(vr_region *region, int trap_uffd)
 {
     int rc = register_range(trap_uffd, region->base, region->size);
-    if (rc == 0)
+    if (rc == 0) {
         region->trap_uffd = trap_uffd;
+        region->kernel_reclaims = 1;
+    }
     return rc;
 }
 

@@ -71,6 +71,7 @@ static void wake_after_purge(vr_region *region, size_t chunk)
 int vr_region_register(vr_region *region)
 {
     region->after_purge = wake_after_purge;
+    region->kernel_reclaims = 1;
     /* In the table first: a fault can arrive as soon as the range is registered. */
     int rc = table_add(region->handler, region);
     if (rc < 0)

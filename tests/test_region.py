@@ -576,7 +576,9 @@ def test_on_error_zeros_is_explicit(backend: str) -> None:
         assert bytes(region[CHUNK:CHUNK + 16]) == pattern(CHUNK, 16)
 
 
-def test_regenerator_raising_base_exceptions_does_not_kill_the_handler(backend: str) -> None:
+def test_interrupts_in_a_regenerator_finish_the_call_and_reach_the_program(backend: str) -> None:
+    """KeyboardInterrupt and SystemExit are not regenerator failures: the regeneration is retried,
+    nothing is poisoned, and the interrupt is raised at the next safe point after the call."""
     raised = iter([SystemExit(3), KeyboardInterrupt()])
 
     def regenerate(offset: int, buf: memoryview) -> None:
@@ -586,11 +588,53 @@ def test_regenerator_raising_base_exceptions_does_not_kill_the_handler(backend: 
         buf[:] = pattern(offset, len(buf))
 
     with make(backend, regenerate) as region:
-        for _ in range(2):
-            with pytest.raises(vrange.RegenerationError):
-                region.mark_nonvolatile(0, CHUNK)
-        assert region.mark_nonvolatile() is False
+        with pytest.raises(SystemExit) as caught:
+            region.prefault(0, CHUNK)
+            sum(range(1000))  # a safe point, should the call itself have had none
+        assert caught.value.code == 3
+        stats = region.stats()
+        assert stats.regeneration_errors == 0 and region.regeneration_failures == []
+        assert stats.resident_bytes >= CHUNK  # the chunk was filled, not left missing or poisoned
         assert_pages_match(region, pattern(0, SIZE))
+        assert region.mark_nonvolatile() is False
+
+
+INTERRUPTED_READ = """
+    import signal, time
+    calls = []
+    def regenerate(offset, buf):
+        calls.append(offset)
+        if len(calls) == 1:                  # the first run is interrupted by the timer
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pass                         # pure Python, holding the GIL
+            raise AssertionError("the timer never fired")
+        buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+    region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+    signal.signal(signal.SIGALRM, HANDLER)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
+    try:
+        view = bytes(region[CHUNK:CHUNK + 8])    # faults while holding the GIL
+        time.sleep(0.5)                          # safe points: the interrupt must arrive by now
+        print("not interrupted", flush=True)
+    except EXPECTED as interrupt:
+        print("interrupted", repr(interrupt), flush=True)
+    print("bytes", bytes(region[CHUNK:CHUNK + 8]) == bytes([2]) * 8, "calls", len(calls),
+          "errors", region.stats().regeneration_errors, flush=True)
+"""
+
+
+@pytest.mark.parametrize("handler, expected, shown", [
+    ("signal.default_int_handler", "KeyboardInterrupt", "KeyboardInterrupt()"),
+    ("lambda *_: sys.exit(7)", "SystemExit", "SystemExit(7)"),
+], ids=["ctrl-c", "sys.exit-in-a-signal-handler"])
+def test_an_interrupt_during_a_fault_surfaces_in_the_program(backend: str, handler: str,
+                                                           expected: str, shown: str) -> None:
+    result = run_python(f"import signal\nHANDLER = {handler}\nEXPECTED = {expected}\n"
+                        + textwrap.dedent(INTERRUPTED_READ), backend)
+    assert result.returncode == 0, result.stderr
+    assert f"interrupted {shown}" in result.stdout, result.stdout + result.stderr
+    assert "bytes True calls 2 errors 0" in result.stdout, result.stdout + result.stderr
 
 
 # --- nested faults --------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import logging
 import mmap
 import os
 import threading
-import traceback
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, Union, cast, overload
@@ -16,7 +15,7 @@ from typing import Any, Literal, Union, cast, overload
 from ._backends import resolve_backend
 from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats
 from ._native import ffi, lib
-from . import policy
+from . import _regeneration, policy  # noqa: F401 - _regeneration defines the C callback
 from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
 from .sources import Source
 
@@ -468,38 +467,27 @@ class Region(mmap.mmap):
             purged_bytes=purged,
         )
 
-    # --- regeneration (called from C) -------------------------------------------------------------
+    # --- regeneration (called from C, through vrange._regeneration) --------------------------------
 
-    def run_regenerator(self, offset: int, buffer: Any, length: int) -> int:
-        """Fill ``buffer`` for the chunk at ``offset``; 0, or -1 after recording the failure.
+    def regenerator(self) -> Callable[[int, memoryview], object]:
+        return cast(Callable[[int, memoryview], object], self._regenerate)
 
-        Runs with the GIL, on a worker thread or inside the fault signal handler of the faulting
-        thread: it must not raise (cffi would only print the exception) and must not block on
-        anything the faulting thread holds.
-        """
-        view = memoryview(ffi.buffer(buffer, length))
+    def regeneration_started(self) -> bool:
+        """This thread runs the regenerator now; True when it already did (nested)."""
         thread = threading.get_ident()
         nested = thread in self._regenerating_threads
         self._regenerating_threads.add(thread)
-        try:
-            cast(Callable[[int, memoryview], object], self._regenerate)(offset, view)
-            return 0
-        except BaseException as error:  # noqa: BLE001 - recorded, reported by policy
-            # Keep the traceback as text: its frames would keep their callers alive, and with them
-            # any memoryview of a region (which could then never be closed).
-            error.vrange_traceback = "".join(  # type: ignore[attr-defined]
-                traceback.format_exception(type(error), error, error.__traceback__))
-            error.__traceback__ = None
-            error.__context__ = None  # whatever the faulting thread was handling
-            self._failure_count += 1
-            self._failures.append((self._failure_count, offset, error))
-            logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
-                           offset, error, self._on_error)
-            return -1
-        finally:
-            if not nested:
-                self._regenerating_threads.discard(thread)
-            view.release()
+        return nested
+
+    def regeneration_finished(self, nested: bool) -> None:
+        if not nested:
+            self._regenerating_threads.discard(threading.get_ident())
+
+    def record_failure(self, offset: int, error: BaseException) -> None:
+        self._failure_count += 1
+        self._failures.append((self._failure_count, offset, error))
+        logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
+                       offset, error, self._on_error)
 
     @property
     def regeneration_failures(self) -> list[tuple[int, BaseException]]:

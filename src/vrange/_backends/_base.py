@@ -11,15 +11,6 @@ from .._native import ffi, lib
 from ..errors import VRangeError, check
 
 
-@ffi.def_extern(error=-1)
-def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int) -> int:
-    """Called from C (a uffd worker, or a signal handler on the faulting thread) with the GIL,
-    which cffi takes if the calling thread does not hold it. An exception escaping here (it should
-    not) makes cffi print it and return -1: a failure, never success with an unfilled buffer."""
-    owner = ffi.from_handle(python_handle)
-    return int(owner.run_regenerator(offset, buffer, length))
-
-
 PURGE_REASONS = {
     "explicit": lib.VR_PURGE_EXPLICIT,
     "pressure": lib.VR_PURGE_PRESSURE,

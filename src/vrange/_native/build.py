@@ -27,6 +27,7 @@ C_SOURCES = [
     "sigbus_memfd_trap.c",
     "sigbus_uffd_trap.c",
     "pressure.c",
+    "python_regenerator.c",
     "bench.c",
 ]
 
@@ -50,7 +51,7 @@ def exported_declarations() -> str:
 # reads from the headers at build time.
 CDEF_CALLBACK = """
 extern "Python+C" int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf,
-                                           size_t len);
+                                           size_t len, int at_unsafe_point);
 """
 
 CDEF_CONSTANTS = """

@@ -99,8 +99,14 @@ struct vr_region {
 enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
 
 /* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
- * offset. Takes the GIL itself (a no-op when the calling thread holds it). 0 or -1. */
-int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len);
+ * offset. Takes the GIL itself (a no-op when the calling thread holds it). Call it only through
+ * vr_run_python_regenerator (python_regenerator.c). */
+int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len,
+                         int at_unsafe_point);
+/* Run the region's Python regenerator; 0 or -1. `at_unsafe_point`: the calling thread faulted while
+ * holding the GIL (no other Python thread may run until the faulting operation completes). */
+int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                              int at_unsafe_point);
 
 static inline uint8_t vr_chunk_load(const vr_region *region, size_t chunk)
 {

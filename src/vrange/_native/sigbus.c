@@ -95,8 +95,9 @@ int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer)
     if (__atomic_load_n(&python_finalized, __ATOMIC_ACQUIRE))
         return -ESHUTDOWN;
     size_t length = vr_region_chunk_length(region, chunk);
-    if (vr_python_regenerate(region->python_handle, (uint64_t)(chunk * region->chunk_size), buffer,
-                             length) != 0)
+    /* Holding the GIL here means the thread faulted while holding it: an unsafe point. */
+    if (vr_run_python_regenerator(region, (uint64_t)(chunk * region->chunk_size), buffer, length,
+                                  PyGILState_Check()) != 0)
         return -EIO;
     return 0;
 }

@@ -185,7 +185,7 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
     /* Remember who regenerates: if this regenerator faults on this very chunk, the handler fails
      * that fault instead of leaving it to wait for itself. */
     region->owners[job->chunk_index] = (pid_t)syscall(SYS_gettid);
-    int rc = vr_python_regenerate(region->python_handle, offset, job->buffer, length);
+    int rc = vr_run_python_regenerator(region, offset, job->buffer, length, on_faulting_thread);
     region->owners[job->chunk_index] = 0;
     if (rc == 0)
         vr_resolve_chunk(region, job->chunk_index, job->buffer);

@@ -1,0 +1,57 @@
+/* The one way native code runs a Python regenerator (vr_python_regenerate, defined by cffi as an
+ * extern "Python+C" callback into vrange._regeneration), and what happens around it.
+ *
+ * GIL: cffi's wrapper takes the GIL if the calling thread does not hold it (a uffd worker, a sigbus
+ * handler on a thread that released it) and gives it back afterwards; a thread that faulted while
+ * holding the GIL runs the regenerator with it ("at an unsafe point": in the middle of a C operation
+ * that assumes nobody else runs; the Python side then suppresses forced GIL switches and warns when
+ * another thread ran anyway, see docs/design.md).
+ *
+ * Interrupts: a KeyboardInterrupt or SystemExit raised while the regenerator runs (Ctrl-C, a signal
+ * handler) is not a regenerator failure. The Python side retries the regenerator and reports the
+ * interrupt here; it is raised again at the program's next safe point through Py_AddPendingCall
+ * (which runs on the main thread, where Python runs signal handlers), after the faulting operation
+ * completed. Py_AddPendingCall needs no GIL. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <unistd.h>
+
+#include "region.h"
+
+/* Return codes of the Python callback (vrange._regeneration.vr_python_regenerate). */
+enum { CALLBACK_FAILED = -1, CALLBACK_OK = 0, CALLBACK_OK_INTERRUPTED = 1,
+       CALLBACK_FAILED_INTERRUPTED = 2 };
+
+/* A pending call, on the main thread with the GIL, at a safe point: raise the interrupt there. */
+static int raise_deferred_interrupt(void *unused)
+{
+    (void)unused;
+    PyObject *module = PyImport_ImportModule("vrange._regeneration");
+    if (!module)
+        return -1;
+    PyObject *result = PyObject_CallMethod(module, "raise_deferred_interrupt", NULL);
+    Py_DECREF(module);
+    if (!result)
+        return -1; /* the interrupt, raised in the program's current frame */
+    Py_DECREF(result);
+    return 0;
+}
+
+static void deliver_later(void)
+{
+    if (Py_AddPendingCall(raise_deferred_interrupt, NULL) < 0) {
+        static const char message[] =
+            "vrange: an interrupt that arrived during a regeneration could not be delivered\n";
+        (void)!write(STDERR_FILENO, message, sizeof message - 1);
+    }
+}
+
+int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                              int at_unsafe_point)
+{
+    int rc = vr_python_regenerate(region->python_handle, offset, buffer, length, at_unsafe_point);
+    if (rc == CALLBACK_OK_INTERRUPTED || rc == CALLBACK_FAILED_INTERRUPTED)
+        deliver_later();
+    return (rc == CALLBACK_OK || rc == CALLBACK_OK_INTERRUPTED) ? 0 : -1;
+}

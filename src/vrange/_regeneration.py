@@ -1,0 +1,169 @@
+"""Running a Python regenerator for native code: the one C -> Python callback, and what it needs.
+
+Native code calls :func:`vr_python_regenerate` (a cffi ``extern "Python+C"`` callback) through
+``vr_run_python_regenerator`` (``_native/python_regenerator.c``), with the GIL (cffi takes it when the
+calling thread does not hold it), on a uffd worker, in the fault signal handler of a thread that
+faulted while holding the GIL, or in the SIGBUS handler of the faulting thread.
+
+- **Interrupts are not failures.** A ``KeyboardInterrupt``, ``SystemExit`` or other exception that is
+  not an ``Exception`` (Ctrl-C, a signal handler raising ``SystemExit``) that escapes the regenerator
+  makes it run again, so the faulting access completes with the right bytes; the interrupt is then
+  raised again at the program's next safe point, on the main thread, as Ctrl-C normally is.
+- **Unsafe points.** A thread that faulted while holding the GIL is in the middle of a C operation
+  that assumes no other Python thread runs until it completes. An in-process regenerator cannot
+  promise that: the eval loop hands the GIL to a waiting thread every switch interval, and a switch
+  requested before the fault cannot be withdrawn through CPython's API (raising the switch interval
+  while the regenerator runs was measured here: either the request already pending goes through, or
+  a thread that got the GIL starves the faulting one). So vrange tells: when another Python thread
+  ran meanwhile, it warns once. The sound way is a regenerator that runs outside this process's GIL,
+  :class:`vrange.sources.Isolated` (a helper process): the faulting thread keeps the GIL and waits.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+from ._native import ffi
+
+logger = logging.getLogger("vrange")
+
+# Return codes understood by python_regenerator.c.
+OK, FAILED, OK_INTERRUPTED, FAILED_INTERRUPTED = 0, -1, 1, 2
+ATTEMPTS_WHEN_INTERRUPTED = 3
+OTHER_THREAD_RAN_NS = 500_000  # CPU time another thread used meanwhile that means it ran
+
+
+class Regenerating(Protocol):
+    """What the callback needs of a region (``vrange.Region`` implements it)."""
+
+    def regenerator(self) -> Callable[[int, memoryview], object]: ...
+
+    def regeneration_started(self) -> bool: ...
+
+    def regeneration_finished(self, nested: bool) -> None: ...
+
+    def record_failure(self, offset: int, error: BaseException) -> None: ...
+
+
+_deferred_interrupts: collections.deque[BaseException] = collections.deque()
+_unsafe_lock = threading.Lock()
+_warned_about_other_threads = False
+
+
+def _cpu_times_of_other_threads() -> dict[int, int]:
+    times = {}
+    current = threading.get_ident()
+    for thread in threading.enumerate():
+        if thread.ident is None or thread.ident == current:
+            continue
+        try:
+            times[thread.ident] = time.clock_gettime_ns(time.pthread_getcpuclockid(thread.ident))
+        except (OSError, ValueError, OverflowError):
+            continue  # it has just ended
+    return times
+
+
+@contextmanager
+def _at_unsafe_point() -> Iterator[None]:
+    """Tell (once) when another Python thread ran while the regenerator ran at an unsafe point."""
+    global _warned_about_other_threads
+    before = _cpu_times_of_other_threads()
+    try:
+        yield
+    finally:
+        after = _cpu_times_of_other_threads()
+        ran = any(after.get(ident, used) - used > OTHER_THREAD_RAN_NS
+                  for ident, used in before.items())
+        if ran:
+            with _unsafe_lock:
+                first = not _warned_about_other_threads
+                _warned_about_other_threads = True
+            if first:
+                logger.warning(
+                    "vrange: another Python thread ran while a regenerator ran inside a faulting "
+                    "operation of a thread holding the GIL; that thread may have changed the "
+                    "objects the interrupted operation is using. Run such a regenerator in a "
+                    "helper process with vrange.sources.Isolated (docs/design.md, 'Which "
+                    "regenerators are sound where')")
+
+
+def _keep_as_text(error: BaseException) -> None:
+    """Keep the traceback as text: its frames would keep their callers alive, and with them any
+    memoryview of a region (which could then never be closed)."""
+    error.vrange_traceback = "".join(  # type: ignore[attr-defined]
+        traceback.format_exception(type(error), error, error.__traceback__))
+    error.__traceback__ = None
+    error.__context__ = None  # whatever the faulting thread was handling
+
+
+def run(region: Regenerating, offset: int, buffer: Any, length: int,
+        at_unsafe_point: bool) -> int:
+    """Fill ``buffer`` for the chunk at ``offset``; one of the return codes above. Never raises."""
+    view = memoryview(ffi.buffer(buffer, length))
+    nested = region.regeneration_started()
+    interrupt: BaseException | None = None
+    failed = True
+    try:
+        with _at_unsafe_point() if at_unsafe_point else _nothing():
+            regenerate = region.regenerator()
+            for _ in range(ATTEMPTS_WHEN_INTERRUPTED):
+                try:
+                    regenerate(offset, view)
+                except Exception as error:  # noqa: BLE001 - recorded, reported by policy
+                    _keep_as_text(error)
+                    region.record_failure(offset, error)
+                    break
+                except BaseException as error:  # noqa: BLE001 - delivered later, not a failure
+                    if interrupt is None:
+                        interrupt = error
+                    continue
+                failed = False
+                break
+            else:
+                assert interrupt is not None
+                stuck = RuntimeError(f"the regenerator was interrupted {ATTEMPTS_WHEN_INTERRUPTED} "
+                                     f"times in a row ({interrupt!r})")
+                _keep_as_text(stuck)
+                region.record_failure(offset, stuck)
+    except BaseException as error:  # noqa: BLE001 - cffi would only print it
+        _keep_as_text(error)
+        region.record_failure(offset, error)
+        failed = True
+    finally:
+        region.regeneration_finished(nested)
+        view.release()
+    if interrupt is not None:
+        interrupt.__traceback__ = None
+        interrupt.__context__ = None
+        _deferred_interrupts.append(interrupt)
+        return FAILED_INTERRUPTED if failed else OK_INTERRUPTED
+    return FAILED if failed else OK
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def raise_deferred_interrupt() -> None:
+    """Called by a pending call at the main thread's next safe point: raise the interrupt that
+    arrived while a regenerator ran."""
+    try:
+        interrupt = _deferred_interrupts.popleft()
+    except IndexError:
+        return
+    raise interrupt
+
+
+@ffi.def_extern(error=-1)
+def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int,
+                         at_unsafe_point: int) -> int:
+    region = ffi.from_handle(python_handle)
+    return run(region, int(offset), buffer, int(length), bool(at_unsafe_point))

@@ -216,3 +216,38 @@ def test_io_write_is_not_starved_by_kernel_reclaim(backend: str, tmp_path: "os.P
         with open(os.path.join(tmp_path, "out"), "rb") as file:
             assert file.read() == data
         assert region.stats().volatile_bytes == len(data)  # still volatile after the calls
+
+
+def test_a_hold_waits_for_a_refill_or_purge_in_flight(backend: str) -> None:
+    """held_for_io returns only once nothing is discarding or filling the chunk any more."""
+    release = threading.Event()
+    order: list[str] = []
+
+    def slow(offset: int, buf: memoryview) -> None:
+        release.wait(10)
+        order.append("refilled")
+        buf[:] = pattern(offset, len(buf))
+
+    with vrange.Region(4 * CHUNK, slow, backend=backend) as region:
+        reader = threading.Thread(target=lambda: region.prefault(0, CHUNK))  # GIL released
+        reader.start()
+        while not region._core.chunk_states()[0] & vrange._native.lib.VR_CHUNK_IN_FLIGHT:
+            pass
+        threading.Timer(0.2, release.set).start()
+        with region.held_for_io(0, CHUNK):
+            order.append("held")
+        reader.join(timeout=30)
+        assert order == ["refilled", "held"]
+
+
+def test_close_is_refused_while_a_system_call_holds_the_region(backend: str) -> None:
+    region = vrange.Region(4 * CHUNK, CountingRegenerator(), backend=backend)
+    with region.held_for_io(0, CHUNK):
+        with pytest.raises(BufferError, match="system call holds"):
+            region.close()
+        assert not region.closed
+    region.close()
+    assert region.closed
+    with pytest.raises(ValueError, match="closed"):
+        with region.held_for_io(0, CHUNK):
+            pass

@@ -4,6 +4,7 @@ budgets and the monitor are process-wide)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import Iterator
 
@@ -205,3 +206,85 @@ def test_regions_closed_while_the_policy_purges_them(memfd: str) -> None:
         purger.join(timeout=30)
     assert errors == []
     assert vrange.policy.stats().managed_regions == 0
+
+
+def _eventfds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("anon_inode:[eventfd]")
+        except FileNotFoundError:
+            continue  # the descriptor that listed the directory
+    return count
+
+
+def test_reconfiguring_leaks_nothing_and_keeps_the_regions(memfd: str) -> None:
+    with filled(memfd) as region:
+        vrange.policy.configure(monitor=True)
+        eventfds, threads = _eventfds(), _threads()
+        for _ in range(30):
+            vrange.policy.configure(monitor=True)
+        assert (_eventfds(), _threads()) == (eventfds, threads)
+        assert vrange.policy.stats().managed_regions == 1 and region.managed
+
+
+def test_water_marks_can_be_set_one_at_a_time(memfd: str) -> None:
+    with filled(memfd):
+        plan = vrange.features().pressure
+        vrange.policy.configure(low_water=1 << 20)
+        stats = vrange.policy.stats()
+        assert (stats.high_water_bytes, stats.low_water_bytes) == (plan.high_water_bytes, 1 << 20)
+        with pytest.raises(ValueError, match="low_water"):
+            vrange.policy.configure(high_water=512 << 10)  # below the low mark set before
+        stats = vrange.policy.stats()
+        assert stats.running and stats.low_water_bytes == 1 << 20  # nothing was changed
+        vrange.policy.configure(high_water=4 << 20)
+        stats = vrange.policy.stats()
+        assert (stats.high_water_bytes, stats.low_water_bytes, stats.running) == (4 << 20, 1 << 20,
+                                                                                 True)
+        with filled(memfd) as another:  # new regions still go under the policy
+            assert another.managed and vrange.policy.stats().managed_regions == 2
+
+
+@pytest.mark.hang_timeout(120)
+def test_fork_while_the_policy_purges(memfd: str) -> None:
+    """A child forked at any instant of a purge reads the right bytes (the trap is marked before it
+    is mapped, so no child is left with a trap it does not know of)."""
+    size = 32 * CHUNK
+    expected = pattern(0, size)
+    # The regenerator takes no lock and imports nothing: a lock another thread held at fork() (an
+    # import's module lock too) stays held in the child, whatever vrange does.
+    region = vrange.Region(size, lambda offset, buf: buf.__setitem__(
+        slice(None), expected[offset:offset + len(buf)]), backend=memfd)
+    region.mark_volatile()
+    vrange.policy.set_budget(0)
+    stop = threading.Event()
+
+    def enforce() -> None:
+        while not stop.is_set():
+            vrange.policy.enforce()
+
+    def read() -> None:
+        while not stop.is_set():
+            for offset in range(0, size, CHUNK):
+                region[offset]
+
+    helpers = [threading.Thread(target=enforce), threading.Thread(target=read)]
+    for helper in helpers:
+        helper.start()
+    codes: dict[int, int] = {}
+    try:
+        for _ in range(200):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)
+                os._exit(0 if region[:] == expected else 3)
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            codes[code] = codes.get(code, 0) + 1
+    finally:
+        stop.set()
+        for helper in helpers:
+            helper.join(timeout=30)
+        region.close()
+    assert codes == {0: 200}

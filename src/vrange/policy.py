@@ -83,27 +83,47 @@ class PolicyStats:
     """Times the monitor's thread put vrange's SIGBUS handler back after other code replaced it."""
 
 
-class _Monitor:
-    """The native monitor of this process and what it watches."""
+def _effective_marks(plan: PressurePlan, high: int | None, low: int | None) -> tuple[int, int]:
+    """The water marks from the plan and the overrides; ValueError if low would exceed high."""
+    plan_headroom = plan.high_water_bytes - plan.low_water_bytes
+    high_water = plan.high_water_bytes if high is None else high
+    low_water = low if low is not None else max(high_water - plan_headroom, 0)
+    if low_water > high_water:
+        raise ValueError(f"low_water ({low_water}) must not exceed high_water ({high_water})")
+    return high_water, low_water
 
-    def __init__(self, plan: PressurePlan, run_thread: bool) -> None:
+
+class _Monitor:
+    """The native monitor of this process and what it watches. The native struct lives as long as
+    the process (fault paths may hold a pointer to it): it is configured again, never replaced."""
+
+    def __init__(self) -> None:
         out = ffi.new("vr_monitor **")
         check(lib.vr_monitor_new(out), "create the pressure monitor (eventfd)")
         self.pointer = out[0]
-        self.plan = plan
-        self.signal, self.reason = "off", "the monitor thread is disabled (vrange.policy.configure)"
-        self.limit = plan.limit_bytes
-        self.high_water, self.low_water = plan.high_water_bytes, plan.low_water_bytes
-        if _overrides["high_water"] is not None:
-            self.high_water = int(_overrides["high_water"])
-            self.low_water = int(_overrides["low_water"] if _overrides["low_water"] is not None
-                                 else self.high_water - (plan.high_water_bytes - plan.low_water_bytes))
-        self._configure_usage()
         self.running = False
-        if run_thread:
+        self.signal, self.reason = "off", "not configured yet"
+        self.limit = self.high_water = self.low_water = 0
+
+    def apply(self) -> None:
+        """(Re)configure from the feature report and the settings, and (re)start the thread."""
+        plan = features().pressure
+        high_water, low_water = _effective_marks(plan, _overrides["high_water"],
+                                                 _overrides["low_water"])
+        if self.running:
+            lib.vr_monitor_stop(self.pointer)
+            self.running = False
+        lib.vr_monitor_reset(self.pointer)
+        self.plan, self.limit = plan, plan.limit_bytes
+        self.high_water, self.low_water = high_water, low_water
+        self._configure_usage()
+        if _overrides["monitor"]:
             self.signal, self.reason = self._watch()
             check(lib.vr_monitor_start(self.pointer), "start the pressure monitor thread")
             self.running = True
+        else:
+            self.signal = "off"
+            self.reason = "the monitor thread is stopped (vrange.policy.configure(monitor=False))"
         for group, budget in _budgets.items():
             self.set_budget(group, budget)
 
@@ -188,7 +208,9 @@ def _get_monitor() -> _Monitor:
     global _monitor
     with _lock:
         if _monitor is None:
-            _monitor = _Monitor(features().pressure, bool(_overrides["monitor"]))
+            monitor = _Monitor()
+            monitor.apply()
+            _monitor = monitor
         return _monitor
 
 
@@ -271,39 +293,24 @@ def configure(*, monitor: bool | None = None, high_water: int | None = None,
     - ``monitor=False`` stops the monitor thread (budgets are still enforced when memory is marked
       volatile; nothing purges under pressure), ``True`` starts it again;
     - ``high_water`` / ``low_water`` (bytes of usage) replace the marks derived from the limit
-      (purge when usage passes an eighth of the limit below it, down to a quarter below).
+      (purge when usage passes an eighth of the limit below it, down to a quarter below). A mark
+      not given keeps its setting; ``low_water`` defaults to ``high_water`` minus the plan's gap.
+      ValueError when ``low_water`` would exceed ``high_water``: nothing is changed then.
     """
-    global _monitor
     for name, value in (("high_water", high_water), ("low_water", low_water)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ValueError(f"{name} must be a non-negative int of bytes, not {value!r}")
-    if high_water is not None and low_water is not None and low_water > high_water:
-        raise ValueError(f"low_water ({low_water}) must not exceed high_water ({high_water})")
+    if monitor is not None and not isinstance(monitor, bool):
+        raise ValueError(f"monitor must be True or False, not {monitor!r}")
     with _lock:
+        new_high = high_water if high_water is not None else _overrides["high_water"]
+        new_low = low_water if low_water is not None else _overrides["low_water"]
+        _effective_marks(features().pressure, new_high, new_low)  # refuse before changing anything
         if monitor is not None:
-            _overrides["monitor"] = bool(monitor)
-        if high_water is not None:
-            _overrides["high_water"] = high_water
-        if low_water is not None:
-            _overrides["low_water"] = low_water
-        _restart()
-
-
-def _restart() -> None:
-    """Replace the monitor with one built from the current settings; managed regions move over."""
-    global _monitor
-    old = _monitor
-    if old is None:
-        return
-    regions = [core for core in list(_managed) if core.pointer != ffi.NULL]
-    for core in regions:
-        lib.vr_monitor_detach(old.pointer, core.pointer)
-    lib.vr_monitor_stop(old.pointer)
-    lib.vr_monitor_after_fork(old.pointer)  # closes its descriptors; the struct is kept
-    _monitor = None
-    fresh = _get_monitor()
-    for core in regions:
-        check(lib.vr_monitor_attach(fresh.pointer, core.pointer), "put the region under the policy")
+            _overrides["monitor"] = monitor
+        _overrides["high_water"], _overrides["low_water"] = new_high, new_low
+        if _monitor is not None:
+            _monitor.apply()
 
 
 def stop() -> None:
@@ -349,24 +356,17 @@ def stats() -> PolicyStats:
 
 
 def _after_fork_in_child() -> None:
-    """The monitor thread does not exist in a forked child: give the child its own monitor and
-    put its managed regions under it."""
-    global _lock, _monitor
+    """The monitor thread does not exist in a forked child: the child's monitor (the same native
+    struct, with descriptors of its own) is configured again and its thread started."""
+    global _lock
     _lock = threading.RLock()
-    old = _monitor
-    if old is None:
+    if _monitor is None:
         return
-    lib.vr_monitor_after_fork(old.pointer)
-    _monitor = None
-    regions = [core for core in list(_managed) if core.pointer != ffi.NULL]
-    if not regions:
-        return
+    lib.vr_monitor_after_fork(_monitor.pointer)
+    _monitor.running = False
     try:
-        fresh = _get_monitor()
-        for core in regions:
-            check(lib.vr_monitor_attach(fresh.pointer, core.pointer),
-                  "put the region under the policy")
-    except OSError as error:
+        _monitor.apply()
+    except (OSError, ValueError) as error:
         logger.error("vrange: the forked child has no pressure monitor: %s", error)
 
 

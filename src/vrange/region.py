@@ -46,6 +46,9 @@ def _reset_locks_after_fork() -> None:
     for region in list(_live_regions.values()):
         region._state_lock = threading.Lock()
         region._regenerating_threads = set()
+        region._io_holds = 0
+        if not region._closed and region._core.pointer != ffi.NULL:
+            lib.vr_region_forget_threads(region._core.pointer)
 
 
 os.register_at_fork(after_in_child=_reset_locks_after_fork)
@@ -123,6 +126,7 @@ class Region(mmap.mmap):
     _address: int
     _size: int
     _regenerating_threads: set[int]
+    _io_holds: int
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
@@ -162,6 +166,7 @@ class Region(mmap.mmap):
         self._closed = False
         self._size = size
         self._regenerating_threads = set()
+        self._io_holds = 0
         self._backend_name = backend_name
         self._chunk_size = chunk
         self._regenerate = regenerate
@@ -420,11 +425,18 @@ class Region(mmap.mmap):
         the uffd backend, or fails with EFAULT and is retried)."""
         offset, length = self._range(offset, length)
         first, end = self._chunks_touching(offset, length)
-        self._core.hold(first, end, +1)
+        with self._state_lock:  # close() refuses while anything is held (BufferError)
+            self._check_open()
+            self._io_holds += 1
         try:
-            yield
+            self._core.hold(first, end, +1)
+            try:
+                yield
+            finally:
+                self._core.hold(first, end, -1)
         finally:
-            self._core.hold(first, end, -1)
+            with self._state_lock:
+                self._io_holds -= 1
 
     # --- introspection ----------------------------------------------------------------------------
 
@@ -498,13 +510,16 @@ class Region(mmap.mmap):
 
     def close(self) -> None:
         """Unmap the region. Raises BufferError while a buffer (memoryview, numpy array) exports
-        it, like ``mmap.close``. Closing twice is allowed; any other call afterwards raises
+        it, like ``mmap.close``, or while :meth:`held_for_io` holds part of it. Closing twice is allowed; any other call afterwards raises
         ValueError."""
         if self._closed:
             return
         with self._state_lock:
             if self._closed:
                 return
+            if self._io_holds:
+                raise BufferError("cannot close a vrange.Region while a system call holds part of "
+                                  "it (held_for_io, vrange.io)")
             # Wait for regenerations in flight first: once unmapped, the address may belong to
             # another mapping, and a late regeneration must not write there.
             self._core.quiesce(CLOSE_TIMEOUT_MS)

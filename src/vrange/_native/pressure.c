@@ -465,18 +465,8 @@ void vr_monitor_stats(vr_monitor *monitor, struct vr_monitor_stats *out)
         target[i] = __atomic_load_n(&source[i], __ATOMIC_RELAXED);
 }
 
-/* In a forked child: the thread does not exist here, and its lock may have been held by it. The
- * regions leave this monitor (Python gives the child a monitor of its own); its descriptors are
- * closed (the parent keeps its own copies). The struct itself is kept: a fault path may read it. */
-void vr_monitor_after_fork(vr_monitor *monitor)
+static void close_descriptors_locked(vr_monitor *monitor)
 {
-    pthread_mutex_init(&monitor->lock, NULL);
-    monitor->running = 0;
-    for (size_t i = 0; i < monitor->region_count; i++) {
-        __atomic_store_n(&monitor->regions[i]->monitor, NULL, __ATOMIC_RELEASE);
-        vr_region_unref(monitor->regions[i]);
-    }
-    monitor->region_count = 0;
     for (int i = 0; i < monitor->signal_count; i++)
         close(monitor->signals[i].fd);
     monitor->signal_count = 0;
@@ -485,6 +475,34 @@ void vr_monitor_after_fork(vr_monitor *monitor)
     monitor->usage_fd = -1;
     monitor->usage_kind = VR_USAGE_NONE;
     monitor->high_water = monitor->low_water = 0;
+    monitor->interval_ms = -1;
+}
+
+/* Before configuring again (the thread is stopped): forget the signals and the usage file. The
+ * regions, budgets and counters stay. The struct lives as long as the process: fault paths may hold a
+ * pointer to it at any time, so it is reconfigured, never freed. */
+void vr_monitor_reset(vr_monitor *monitor)
+{
+    pthread_mutex_lock(&monitor->lock);
+    close_descriptors_locked(monitor);
+    pthread_mutex_unlock(&monitor->lock);
+}
+
+/* In a forked child (single-threaded, called from the at-fork hook): the thread does not exist here,
+ * and its lock may have been held by it. The managed regions are the child's own copies, so they
+ * stay listed; the descriptors are the parent's (a shared eventfd would wake the parent's monitor):
+ * close them and make a wake-up eventfd of the child's own. Python configures it again. */
+void vr_monitor_after_fork(vr_monitor *monitor)
+{
+    pthread_mutex_init(&monitor->lock, NULL);
+    monitor->running = 0;
+    monitor->stop = 0;
+    monitor->throttle = 0;
+    monitor->refilled = 0;
+    close_descriptors_locked(monitor);
+    close(monitor->wake_fd);
+    monitor->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    /* -1 on failure: poke() then fails silently and the thread relies on its timer. */
 }
 
 /* --- the fault path --------------------------------------------------------------------------------- */

@@ -45,6 +45,7 @@ int64_t vr_monitor_enforce_budgets(vr_monitor *monitor);
 int64_t vr_monitor_resident_volatile(vr_monitor *monitor, int group);
 int64_t vr_monitor_read_usage(vr_monitor *monitor);
 void vr_monitor_stats(vr_monitor *monitor, struct vr_monitor_stats *out);
+void vr_monitor_reset(vr_monitor *monitor);
 void vr_monitor_after_fork(vr_monitor *monitor);
 /* cffi: end */
 

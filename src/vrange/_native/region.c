@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -438,10 +439,28 @@ void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
         uint16_t now = __atomic_add_fetch(&region->holds[chunk], (uint16_t)delta, __ATOMIC_SEQ_CST);
-        if (delta < 0 && now == 0 && region->kernel_reclaims &&
-            (vr_chunk_load(region, chunk) & (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED)) ==
-                (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED))
+        if (delta > 0) {
+            /* A purge that claimed the chunk before this hold was visible may still discard it:
+             * wait for it (the prefault that follows refills the chunk). Not for a chunk this very
+             * thread is regenerating (a regenerator writing its own region's memory). */
+            while ((__atomic_load_n(&region->chunk_state[chunk], __ATOMIC_SEQ_CST) &
+                    VR_CHUNK_IN_FLIGHT) &&
+                   region->owners[chunk] != (pid_t)syscall(SYS_gettid))
+                vr_pause_briefly();
+        } else if (now == 0 && region->kernel_reclaims &&
+                   (vr_chunk_load(region, chunk) & (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED)) ==
+                       (VR_CHUNK_VOLATILE | VR_CHUNK_MATERIALIZED)) {
             free_after_hold(region, chunk);
+        }
+    }
+}
+
+/* In a forked child: the threads that held chunks for system calls, or regenerated them, are gone. */
+void vr_region_forget_threads(vr_region *region)
+{
+    for (size_t chunk = 0; chunk < region->chunk_count; chunk++) {
+        region->holds[chunk] = 0;
+        region->owners[chunk] = 0;
     }
 }
 

@@ -151,6 +151,7 @@ int vr_pageout(uintptr_t address, size_t length);
 int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_chunk, int reason);
 void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta);
 void vr_region_set_policy(vr_region *region, int priority, int group);
+void vr_region_forget_threads(vr_region *region);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);

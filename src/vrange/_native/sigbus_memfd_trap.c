@@ -25,12 +25,21 @@ static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
     if (end > region->size)
         end = region->size;
     size_t length = end - first_chunk * region->chunk_size;
+    /* TRAPPED first: a fork between the two steps must not leave a child whose chunk is trapped but
+     * not marked (its faults would restart for ever). Marked but not yet trapped is harmless: the
+     * data is still there, and a refill just replaces it. */
+    uint8_t first_before = vr_chunk_set(region, first_chunk, VR_CHUNK_TRAPPED);
+    for (size_t chunk = first_chunk + 1; chunk < end_chunk; chunk++)
+        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
     void *mapped = mmap((void *)start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
                         region->trap_fd, (off_t)(first_chunk * region->chunk_size));
-    if (mapped == MAP_FAILED)
-        return -errno; /* the chunks keep their data and their state */
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
-        vr_chunk_set(region, chunk, VR_CHUNK_TRAPPED);
+    if (mapped == MAP_FAILED) {
+        int saved = errno;
+        /* A purge of one chunk keeps its data and its state; a whole region (attach) is given up. */
+        if (end_chunk == first_chunk + 1 && !(first_before & VR_CHUNK_TRAPPED))
+            vr_chunk_clear(region, first_chunk, VR_CHUNK_TRAPPED);
+        return -saved;
+    }
     return 0;
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import contextlib
 import logging
 import mmap
@@ -17,7 +18,7 @@ from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats
 from ._native import ffi, lib
 from . import _regeneration, policy  # noqa: F401 - _regeneration defines the C callback
 from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
-from .sources import Source
+from .sources import Isolated, Source
 
 __all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE"]
 
@@ -177,21 +178,24 @@ class Region(mmap.mmap):
         pointer = ffi.from_buffer(self)
         self._address = int(ffi.cast("uintptr_t", pointer))
         ffi.release(pointer)
+        isolated = ffi.NULL
         if isinstance(regenerate, Source):
             kind, fd, file_offset = regenerate._kind, regenerate._fd, regenerate._offset
         else:
             kind, fd, file_offset = lib.VR_SOURCE_PYTHON, -1, 0
         try:
+            if isinstance(regenerate, Isolated):
+                isolated = regenerate._native(chunk)  # starts the helper process
             if backend_name == "uffd":
                 from ._backends.uffd import UffdRegion
 
                 self._core = UffdRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                        _ERROR_POLICIES[error_policy])
+                                        _ERROR_POLICIES[error_policy], isolated)
             else:
                 from ._backends.sigbus import SigbusRegion
 
                 self._core = SigbusRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                          _ERROR_POLICIES[error_policy], cast(str, trap))
+                                          _ERROR_POLICIES[error_policy], cast(str, trap), isolated)
             if managed or (managed is None and (not self._core.kernel_reclaims or group)):
                 policy.manage(self._core, priority, group)
         except BaseException:
@@ -385,6 +389,8 @@ class Region(mmap.mmap):
         """Run ``populate`` over chunks [first, end); on failure leave the failed chunks missing
         (never half-filled, never poisoned) and raise RegenerationError."""
         count_before = self._failure_count
+        if isinstance(self._regenerate, Isolated):
+            self._regenerate.ensure_running()  # a helper that died or hung is replaced here
         self._core.discard(first, end, only_failed=True)
         result = populate(first, end)
         new_failures = [(offset, error) for sequence, offset, error in list(self._failures)
@@ -402,6 +408,12 @@ class Region(mmap.mmap):
                 f"({len(new_failures)} failure(s) in this call); it raised:\n"
                 + getattr(cause, "vrange_traceback", repr(cause))) from cause
         code = self._core.native_error() or -result
+        if isinstance(self._regenerate, Isolated):
+            raise RegenerationError(
+                f"the isolated regenerator failed ({os.strerror(code)}, {errno_name(code)}): "
+                + ("it raised:\n" + self._regenerate.last_error() if code == errno.EIO else
+                   "its helper process died or did not answer in time; a new one starts at the "
+                   "next call")) from VRangeOSError(code, os.strerror(code))
         raise RegenerationError(
             f"could not make the range present: {os.strerror(code)} ({errno_name(code)}); "
             "a native source failed to read") from VRangeOSError(code, os.strerror(code))

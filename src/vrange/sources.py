@@ -6,15 +6,28 @@ chunk straight from the source on its own thread (uffd) or in its signal handler
 
 from __future__ import annotations
 
+import base64
 import errno
 import fcntl
+import json
+import logging
 import os
+import pickle
+import socket
 import stat
-from typing import Union
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, Union
 
-from ._native import lib
+from ._native import ffi, lib
+from .errors import check
 
-__all__ = ["File", "Source", "Zeros"]
+logger = logging.getLogger("vrange")
+
+__all__ = ["File", "Isolated", "Source", "Zeros"]
 
 PathOrFd = Union[str, "os.PathLike[str]", int]
 
@@ -86,3 +99,167 @@ class File(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+_live_isolated: weakref.WeakSet[Isolated] = weakref.WeakSet()
+
+
+class Isolated(Source):
+    """A Python regenerator run in a helper process, outside this process's GIL.
+
+    ``Isolated("package.module:function", *args, timeout=10.0)`` (or the function itself, if it is
+    importable by that name): on a fault the helper calls ``function(offset, buf, *args)``, where
+    ``buf`` is a writable memoryview of one chunk, exactly like an in-process regenerator. The thread
+    that faulted waits (in the kernel on the uffd backend, in its SIGBUS handler on the sigbus
+    backend) without running Python and without letting its GIL go: no other Python thread can run
+    in the middle of the operation that faulted, whatever the regenerator does (I/O, ``time.sleep``,
+    Pillow or zlib decoding that release their own process's GIL). Use it for every regenerator
+    that may release the GIL (see docs/design.md, "Which regenerators are sound where").
+
+    ``args`` must be picklable (they are sent to the helper once); the helper imports with this
+    process's ``sys.path``. A helper that raises fails the
+    fault by the region's ``on_error`` policy (``mark_nonvolatile``/``prefault`` raise
+    :class:`vrange.RegenerationError` with its traceback); one that dies or does not answer within
+    ``timeout`` seconds is killed, the fault fails the same way, and a new helper is started at the
+    next library call (``mark_nonvolatile``, ``prefault``, ``vrange.io``): a fault never hangs. A
+    source serves regions of one chunk size (the first region's).
+    """
+
+    _kind = lib.VR_SOURCE_ISOLATED
+
+    def __init__(self, target: str | Callable[..., object], *args: object,
+                 timeout: float = 10.0) -> None:
+        from ._isolated_helper import resolve
+
+        if callable(target) and not isinstance(target, str):
+            module, name = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
+            if not module or module == "__main__" or "<locals>" in name or "<lambda>" in name:
+                raise ValueError(f"{target!r} cannot be imported by a helper process: pass a "
+                                 "module-level function of an importable module, or its "
+                                 "'package.module:function' name")
+            target = f"{module}:{name}"
+        if not isinstance(target, str) or ":" not in target:
+            raise TypeError(f"target must be 'package.module:function' or such a function, "
+                            f"not {target!r}")
+        try:
+            resolve(target)
+        except Exception as error:  # noqa: BLE001 - reported with the target's name
+            raise ValueError(f"cannot import the regenerator {target!r}: {error}") from error
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        try:
+            self._arguments = base64.b64encode(pickle.dumps(args)).decode()
+        except Exception as error:  # noqa: BLE001 - reported as a bad argument
+            raise TypeError(f"the arguments of an Isolated regenerator must be picklable: "
+                            f"{error}") from error
+        self._target = target
+        self._timeout_ms = int(timeout * 1000)
+        self._lock = threading.Lock()
+        self._pointer: Any = ffi.NULL
+        self._slot_size = 0
+        self._memfd = -1
+        self._process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        """Helpers started after the first (one died or hung)."""
+        _live_isolated.add(self)
+
+    def __repr__(self) -> str:
+        return f"Isolated({self._target!r}, timeout={self._timeout_ms / 1000})"
+
+    def _native(self, chunk_size: int) -> Any:
+        """The native helper handle for a region of ``chunk_size`` chunks (the helper starts now)."""
+        with self._lock:
+            if self._pointer == ffi.NULL:
+                memfd = os.memfd_create("vrange-isolated", os.MFD_CLOEXEC)
+                try:
+                    os.ftruncate(memfd, chunk_size * lib.VR_ISOLATED_SLOTS)
+                    out = ffi.new("vr_isolated **")
+                    check(lib.vr_isolated_new(memfd, chunk_size, self._timeout_ms, out),
+                          "map the shared buffer of an Isolated regenerator")
+                except BaseException:
+                    os.close(memfd)
+                    raise
+                self._pointer, self._memfd, self._slot_size = out[0], memfd, chunk_size
+                self._start_locked()
+            elif chunk_size > self._slot_size:
+                raise ValueError(f"this Isolated source serves chunks of at most "
+                                 f"{self._slot_size} bytes; make another one for this region")
+            return self._pointer
+
+    def ensure_running(self) -> None:
+        """Start a new helper if the last one died or hung."""
+        if self._pointer != ffi.NULL and lib.vr_isolated_dead(self._pointer):
+            with self._lock:
+                if lib.vr_isolated_dead(self._pointer):
+                    self.restarts += 1
+                    logger.warning("vrange: restarting the helper of %r (it died or hung)", self)
+                    self._start_locked()
+
+    def last_error(self) -> str:
+        """The traceback of the helper's last failed regeneration."""
+        if self._pointer == ffi.NULL:
+            return ""
+        text = ffi.new("char[]", 4096)
+        length = lib.vr_isolated_last_error(self._pointer, text, 4096)
+        return bytes(ffi.buffer(text, length)).decode(errors="replace")
+
+    def _start_locked(self) -> None:
+        check(lib.vr_isolated_claim_all(self._pointer, self._timeout_ms + 1000),
+              "take every slot of an Isolated regenerator to replace its helper")
+        try:
+            self._stop_process()
+            ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                                 for _ in range(lib.VR_ISOLATED_SLOTS)))
+            try:
+                config = json.dumps({"target": self._target, "arguments": self._arguments,
+                                     "slot_size": self._slot_size, "memfd": self._memfd,
+                                     "fds": [end.fileno() for end in theirs],
+                                     "path": [entry for entry in sys.path if entry]})
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "vrange._isolated_helper", config],
+                    pass_fds=[self._memfd, *(end.fileno() for end in theirs)],
+                    stdin=subprocess.DEVNULL)
+            finally:
+                for end in theirs:
+                    end.close()
+            fds = ffi.new("int[]", [end.detach() for end in ours])
+            lib.vr_isolated_set_helper(self._pointer, self._process.pid, fds)
+        finally:
+            lib.vr_isolated_release_all(self._pointer)
+
+    def _stop_process(self) -> None:
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def _after_fork_in_child(self) -> None:
+        if self._pointer == ffi.NULL:
+            return
+        self._lock = threading.Lock()
+        lib.vr_isolated_forget_helper(self._pointer)
+        if self._process is not None:
+            self._process.returncode = 0  # the parent's helper: not ours to wait for or warn about
+            self._process = None
+        try:
+            self._start_locked()
+        except OSError as error:
+            logger.error("vrange: the forked child cannot start its own helper for %r: %s",
+                         self, error)
+
+    def __del__(self) -> None:
+        if getattr(self, "_pointer", ffi.NULL) != ffi.NULL:
+            lib.vr_isolated_forget_helper(self._pointer)  # EOF: the helper exits
+            try:
+                self._stop_process()
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
+def _after_fork_in_child() -> None:
+    for source in list(_live_isolated):
+        source._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -77,10 +77,12 @@ class BackendRegion(abc.ABC):
 
     @staticmethod
     def new_native_region(handler: Any, base: int, size: int, chunk_size: int, source_kind: int,
-                          file_fd: int, file_offset: int, handle: Any, on_error: int) -> Any:
+                          file_fd: int, file_offset: int, handle: Any, on_error: int,
+                          isolated: Any) -> Any:
         out = ffi.new("vr_region **")
         check(lib.vr_region_new(handler, base, size, chunk_size, source_kind, file_fd, file_offset,
                                 handle, on_error, out), "set up the region")
+        lib.vr_region_set_isolated(out[0], isolated)  # before any fault can reach the region
         return out[0]
 
     @abc.abstractmethod

@@ -127,7 +127,7 @@ class SigbusRegion(BackendRegion):
     name = "sigbus"
 
     def __init__(self, owner: Any, base: int, size: int, chunk_size: int, source_kind: int,
-                 file_fd: int, file_offset: int, on_error: int, trap: str) -> None:
+                 file_fd: int, file_offset: int, on_error: int, trap: str, isolated: Any) -> None:
         super().__init__(size, chunk_size)
         self.trap = trap
         self.kernel_reclaims = trap == "uffd"
@@ -135,7 +135,8 @@ class SigbusRegion(BackendRegion):
         trap_fd = _trap_descriptor.get() if trap == "uffd" else -1
         self.handle = ffi.new_handle(owner)
         self.pointer = self.new_native_region(ffi.NULL, base, size, chunk_size, source_kind,
-                                              file_fd, file_offset, self.handle, on_error)
+                                              file_fd, file_offset, self.handle, on_error,
+                                              isolated)
         result = lib.vr_sigbus_attach(self.pointer, TRAP_KINDS[trap], trap_fd)
         if result < 0:
             lib.vr_sigbus_detach(self.pointer)

@@ -99,12 +99,13 @@ class UffdRegion(BackendRegion):
     name = "uffd"
 
     def __init__(self, owner: Any, base: int, size: int, chunk_size: int, source_kind: int,
-                 file_fd: int, file_offset: int, on_error: int) -> None:
+                 file_fd: int, file_offset: int, on_error: int, isolated: Any) -> None:
         super().__init__(size, chunk_size)
         handler = _get_handler()
         self.handle = ffi.new_handle(owner)
         self.pointer = self.new_native_region(handler.pointer, base, size, chunk_size, source_kind,
-                                              file_fd, file_offset, self.handle, on_error)
+                                              file_fd, file_offset, self.handle, on_error,
+                                              isolated)
         result = lib.vr_region_register(self.pointer)
         if result < 0:
             lib.vr_region_release(self.pointer)

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "isolated.h"
 #include "region.h"
 
 size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index)
@@ -110,6 +111,11 @@ int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
     if (region->source_kind == VR_SOURCE_ZEROS) {
         memset(buffer, 0, length);
         return 0;
+    }
+    if (region->source_kind == VR_SOURCE_ISOLATED) {
+        int rc = vr_isolated_fill(region->isolated, (uint64_t)(chunk_index * region->chunk_size),
+                                  buffer, length);
+        return rc < 0 ? native_failure(region, -rc) : 0;
     }
     if (region->source_kind != VR_SOURCE_FILE)
         return native_failure(region, EINVAL);
@@ -462,6 +468,11 @@ void vr_region_forget_threads(vr_region *region)
         region->holds[chunk] = 0;
         region->owners[chunk] = 0;
     }
+}
+
+void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated)
+{
+    region->isolated = isolated;
 }
 
 void vr_region_set_policy(vr_region *region, int priority, int group)

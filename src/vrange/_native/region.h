@@ -10,7 +10,8 @@
 
 #include "common.h"
 
-enum vr_source_kind { VR_SOURCE_ZEROS = 0, VR_SOURCE_FILE = 1, VR_SOURCE_PYTHON = 2 };
+enum vr_source_kind { VR_SOURCE_ZEROS = 0, VR_SOURCE_FILE = 1, VR_SOURCE_PYTHON = 2,
+                      VR_SOURCE_ISOLATED = 3 };
 enum vr_on_error { VR_ON_ERROR_POISON = 0, VR_ON_ERROR_ZEROS = 1, VR_ON_ERROR_ABORT = 2 };
 /* How a sigbus region traps accesses to missing pages (the uffd backend has no trap). */
 enum vr_trap_kind { VR_TRAP_NONE = 0, VR_TRAP_MEMFD = 1, VR_TRAP_UFFD = 2 };
@@ -64,6 +65,7 @@ struct vr_region {
     int source_kind;
     int file_fd;
     int64_t file_offset;
+    struct vr_isolated *isolated; /* VR_SOURCE_ISOLATED: the helper process that regenerates */
     void *python_handle; /* cffi handle of the Python Region, for vr_python_regenerate */
     int on_error;
     uint8_t *chunk_state;
@@ -152,6 +154,7 @@ int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_
 void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta);
 void vr_region_set_policy(vr_region *region, int priority, int group);
 void vr_region_forget_threads(vr_region *region);
+void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);

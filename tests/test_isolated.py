@@ -1,0 +1,171 @@
+"""vrange.sources.Isolated: regenerators in a helper process keep a faulting operation atomic."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import threading
+import time
+
+import pytest
+from conftest import CHUNK, assert_pages_match, pattern
+
+import vrange
+from vrange.sources import Isolated
+
+SIZE = 16 * CHUNK
+
+
+def _count_other_thread_steps(region: vrange.Region, data: bytearray,
+                              theirs: bytearray) -> list[int]:
+    """Extend ``data`` from each purged chunk of ``region`` while another thread clears and refills
+    ``theirs`` (when it is ``data``: the interleaving that corrupted the heap with an in-process
+    regenerator); return how
+    many steps that other thread made during each extend. The switch interval is raised so that
+    the other thread runs only when this one lets the GIL go (it yields voluntarily itself)."""
+    steps = [0]
+    stop = threading.Event()
+
+    def other_thread() -> None:
+        while not stop.is_set():
+            steps[0] += 1
+            theirs.clear()
+            theirs.extend(bytes(CHUNK))
+            time.sleep(0)
+
+    saved = sys.getswitchinterval()
+    other = threading.Thread(target=other_thread)
+    other.start()
+    view = memoryview(region)
+    during: list[int] = []
+    try:
+        sys.setswitchinterval(1000.0)
+        time.sleep(0.05)  # the other thread's next waits use the new interval
+        region.purge()
+        for chunk in range(16):
+            before = steps[0]
+            data.extend(view[chunk * CHUNK:(chunk + 1) * CHUNK])  # faults while holding the GIL
+            during.append(steps[0] - before)
+    finally:
+        sys.setswitchinterval(saved)
+        stop.set()
+        other.join(timeout=30)
+        view.release()
+    return during
+
+
+def test_the_faulting_statement_stays_atomic(backend: str) -> None:
+    """The regenerator takes 30 ms and sleeps (it would let the GIL go in-process); with Isolated
+    the other thread cannot run until each faulting statement has completed."""
+    with vrange.Region(SIZE, Isolated("isolated_regenerators:slow_pattern", 0.03),
+                       backend=backend) as region:
+        region.mark_volatile()
+        data = bytearray()
+        assert _count_other_thread_steps(region, data, data) == [0] * 16
+        assert region.stats().faults_served >= 16
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+def test_an_in_process_regenerator_that_lets_the_gil_go_is_reported(
+        backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The same with an in-process regenerator that sleeps: the other thread runs inside the
+    faulting statement (here harmlessly: it uses its own bytearray), and vrange warns."""
+    import vrange._regeneration
+
+    def sleeping(offset: int, buf: memoryview) -> None:
+        time.sleep(0.03)
+        buf[:] = pattern(offset, len(buf))
+
+    vrange._regeneration._warned_about_other_threads = False
+    with vrange.Region(SIZE, sleeping, backend=backend) as region:
+        region.mark_volatile()
+        during = _count_other_thread_steps(region, bytearray(), bytearray())
+    assert any(steps > 0 for steps in during), during
+    assert "another Python thread ran while a regenerator ran" in caplog.text
+    assert "vrange.sources.Isolated" in caplog.text
+
+
+def test_every_fault_context_is_served(backend: str) -> None:
+    import numpy as np
+
+    with vrange.Region(SIZE, Isolated("isolated_regenerators:slow_pattern", 0.0),
+                       backend=backend) as region:
+        assert_pages_match(region, pattern(0, SIZE))              # GIL held
+        region.mark_volatile()
+        region.purge()
+        copy = np.empty(SIZE, dtype=np.uint8)
+        np.copyto(copy, np.frombuffer(region, dtype=np.uint8))    # GIL released
+        assert copy.tobytes() == pattern(0, SIZE)
+        region.purge()
+        results: list[bytes] = []
+        reader = threading.Thread(target=lambda: results.append(bytes(region[CHUNK:3 * CHUNK])))
+        reader.start()
+        reader.join(timeout=30)                                    # another thread
+        assert results == [pattern(CHUNK, 2 * CHUNK)]
+        region.purge()
+        assert region.mark_nonvolatile() is True                    # a library call
+
+
+def test_a_raising_regenerator_is_reported_with_its_traceback(backend: str) -> None:
+    with vrange.Region(SIZE, Isolated("isolated_regenerators:broken"), backend=backend) as region:
+        with pytest.raises(vrange.RegenerationError, match="the tile store is gone"):
+            region.prefault(0, CHUNK)
+        assert region.stats().regeneration_errors >= 1
+
+
+def test_a_helper_that_dies_is_replaced(backend: str, tmp_path: "os.PathLike[str]") -> None:
+    source = Isolated("isolated_regenerators:dies_once", os.path.join(tmp_path, "died"))
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        with pytest.raises(vrange.RegenerationError, match="died or did not answer"):
+            region.prefault(0, CHUNK)
+        region.prefault(0, CHUNK)  # a new helper
+        assert source.restarts == 1
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+@pytest.mark.hang_timeout(60)
+def test_a_helper_that_hangs_is_killed_and_nothing_hangs(backend: str) -> None:
+    source = Isolated("isolated_regenerators:hangs", timeout=0.5)
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        started = time.monotonic()
+        with pytest.raises(vrange.RegenerationError, match="did not answer in time"):
+            region.prefault(0, CHUNK)
+        assert time.monotonic() - started < 10
+
+
+@pytest.mark.forked
+def test_a_forked_child_gets_a_helper_of_its_own(backend: str) -> None:
+    from vrange._native import lib
+
+    source = Isolated("isolated_regenerators:slow_pattern", 0.0)
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        region.mark_volatile()
+        assert bytes(region[0:8]) == pattern(0, 8)
+        parent_helper = lib.vr_isolated_helper_pid(source._pointer)
+        region.purge()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                ok = (bytes(region[:]) == pattern(0, SIZE)
+                      and lib.vr_isolated_helper_pid(source._pointer) != parent_helper)
+                os._exit(0 if ok else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert bytes(region[:]) == pattern(0, SIZE)  # the parent's helper still serves it
+
+
+def test_bad_input_is_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="cannot be imported"):
+        Isolated(lambda offset, buf: None)
+    with pytest.raises(ValueError, match="cannot import"):
+        Isolated("no_such_module_here:function")
+    with pytest.raises(TypeError, match="package.module:function"):
+        Isolated("no_colon")
+    with pytest.raises(TypeError, match="picklable"):
+        Isolated("isolated_regenerators:broken", threading.Lock())
+    with pytest.raises(ValueError, match="timeout"):
+        Isolated("isolated_regenerators:broken", timeout=0)
+    assert pickle.dumps(1)  # (pickle itself works here)

@@ -913,3 +913,62 @@ def test_threads_holding_the_gil_fault_on_one_chunk(backend: str) -> None:
             thread.join(timeout=30)
         assert results == [pattern(0, 64)] * 4
         assert calls == [0]
+
+
+# --- the fault signal: replaced, blocked ------------------------------------------------------------
+
+
+@pytest.mark.backends("uffd")
+def test_a_fault_signal_handler_replaced_later_is_taken_back_and_chained(backend: str) -> None:
+    result = run_python("""
+        import signal
+        got = []
+        def regenerate(offset, buf):
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+        region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+        assert region[0] == 1
+        signal.signal(signal.SIGRTMIN + 6, lambda number, frame: got.append(number))
+        region.mark_volatile(); region.purge()
+        assert bytes(region[CHUNK:CHUNK + 4]) == bytes([2]) * 4   # GIL held: the signal path
+        os.kill(os.getpid(), signal.SIGRTMIN + 6)                 # the other code's own signal
+        for _ in range(100):
+            if got:
+                break
+        print("served, chained", got == [signal.SIGRTMIN + 6], flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr
+    assert "served, chained True" in result.stdout
+    assert "replaced the handler of vrange's fault signal" in result.stderr
+
+
+@pytest.mark.backends("uffd")
+@pytest.mark.hang_timeout(90)
+@pytest.mark.parametrize("policy, outcome", [("zeros", 0), ("poison", -signal.SIGBUS)])
+def test_a_thread_blocking_the_fault_signal_never_deadlocks(backend: str, policy: str,
+                                                            outcome: int) -> None:
+    """It holds the GIL, the signal cannot reach it, and a worker needs that GIL: after a while
+    the fault fails by the region's policy (with a clear message) instead of hanging."""
+    result = run_python(f"""
+        import signal
+        def regenerate(offset, buf):
+            buf[:] = bytes([7]) * len(buf)
+        region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND, on_error={policy!r})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {{signal.SIGRTMIN + 6}})
+        print("reading", flush=True)
+        print("read", bytes(region[0:4]), flush=True)
+    """, backend)
+    assert result.returncode == outcome, result.stdout + result.stderr
+    assert "blocks vrange's fault signal" in result.stderr
+    if policy == "zeros":
+        assert "read b'\\x00\\x00\\x00\\x00'" in result.stdout
+
+
+@pytest.mark.backends("sigbus:uffd", "sigbus:memfd")
+def test_a_thread_blocking_sigbus_fails_instead_of_hanging(backend: str) -> None:
+    result = run_python("""
+        import signal
+        region = vrange.Region(4 * CHUNK, lambda offset, buf: None, backend=BACKEND)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGBUS})
+        region[0]
+    """, backend)
+    assert result.returncode == -signal.SIGBUS  # the kernel's rule for a blocked synchronous fault

@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <unistd.h>
 
 #include "region.h"
@@ -54,4 +55,20 @@ int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, 
     if (rc == CALLBACK_OK_INTERRUPTED || rc == CALLBACK_FAILED_INTERRUPTED)
         deliver_later();
     return (rc == CALLBACK_OK || rc == CALLBACK_OK_INTERRUPTED) ? 0 : -1;
+}
+
+int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,
+                                               size_t length, int *state)
+{
+    /* Take the GIL here rather than in cffi's wrapper, so the job can be claimed with it held: the
+     * handler thread may have given up on it while this worker waited (see uffd_backend.h). */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int queued = 0;
+    int rc;
+    if (!__atomic_compare_exchange_n(state, &queued, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        rc = -ECANCELED;
+    else
+        rc = vr_run_python_regenerator(region, offset, buffer, length, 0);
+    PyGILState_Release(gil);
+    return rc;
 }

@@ -109,6 +109,10 @@ int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t
  * holding the GIL (no other Python thread may run until the faulting operation completes). */
 int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
                               int at_unsafe_point);
+/* The same for a worker whose job may be cancelled while it waits for the GIL: takes the GIL, then
+ * moves *state from 0 (queued) to 1 (running); -ECANCELED if it was cancelled meanwhile. */
+int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,
+                                               size_t length, int *state);
 
 static inline uint8_t vr_chunk_load(const vr_region *region, size_t chunk)
 {

@@ -49,7 +49,18 @@ struct vr_job {
     uint64_t user_sp, user_pc; /* where the thread was stopped, from /proc/self/task/<tid>/syscall */
     char *buffer;
     vr_job *next;
+    /* A job for a worker whose faulting thread blocks the fault signal: that thread may hold the
+     * GIL the worker needs. The handler thread watches it (gil_waiting) and, when the worker has
+     * not got the GIL after VR_GIL_WAIT_LIMIT_MS while the thread still waits in the fault, fails
+     * the fault by the region's policy instead of leaving both waiting for ever. */
+    int state; /* VR_JOB_QUEUED, VR_JOB_RUNNING (the worker has the GIL), VR_JOB_CANCELLED */
+    int watched;
+    int64_t queued_at_ms;
+    vr_job *waiting_next;
 };
+
+enum vr_job_state { VR_JOB_QUEUED = 0, VR_JOB_RUNNING = 1, VR_JOB_CANCELLED = 2 };
+#define VR_GIL_WAIT_LIMIT_MS 5000
 
 struct vr_handler {
     int uffd;
@@ -66,6 +77,8 @@ struct vr_handler {
     char *staging; /* handler thread only: native fills */
     size_t staging_size;
     uint64_t features;
+    int signal_retaken; /* the fault signal was taken back from other code (said once) */
+    vr_job *gil_waiting; /* watched jobs (see vr_job.watched), under lock */
 };
 
 /* uffd_handler.c, uffd_region.c, fault_signal.c */

@@ -106,9 +106,30 @@ static ssize_t read_proc_task_file(pid_t tid, const char *name, char *buffer, si
 /* True if the thread is stopped in a user-mode access (not in a syscall) and does not block our
  * signal: only then may a signal be sent. A signal interrupting a fault taken inside a syscall
  * would make that syscall fail with EFAULT or a short count. */
+/* The fault signal must reach vrange's handler: other code may have replaced it since the handler
+ * started (signal.signal, a library). Checked where a fault is routed: take the signal back (the
+ * replacement still gets its own signals, chained) and say so once. 0 if it cannot be taken back:
+ * the fault then goes to a worker. */
+static int fault_signal_ready(vr_handler *handler)
+{
+    if (vr_fault_signal_is_ours(handler->signal_number) == 1)
+        return 1;
+    if (vr_fault_signal_install(handler->signal_number, 1) < 0)
+        return 0;
+    if (!__atomic_exchange_n(&handler->signal_retaken, 1, __ATOMIC_ACQ_REL)) {
+        static const char message[] =
+            "vrange: other code replaced the handler of vrange's fault signal (SIGRTMIN+6); vrange "
+            "put its own back in front, and passes the other code's signals on to it\n";
+        (void)!write(STDERR_FILENO, message, sizeof message - 1);
+    }
+    return 1;
+}
+
 static int can_signal_thread(vr_handler *handler, pid_t tid, vr_job *job)
 {
     char text[512];
+    if (!fault_signal_ready(handler))
+        return 0;
     if (tid <= 0 || read_proc_task_file(tid, "syscall", text, sizeof text) <= 0)
         return 0;
     if (strncmp(text, "-1 ", 3) != 0)
@@ -129,7 +150,11 @@ static int can_signal_thread(vr_handler *handler, pid_t tid, vr_job *job)
     if (!blocked)
         return 0;
     unsigned long long mask = strtoull(blocked + 7, NULL, 16);
-    return !(mask >> (handler->signal_number - 1) & 1);
+    if (mask >> (handler->signal_number - 1) & 1) {
+        job->watched = 1; /* it may hold the GIL, and the signal cannot reach it */
+        return 0;
+    }
+    return 1;
 }
 
 static int page_present(const vr_region *region, uintptr_t address)
@@ -185,8 +210,13 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
     /* Remember who regenerates: if this regenerator faults on this very chunk, the handler fails
      * that fault instead of leaving it to wait for itself. */
     region->owners[job->chunk_index] = (pid_t)syscall(SYS_gettid);
-    int rc = vr_run_python_regenerator(region, offset, job->buffer, length, on_faulting_thread);
+    int rc = on_faulting_thread
+                 ? vr_run_python_regenerator(region, offset, job->buffer, length, 1)
+                 : vr_run_python_regenerator_unless_cancelled(region, offset, job->buffer, length,
+                                                              &job->state);
     region->owners[job->chunk_index] = 0;
+    if (rc == -ECANCELED)
+        return; /* the handler thread failed the fault by policy already */
     if (rc == 0)
         vr_resolve_chunk(region, job->chunk_index, job->buffer);
     else
@@ -215,8 +245,14 @@ static void *worker_main(void *arg)
             handler->queue_tail = NULL;
         pthread_mutex_unlock(&handler->lock);
         vr_run_python_job(job, 0);
-        job_free(job);
         pthread_mutex_lock(&handler->lock);
+        if (job->watched)
+            for (vr_job **link = &handler->gil_waiting; *link; link = &(*link)->waiting_next)
+                if (*link == job) {
+                    *link = job->waiting_next;
+                    break;
+                }
+        job_free(job);
     }
     return NULL;
 }
@@ -227,6 +263,11 @@ static void *worker_main(void *arg)
 static void queue_for_worker(vr_handler *handler, vr_job *job)
 {
     job->next = NULL;
+    job->queued_at_ms = monotonic_ms();
+    if (job->watched) {
+        job->waiting_next = handler->gil_waiting;
+        handler->gil_waiting = job;
+    }
     if (handler->queue_tail)
         handler->queue_tail->next = job;
     else
@@ -250,12 +291,41 @@ static void queue_for_worker(vr_handler *handler, vr_job *job)
     handler->workers_total++;
 }
 
+/* Handler thread, lock held: a watched job whose worker has not got the GIL for VR_GIL_WAIT_LIMIT_MS
+ * while its thread still waits in the fault is a deadlock in the making (that thread holds the GIL
+ * and cannot be signalled): fail the fault by the region's policy, and let the worker skip the job
+ * when it gets the GIL at last. */
+static void cancel_gil_deadlocks(vr_handler *handler)
+{
+    int64_t now = monotonic_ms();
+    for (vr_job *job = handler->gil_waiting; job; job = job->waiting_next) {
+        char wchan[64];
+        if (__atomic_load_n(&job->state, __ATOMIC_ACQUIRE) != VR_JOB_QUEUED ||
+            now - job->queued_at_ms < VR_GIL_WAIT_LIMIT_MS ||
+            read_proc_task_file(job->faulting_tid, "wchan", wchan, sizeof wchan) <= 0 ||
+            strcmp(wchan, "handle_userfault") != 0)
+            continue;
+        int queued = VR_JOB_QUEUED;
+        if (!__atomic_compare_exchange_n(&job->state, &queued, VR_JOB_CANCELLED, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_ACQUIRE))
+            continue;
+        static const char message[] =
+            "vrange: a thread that blocks vrange's fault signal (SIGRTMIN+6) faulted on a region "
+            "with a Python regenerator while holding the GIL: the regenerator cannot run, so the "
+            "fault fails by the region's on_error policy (unblock the signal in that thread, or use "
+            "a native or vrange.sources.Isolated regenerator)\n";
+        (void)!write(STDERR_FILENO, message, sizeof message - 1);
+        vr_fail_chunk(job->region, job->chunk_index);
+    }
+}
+
 /* Handler thread: collect verdicts of signalled threads. "Not mine" goes to a worker, and so does a
  * regeneration whose signal was never picked up. */
 static void collect_verdicts(vr_handler *handler)
 {
     int64_t now = monotonic_ms();
     pthread_mutex_lock(&handler->lock);
+    cancel_gil_deadlocks(handler);
     vr_job **link = &handler->signalled;
     while (*link) {
         vr_job *job = *link;
@@ -425,7 +495,7 @@ static void *handler_main(void *arg)
         struct pollfd fds[2] = { { .fd = handler->uffd, .events = POLLIN },
                                  { .fd = handler->wake_fd, .events = POLLIN } };
         pthread_mutex_lock(&handler->lock);
-        int timeout = handler->signalled ? VERDICT_POLL_MS : -1;
+        int timeout = handler->signalled || handler->gil_waiting ? VERDICT_POLL_MS : -1;
         pthread_mutex_unlock(&handler->lock);
         if (poll(fds, 2, timeout) < 0)
             continue; /* EINTR; nothing else can fail with valid descriptors */

@@ -9,6 +9,7 @@ EXPECTED_PUBLIC_NAMES = {
     "Region",
     "RegionStats",
     "io",
+    "policy",
     "sources",
     "BackendUnavailable",
     "Features",
@@ -37,3 +38,15 @@ def test_package_is_typed() -> None:
     from importlib import resources
 
     assert resources.files("vrange").joinpath("py.typed").is_file()
+
+
+def test_the_submodules_list_their_public_names() -> None:
+    import vrange.policy
+    import vrange.sources
+
+    assert set(vrange.sources.__all__) == {"File", "Isolated", "Source", "Zeros"}
+    assert set(vrange.policy.__all__) == {"PolicyStats", "configure", "enforce", "set_budget",
+                                          "stats", "stop"}
+    for module in (vrange.sources, vrange.policy):
+        for name in module.__all__:
+            assert hasattr(module, name), name

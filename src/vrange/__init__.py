@@ -6,7 +6,7 @@ pressure, and it is refilled transparently, page by page, the next time anything
 
 from __future__ import annotations
 
-from . import io, sources
+from . import io, policy, sources
 from ._backends import available_backends
 from ._backends._base import RegionStats
 from ._features import Features, features
@@ -28,5 +28,6 @@ __all__ = [
     "available_backends",
     "features",
     "io",
+    "policy",
     "sources",
 ]

@@ -96,6 +96,13 @@ def expected_checksums(source: TileSource, tiles: int) -> array[int]:
     return array("I", (zlib.crc32(source.decode(tile)) for tile in range(tiles)))
 
 
+def load_checksums(path: str) -> array[int]:
+    checksums = array("I")
+    with open(path, "rb") as file:
+        checksums.frombytes(file.read())
+    return checksums
+
+
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -150,9 +157,7 @@ def run_worker(spec: str, tiles: int, reads: int, budget: int | None, checksums_
     import vrange.policy
 
     source = TileSource()
-    with open(checksums_path, "rb") as file:
-        checksums = array("I")
-        checksums.frombytes(file.read())
+    checksums = load_checksums(checksums_path)
     order = workload(tiles, reads)
     regenerated = [0]
 
@@ -199,9 +204,7 @@ def run_worker(spec: str, tiles: int, reads: int, budget: int | None, checksums_
 
 def run_keep_everything(tiles: int, reads: int, checksums_path: str) -> RunResult:
     source = TileSource()
-    with open(checksums_path, "rb") as file:
-        checksums = array("I")
-        checksums.frombytes(file.read())
+    checksums = load_checksums(checksums_path)
     started = time.perf_counter()
     decoded: dict[int, bytes] = {}
     correct = True
@@ -216,9 +219,7 @@ def run_keep_everything(tiles: int, reads: int, checksums_path: str) -> RunResul
 
 def run_recompute(tiles: int, reads: int, checksums_path: str) -> RunResult:
     source = TileSource()
-    with open(checksums_path, "rb") as file:
-        checksums = array("I")
-        checksums.frombytes(file.read())
+    checksums = load_checksums(checksums_path)
     started = time.perf_counter()
     correct = True
     for tile in workload(tiles, reads):

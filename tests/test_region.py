@@ -972,3 +972,29 @@ def test_a_thread_blocking_sigbus_fails_instead_of_hanging(backend: str) -> None
         region[0]
     """, backend)
     assert result.returncode == -signal.SIGBUS  # the kernel's rule for a blocked synchronous fault
+
+
+def test_a_dropped_region_is_freed_by_reference_counting(backend: str) -> None:
+    """No cycle through the native handle: ``del region`` unmaps it at once, with the cyclic GC
+    off (128 MiB regions made and dropped in a loop grew RSS by 384 MiB when it did)."""
+    import gc
+    import weakref
+
+    def resident_mib() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * PAGE >> 20
+
+    gc.collect()
+    gc.disable()
+    try:
+        before = resident_mib()
+        for _ in range(6):
+            region = make(backend, lambda offset, buf: buf.__setitem__(slice(None), b"x" * len(buf)),
+                          size=64 << 20)
+            region[:]  # every page resident
+            alive = weakref.ref(region)
+            del region
+            assert alive() is None
+        assert resident_mib() - before < 64
+    finally:
+        gc.enable()

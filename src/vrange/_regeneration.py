@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -50,6 +51,20 @@ class Regenerating(Protocol):
     def regeneration_finished(self, nested: bool) -> None: ...
 
     def record_failure(self, offset: int, error: BaseException) -> None: ...
+
+
+class Target:
+    """What native code holds for a region (through a cffi handle): a weak reference, so that the
+    region is freed by reference counting alone (a strong one would make a cycle: the region holds
+    its native state, which holds the handle). A region already gone fails the regeneration."""
+
+    __slots__ = ("_region",)
+
+    def __init__(self, region: Regenerating) -> None:
+        self._region = weakref.ref(region)
+
+    def region(self) -> Regenerating | None:
+        return self._region()
 
 
 _deferred_interrupts: collections.deque[BaseException] = collections.deque()
@@ -165,5 +180,7 @@ def raise_deferred_interrupt() -> None:
 @ffi.def_extern(error=-1)
 def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int,
                          at_unsafe_point: int) -> int:
-    region = ffi.from_handle(python_handle)
+    region = ffi.from_handle(python_handle).region()
+    if region is None:
+        return FAILED  # the region is being freed: nothing may be written any more
     return run(region, int(offset), buffer, int(length), bool(at_unsafe_point))

@@ -153,7 +153,7 @@ class _Monitor:
 
     def _psi_trigger(self, path: str) -> int:
         """A PSI trigger: 100 ms of stall in 1 s, or in 2 s where unprivileged users need that."""
-        last: OSError | None = None
+        refused: tuple[int, str] = (0, "")
         for trigger in (b"some 100000 1000000\0", b"some 150000 2000000\0"):
             fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
@@ -161,9 +161,10 @@ class _Monitor:
                 return fd
             except OSError as error:
                 os.close(fd)
-                last = error
-        assert last is not None
-        raise last
+                # Keep no exception: its traceback would keep the callers' frames (and the region
+                # being made) alive.
+                refused = (error.errno or 0, error.strerror or "")
+        raise OSError(*refused)
 
     def _watch(self) -> tuple[str, str]:
         """Open the kernel's pressure signals for the plan; falls back to polling with the reason."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from .. import policy
 from .._native import ffi, lib
+from .._regeneration import Target
 from ..errors import check
 from ._base import BackendRegion
 
@@ -133,7 +134,7 @@ class SigbusRegion(BackendRegion):
         self.kernel_reclaims = trap == "uffd"
         ensure_handler()
         trap_fd = _trap_descriptor.get() if trap == "uffd" else -1
-        self.handle = ffi.new_handle(owner)
+        self.handle = ffi.new_handle(Target(owner))  # weak: no cycle through the handle
         self.pointer = self.new_native_region(ffi.NULL, base, size, chunk_size, source_kind,
                                               file_fd, file_offset, self.handle, on_error,
                                               isolated)

@@ -10,6 +10,7 @@ import weakref
 from typing import Any
 
 from .._native import ffi, lib
+from .._regeneration import Target
 from ..errors import check
 from ._base import BackendRegion
 
@@ -102,7 +103,7 @@ class UffdRegion(BackendRegion):
                  file_fd: int, file_offset: int, on_error: int, isolated: Any) -> None:
         super().__init__(size, chunk_size)
         handler = _get_handler()
-        self.handle = ffi.new_handle(owner)
+        self.handle = ffi.new_handle(Target(owner))  # weak: no cycle through the handle
         self.pointer = self.new_native_region(handler.pointer, base, size, chunk_size, source_kind,
                                               file_fd, file_offset, self.handle, on_error,
                                               isolated)

@@ -69,7 +69,7 @@ def test_bad_sizes(backend: str, nbytes: object, error: type[Exception]) -> None
         vrange.Region(nbytes, sources.Zeros(), backend=backend)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("chunk_size", [0, 1000, 3 * PAGE, PAGE // 2, -PAGE, "64k"])
+@pytest.mark.parametrize("chunk_size", [0, 1000, 3 * PAGE, PAGE // 2, -PAGE, "64k", 1 << 31, 1 << 36])
 def test_bad_chunk_sizes(backend: str, chunk_size: object) -> None:
     with pytest.raises(ValueError, match="chunk_size"):
         vrange.Region(SIZE, sources.Zeros(), backend=backend, chunk_size=chunk_size)  # type: ignore[arg-type]

@@ -30,6 +30,8 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 docs/benchmarks.md)."""
 
 MAX_KEPT_FAILURES = 64
+MAX_CHUNK_SIZE = 1 << 30
+"""A chunk is regenerated into one buffer at a time (per fault in flight): at most 1 GiB."""
 CLOSE_TIMEOUT_MS = 5000
 SIGBUS_MAX_CHUNKS = 8192
 """The sigbus backend's memfd trap keeps each refilled chunk in a mapping of its own (mremap), so it
@@ -141,6 +143,9 @@ class Region(mmap.mmap):
             raise TypeError("regenerate must be a callable fn(offset, buf) or a vrange.sources "
                             f"source, not {type(regenerate).__name__}")
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+        if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE} bytes (1 GiB), "
+                             f"not {chunk}")
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < PAGE_SIZE or \
                 chunk & (chunk - 1) or chunk % PAGE_SIZE:
             raise ValueError(f"chunk_size must be a power-of-two multiple of the page size "

@@ -169,3 +169,98 @@ def test_bad_input_is_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="timeout"):
         Isolated("isolated_regenerators:broken", timeout=0)
     assert pickle.dumps(1)  # (pickle itself works here)
+
+
+def test_a_forked_child_and_its_parent_never_see_each_others_bytes(backend: str) -> None:
+    """After fork each process has a helper and a shared buffer of its own (sharing the buffer
+    handed one process the other's chunks)."""
+    source = Isolated("isolated_regenerators:slow_pattern", 0.02)
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        region.mark_volatile()
+        assert bytes(region[0:8]) == pattern(0, 8)
+        region.purge()
+        pid = os.fork()
+        view = memoryview(region)
+        chunks = range(1, 16, 2) if pid == 0 else range(2, 16, 2)
+        wrong = [chunk for chunk in chunks
+                 if bytes(view[chunk * CHUNK:(chunk + 1) * CHUNK]) != pattern(chunk * CHUNK, CHUNK)]
+        view.release()
+        if pid == 0:
+            os._exit(1 if wrong else 0)
+        _, status = os.waitpid(pid, 0)
+        assert wrong == [] and os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.hang_timeout(60)
+def test_concurrent_faults_are_served_at_once_within_their_own_timeout(backend: str) -> None:
+    """Eight threads fault at once (GIL released); each answer takes 0.3 s and the timeout is
+    1 s: queueing behind the others must not count against it (nor kill the helper)."""
+    import hashlib
+
+    source = Isolated("isolated_regenerators:slow_pattern", 0.3, timeout=1.0)
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        assert bytes(region[0:8]) == pattern(0, 8)  # the helper is up
+        view = memoryview(region)
+        digests: dict[int, bytes] = {}
+        barrier = threading.Barrier(8)
+
+        def read(chunk: int) -> None:
+            barrier.wait()
+            digests[chunk] = hashlib.sha256(view[chunk * CHUNK:(chunk + 1) * CHUNK]).digest()
+
+        threads = [threading.Thread(target=read, args=(chunk,)) for chunk in range(1, 9)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        view.release()
+        assert digests == {chunk: hashlib.sha256(pattern(chunk * CHUNK, CHUNK)).digest()
+                           for chunk in range(1, 9)}
+        assert source.restarts == 0 and region.stats().regeneration_errors == 0
+
+
+@pytest.mark.backends("uffd")
+def test_a_slow_helper_does_not_hold_up_other_regions(backend: str) -> None:
+    """uffd: helpers are waited for on workers, not on the handler thread that serves every
+    other fault."""
+    slow = vrange.Region(SIZE, Isolated("isolated_regenerators:slow_pattern", 2.0), backend=backend)
+    quick = vrange.Region(SIZE, vrange.sources.Zeros(), backend=backend)
+    finished: list[str] = []
+    try:
+        import hashlib
+
+        view = memoryview(slow)
+        reader = threading.Thread(target=lambda: (hashlib.sha256(view[0:CHUNK]).digest(),
+                                                  finished.append("slow")))
+        reader.start()
+        while not slow._core.chunk_states()[0] & vrange._native.lib.VR_CHUNK_IN_FLIGHT:
+            pass
+        assert bytes(quick[CHUNK:CHUNK + 4]) == bytes(4)
+        finished.append("quick")
+        reader.join(timeout=30)
+        view.release()
+        assert finished == ["quick", "slow"]
+    finally:
+        slow.close()
+        quick.close()
+
+
+def test_sources_leave_nothing_behind(backend: str) -> None:
+    import gc
+
+    def vrange_mappings() -> int:
+        with open("/proc/self/maps") as maps:
+            return sum("vrange-isolated" in line for line in maps)
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    before = (descriptors(), vrange_mappings())
+    for _ in range(10):
+        with vrange.Region(SIZE, Isolated("isolated_regenerators:slow_pattern", 0.0),
+                           backend=backend) as region:
+            assert bytes(region[0:4]) == pattern(0, 4)
+        del region
+        gc.collect()
+    assert (descriptors(), vrange_mappings()) == before

@@ -13,11 +13,11 @@ import importlib
 import json
 import mmap
 import pickle
-import selectors
 import signal
 import socket
 import struct
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -37,33 +37,19 @@ def resolve(target: str) -> Callable[..., object]:
     return value
 
 
-def main() -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    config = json.loads(sys.argv[1])
-    sys.path[:0] = [entry for entry in config["path"] if entry not in sys.path]
-    function = resolve(config["target"])
-    arguments = pickle.loads(base64.b64decode(config["arguments"]))
-    slot_size = config["slot_size"]
-    shared = mmap.mmap(config["memfd"], slot_size * len(config["fds"]))
-    view = memoryview(shared)
-    selector = selectors.DefaultSelector()
-    for slot, fd in enumerate(config["fds"]):
-        selector.register(socket.socket(fileno=fd), selectors.EVENT_READ, slot)
-    while selector.get_map():
-        for key, _ in selector.select():
-            connection = key.fileobj
-            assert isinstance(connection, socket.socket)
+def serve(connection: socket.socket, view: memoryview, function: Callable[..., object],
+          arguments: tuple[object, ...]) -> None:
+    """One slot: answer its requests until the parent closes its socket."""
+    with connection:
+        while True:
             try:
                 request = connection.recv(REQUEST.size)
             except OSError:
-                request = b""
+                return
             if len(request) != REQUEST.size:  # the parent closed this slot (or is gone)
-                selector.unregister(connection)
-                connection.close()
-                continue
+                return
             offset, length = REQUEST.unpack(request)
-            start = key.data * slot_size
-            buffer = view[start:start + length]
+            buffer = view[:length]
             try:
                 function(offset, buffer, *arguments)
                 answer = REPLY.pack(0, 0)
@@ -75,8 +61,28 @@ def main() -> int:
             try:
                 connection.send(answer)
             except OSError:
-                selector.unregister(connection)
-                connection.close()
+                return
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = json.loads(sys.argv[1])
+    sys.path[:0] = [entry for entry in config["path"] if entry not in sys.path]
+    function = resolve(config["target"])
+    arguments = pickle.loads(base64.b64decode(config["arguments"]))
+    slot_size = config["slot_size"]
+    shared = mmap.mmap(config["memfd"], slot_size * len(config["fds"]))
+    view = memoryview(shared)
+    # One thread per slot: requests are served at once, each within its own timeout (a regenerator
+    # that waits on I/O or sleeps lets the others run).
+    threads = [threading.Thread(target=serve, args=(socket.socket(fileno=fd),
+                                                    view[slot * slot_size:(slot + 1) * slot_size],
+                                                    function, arguments), daemon=True)
+               for slot, fd in enumerate(config["fds"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
     return 0
 
 

@@ -401,7 +401,9 @@ class Region(mmap.mmap):
         new_failures = [(offset, error) for sequence, offset, error in list(self._failures)
                         if sequence > count_before
                         and first * self._chunk_size <= offset < end * self._chunk_size]
-        if result >= 0 and not new_failures:
+        # A failure the policy answered with zeros (on_error="zeros") still fails this call.
+        zero_filled = int(lib.vr_region_count_failed(self._core.pointer, first, end))
+        if result >= 0 and not new_failures and not zero_filled:
             return
         for chunk in {offset // self._chunk_size for offset, _ in new_failures}:
             self._core.discard(chunk, chunk + 1, only_failed=False)
@@ -412,7 +414,7 @@ class Region(mmap.mmap):
                 f"the regenerator failed for the chunk at offset {failed_offset} "
                 f"({len(new_failures)} failure(s) in this call); it raised:\n"
                 + getattr(cause, "vrange_traceback", repr(cause))) from cause
-        code = self._core.native_error() or -result
+        code = self._core.native_error() or -result or errno.EIO
         if isinstance(self._regenerate, Isolated):
             raise RegenerationError(
                 f"the isolated regenerator failed ({os.strerror(code)}, {errno_name(code)}): "
@@ -539,7 +541,10 @@ class Region(mmap.mmap):
                                   "it (held_for_io, vrange.io)")
             # Wait for regenerations in flight first: once unmapped, the address may belong to
             # another mapping, and a late regeneration must not write there.
-            self._core.quiesce(CLOSE_TIMEOUT_MS)
+            timeout_ms = CLOSE_TIMEOUT_MS
+            if isinstance(self._regenerate, Isolated):  # a fault may wait that long for its helper
+                timeout_ms = max(timeout_ms, self._regenerate._timeout_ms + 2000)
+            self._core.quiesce(timeout_ms)
             try:
                 mmap.mmap.close(self)
             except BufferError:  # exported (a memoryview, a numpy array): the region stays open

@@ -186,11 +186,15 @@ class Isolated(Source):
                                  f"{self._slot_size} bytes; make another one for this region")
             return self._pointer
 
+    def _helper_gone(self) -> bool:
+        return bool(lib.vr_isolated_dead(self._pointer)) or (
+            self._process is not None and self._process.poll() is not None)
+
     def ensure_running(self) -> None:
-        """Start a new helper if the last one died or hung."""
-        if self._pointer != ffi.NULL and lib.vr_isolated_dead(self._pointer):
+        """Start a new helper if the last one died (even while idle) or hung."""
+        if self._pointer != ffi.NULL and self._helper_gone():
             with self._lock:
-                if lib.vr_isolated_dead(self._pointer):
+                if self._helper_gone():
                     self.restarts += 1
                     logger.warning("vrange: restarting the helper of %r (it died or hung)", self)
                     self._start_locked()
@@ -239,6 +243,17 @@ class Isolated(Source):
             return
         self._lock = threading.Lock()
         lib.vr_isolated_forget_helper(self._pointer)
+        # The shared memfd is the parent's too (its helper writes there): a memfd of our own.
+        try:
+            memfd = os.memfd_create("vrange-isolated", os.MFD_CLOEXEC)
+            os.ftruncate(memfd, self._slot_size * lib.VR_ISOLATED_SLOTS)
+            check(lib.vr_isolated_remap(self._pointer, memfd), "map the child's shared buffer")
+        except OSError as error:
+            logger.error("vrange: the forked child cannot map its own buffer for %r: %s",
+                         self, error)
+            return
+        os.close(self._memfd)
+        self._memfd = memfd
         if self._process is not None:
             self._process.returncode = 0  # the parent's helper: not ours to wait for or warn about
             self._process = None
@@ -249,10 +264,13 @@ class Isolated(Source):
                          self, error)
 
     def __del__(self) -> None:
+        # No region uses this source any more (regions keep their source alive).
         if getattr(self, "_pointer", ffi.NULL) != ffi.NULL:
-            lib.vr_isolated_forget_helper(self._pointer)  # EOF: the helper exits
+            lib.vr_isolated_free(self._pointer)  # closes the sockets: EOF, the helper exits
+            self._pointer = ffi.NULL
             try:
                 self._stop_process()
+                os.close(self._memfd)
             except Exception:  # noqa: BLE001 - interpreter shutdown
                 pass
 

@@ -115,6 +115,27 @@ size_t vr_isolated_last_error(vr_isolated *isolated, char *out, size_t size)
     return length;
 }
 
+/* After fork, in the child: the shared mapping is the parent's memfd (its helper writes there); map
+ * the child's own instead. The child is single-threaded here. */
+int vr_isolated_remap(vr_isolated *isolated, int memfd)
+{
+    char *fresh = mmap(NULL, isolated->slot_size * VR_ISOLATED_SLOTS, PROT_READ | PROT_WRITE,
+                       MAP_SHARED, memfd, 0);
+    if (fresh == MAP_FAILED)
+        return -errno;
+    munmap(isolated->shared, isolated->slot_size * VR_ISOLATED_SLOTS);
+    isolated->shared = fresh;
+    return 0;
+}
+
+/* The source is gone (no region uses it any more): close the sockets and unmap. */
+void vr_isolated_free(vr_isolated *isolated)
+{
+    vr_isolated_forget_helper(isolated);
+    munmap(isolated->shared, isolated->slot_size * VR_ISOLATED_SLOTS);
+    free(isolated);
+}
+
 /* In a forked child: the helper and its sockets belong to the parent. Drop them (without killing
  * the parent's helper); Python starts the child's own. */
 void vr_isolated_forget_helper(vr_isolated *isolated)
@@ -140,7 +161,9 @@ int vr_isolated_fill(vr_isolated *isolated, uint64_t offset, char *buffer, size_
 {
     if (length > isolated->slot_size)
         return -EINVAL;
-    int64_t deadline = vr_monotonic_ns() + (int64_t)isolated->timeout_ms * 1000000;
+    /* Waiting for a free slot is not the helper's fault: each slot is busy for at most one timeout,
+     * so a slot frees up within that (plus the time of a kill), and nobody is killed for queueing. */
+    int64_t slot_deadline = vr_monotonic_ns() + 2 * (int64_t)isolated->timeout_ms * 1000000;
     int slot = -1;
     while (slot < 0) {
         if (__atomic_load_n(&isolated->dead, __ATOMIC_ACQUIRE))
@@ -149,11 +172,14 @@ int vr_isolated_fill(vr_isolated *isolated, uint64_t offset, char *buffer, size_
             if (!__atomic_exchange_n(&isolated->busy[candidate], 1, __ATOMIC_ACQUIRE))
                 slot = candidate;
         if (slot < 0) {
-            if (vr_monotonic_ns() > deadline)
+            if (vr_monotonic_ns() > slot_deadline)
                 return -EBUSY;
             vr_pause_briefly();
         }
     }
+    /* The timeout is the helper's answer time for this request alone (it serves every slot at
+     * once, one thread each). */
+    int64_t deadline = vr_monotonic_ns() + (int64_t)isolated->timeout_ms * 1000000;
     int rc = 0;
     int fd = isolated->fds[slot];
     struct request request = { .offset = offset, .length = length };

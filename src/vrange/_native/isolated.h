@@ -19,6 +19,8 @@ int vr_isolated_dead(vr_isolated *isolated);
 int vr_isolated_helper_pid(vr_isolated *isolated);
 size_t vr_isolated_last_error(vr_isolated *isolated, char *out, size_t size);
 void vr_isolated_forget_helper(vr_isolated *isolated);
+int vr_isolated_remap(vr_isolated *isolated, int memfd);
+void vr_isolated_free(vr_isolated *isolated);
 /* cffi: end */
 
 /* The fault path: fill `buffer` with `length` bytes at `offset` from the helper. 0 or -errno

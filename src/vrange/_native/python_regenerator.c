@@ -24,10 +24,25 @@
 enum { CALLBACK_FAILED = -1, CALLBACK_OK = 0, CALLBACK_OK_INTERRUPTED = 1,
        CALLBACK_FAILED_INTERRUPTED = 2 };
 
-/* A pending call, on the main thread with the GIL, at a safe point: raise the interrupt there. */
+/* How deep this thread is in regenerator callbacks, and whether an interrupt is waiting for it to
+ * leave them. Initial-exec TLS: no allocation when first used in a signal handler. */
+static __thread int regenerator_depth __attribute__((tls_model("initial-exec")));
+static __thread int deliver_when_done __attribute__((tls_model("initial-exec")));
+
+static void deliver_later(void);
+
+/* A pending call, on the main thread with the GIL, at a safe point: raise the interrupt there. Not
+ * while this thread is inside a regenerator callback (the pending call runs at the next eval-loop
+ * check, which may be the entry of the next chunk's regenerator, faulted by the same statement):
+ * raised there, cffi would swallow it and the chunk would fail; it waits until the callbacks are
+ * done. */
 static int raise_deferred_interrupt(void *unused)
 {
     (void)unused;
+    if (regenerator_depth > 0) {
+        deliver_when_done = 1;
+        return 0;
+    }
     PyObject *module = PyImport_ImportModule("vrange._regeneration");
     if (!module)
         return -1;
@@ -51,9 +66,15 @@ static void deliver_later(void)
 int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
                               int at_unsafe_point)
 {
+    regenerator_depth++;
     int rc = vr_python_regenerate(region->python_handle, offset, buffer, length, at_unsafe_point);
+    regenerator_depth--;
     if (rc == CALLBACK_OK_INTERRUPTED || rc == CALLBACK_FAILED_INTERRUPTED)
         deliver_later();
+    if (regenerator_depth == 0 && deliver_when_done) {
+        deliver_when_done = 0;
+        deliver_later();
+    }
     return (rc == CALLBACK_OK || rc == CALLBACK_OK_INTERRUPTED) ? 0 : -1;
 }
 

@@ -486,16 +486,26 @@ void vr_region_set_policy(vr_region *region, int priority, int group)
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        if (only_poisoned && !(vr_chunk_load(region, chunk) & VR_CHUNK_POISONED))
+        if (only_poisoned && !(vr_chunk_load(region, chunk) & (VR_CHUNK_POISONED | VR_CHUNK_FAILED)))
             continue;
         uintptr_t start;
         size_t length;
         chunk_span(region, chunk, chunk + 1, &start, &length);
         if (madvise((void *)start, length, MADV_DONTNEED) < 0)
             return -errno;
-        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
+        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED | VR_CHUNK_FAILED);
     }
     return 0;
+}
+
+/* Chunks of the range whose last regeneration failed (the "zeros" policy fills them, but a library
+ * call must still report the failure and leave them missing). */
+int vr_region_count_failed(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int failed = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        failed += (vr_chunk_load(region, chunk) & VR_CHUNK_FAILED) != 0;
+    return failed;
 }
 
 int vr_pageout(uintptr_t address, size_t length)

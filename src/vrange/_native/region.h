@@ -29,6 +29,7 @@ enum vr_trap_kind { VR_TRAP_NONE = 0, VR_TRAP_MEMFD = 1, VR_TRAP_UFFD = 2 };
 #define VR_CHUNK_IN_FLIGHT 0x10    /* being regenerated: more faults on it just wait */
 #define VR_CHUNK_TRAPPED 0x20      /* sigbus backend: the empty memfd is mapped over it */
 #define VR_CHUNK_COUNTED 0x40      /* vrange's own purge counted this discard: its refill must not */
+#define VR_CHUNK_FAILED 0x80       /* its last regeneration failed (even if the policy filled zeros) */
 
 /* Why a chunk was discarded (the purge counters of struct vr_stats). */
 enum vr_purge_reason {
@@ -154,6 +155,7 @@ int vr_region_begin_pin(vr_region *region, size_t first_chunk, size_t end_chunk,
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_pageout(uintptr_t address, size_t length);
+int vr_region_count_failed(vr_region *region, size_t first_chunk, size_t end_chunk);
 int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_chunk, int reason);
 void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta);
 void vr_region_set_policy(vr_region *region, int priority, int group);

@@ -127,6 +127,7 @@ int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_
         switch (region->on_error) {
         case VR_ON_ERROR_ZEROS:
             handled = trap->refill(region, chunk, 1) == 0;
+            vr_chunk_set(region, chunk, VR_CHUNK_FAILED); /* zeros, not the region's bytes */
             break;
         case VR_ON_ERROR_POISON:
             vr_chunk_set(region, chunk, VR_CHUNK_POISONED);

@@ -63,7 +63,7 @@ static int install_chunk(vr_region *region, size_t chunk, int zeros)
         return rc;
     }
     vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
-    vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED);
+    vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED | VR_CHUNK_FAILED);
     vr_stat_add(&region->stats.bytes_regenerated, length);
     return 0;
 }
@@ -134,14 +134,14 @@ int vr_sigbus_memfd_discard(vr_region *region, size_t first_chunk, size_t end_ch
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
         uint8_t state = vr_chunk_load(region, chunk);
-        if (only_poisoned && !(state & VR_CHUNK_POISONED))
+        if (only_poisoned && !(state & (VR_CHUNK_POISONED | VR_CHUNK_FAILED)))
             continue;
         if (!(state & VR_CHUNK_TRAPPED)) {
             int rc = map_trap(region, chunk, chunk + 1);
             if (rc < 0)
                 return rc;
         }
-        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED);
+        vr_chunk_clear(region, chunk, VR_CHUNK_POISONED | VR_CHUNK_FAILED);
     }
     return 0;
 }

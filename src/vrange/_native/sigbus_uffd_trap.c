@@ -142,6 +142,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
     if (rc != 0)
         return rc;
     vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
+    vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
     vr_stat_add(&region->stats.bytes_regenerated, length);
     vr_region_keep_volatile(region, chunk); /* the access restarts right after we return */
     return 0;

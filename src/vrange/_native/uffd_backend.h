@@ -60,7 +60,9 @@ struct vr_job {
 };
 
 enum vr_job_state { VR_JOB_QUEUED = 0, VR_JOB_RUNNING = 1, VR_JOB_CANCELLED = 2 };
-#define VR_GIL_WAIT_LIMIT_MS 5000
+/* Long enough that another thread holding the GIL in C code for a while is not mistaken for the
+ * deadlock (it cannot be told apart from outside the interpreter), short enough not to look hung. */
+#define VR_GIL_WAIT_LIMIT_MS 30000
 
 struct vr_handler {
     int uffd;
@@ -79,6 +81,7 @@ struct vr_handler {
     uint64_t features;
     int signal_retaken; /* the fault signal was taken back from other code (said once) */
     vr_job *gil_waiting; /* watched jobs (see vr_job.watched), under lock */
+    int gil_wait_limit_ms;
 };
 
 /* uffd_handler.c, uffd_region.c, fault_signal.c */

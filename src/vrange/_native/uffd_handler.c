@@ -60,6 +60,10 @@ int vr_handler_new(int signal_number, vr_handler **out)
     }
     pthread_mutex_init(&handler->lock, NULL);
     pthread_cond_init(&handler->work_ready, NULL);
+    handler->gil_wait_limit_ms = VR_GIL_WAIT_LIMIT_MS;
+    const char *limit = getenv("VRANGE_GIL_WAIT_LIMIT_MS"); /* for tests; read once, here */
+    if (limit && atoi(limit) > 0)
+        handler->gil_wait_limit_ms = atoi(limit);
     *out = handler;
     return 0;
 fail:
@@ -210,10 +214,16 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
     /* Remember who regenerates: if this regenerator faults on this very chunk, the handler fails
      * that fault instead of leaving it to wait for itself. */
     region->owners[job->chunk_index] = (pid_t)syscall(SYS_gettid);
-    int rc = on_faulting_thread
-                 ? vr_run_python_regenerator(region, offset, job->buffer, length, 1)
-                 : vr_run_python_regenerator_unless_cancelled(region, offset, job->buffer, length,
-                                                              &job->state);
+    int rc;
+    if (region->source_kind == VR_SOURCE_ISOLATED)
+        /* A helper process regenerates: no GIL, but it may take long, so a worker waits for it
+         * rather than the handler thread (which must keep serving every other fault). */
+        rc = vr_fill_native(region, job->chunk_index, job->buffer);
+    else if (on_faulting_thread)
+        rc = vr_run_python_regenerator(region, offset, job->buffer, length, 1);
+    else
+        rc = vr_run_python_regenerator_unless_cancelled(region, offset, job->buffer, length,
+                                                        &job->state);
     region->owners[job->chunk_index] = 0;
     if (rc == -ECANCELED)
         return; /* the handler thread failed the fault by policy already */
@@ -301,7 +311,7 @@ static void cancel_gil_deadlocks(vr_handler *handler)
     for (vr_job *job = handler->gil_waiting; job; job = job->waiting_next) {
         char wchan[64];
         if (__atomic_load_n(&job->state, __ATOMIC_ACQUIRE) != VR_JOB_QUEUED ||
-            now - job->queued_at_ms < VR_GIL_WAIT_LIMIT_MS ||
+            now - job->queued_at_ms < handler->gil_wait_limit_ms ||
             read_proc_task_file(job->faulting_tid, "wchan", wchan, sizeof wchan) <= 0 ||
             strcmp(wchan, "handle_userfault") != 0)
             continue;
@@ -461,6 +471,16 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
     }
     vr_region_note_discard_found(region, chunk); /* filled before: the kernel or a purge took it */
     vr_region_ref(region);
+    if (region->source_kind == VR_SOURCE_ISOLATED) {
+        vr_job *job = job_new(region, chunk, tid, VR_JOB_REGENERATE);
+        vr_region_unref(region); /* the job holds its own reference */
+        if (job)
+            queue_for_worker(handler, job);
+        pthread_mutex_unlock(&handler->lock);
+        if (!job)
+            vr_fail_chunk(region, chunk);
+        return;
+    }
     if (region->source_kind != VR_SOURCE_PYTHON) {
         pthread_mutex_unlock(&handler->lock);
         vr_stat_add(&region->stats.faults_on_handler_thread, 1);

@@ -127,6 +127,7 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
     vr_monitor_note_refill(region, length, 0);
     int rc = fill_missing_pages(region, start, length, source, VR_FILL_COPY);
     if (rc == 0) {
+        vr_chunk_clear(region, chunk_index, VR_CHUNK_FAILED);
         vr_chunk_set(region, chunk_index, VR_CHUNK_MATERIALIZED);
         vr_stat_add(&region->stats.bytes_regenerated, length);
         /* A chunk refilled while volatile must stay as discardable as it was: UFFDIO_COPY installs
@@ -148,6 +149,7 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
 static void apply_error_policy(vr_region *region, uintptr_t start, size_t length, size_t chunk)
 {
     vr_stat_add(&region->stats.regeneration_errors, 1);
+    vr_chunk_set(region, chunk, VR_CHUNK_FAILED);
     switch (region->on_error) {
     case VR_ON_ERROR_ZEROS:
         if (fill_missing_pages(region, start, length, NULL, VR_FILL_ZEROPAGE) == 0)

@@ -1052,3 +1052,53 @@ def test_a_replacement_that_chains_back_to_vrange_does_not_loop(backend: str) ->
     assert result.returncode == 0, result.stderr[-2000:]
     assert "survived" in result.stdout
     assert result.stderr.count("Current thread") <= 2
+
+
+ATOMIC_STATEMENT = """
+    import time
+    from vrange._native import lib
+    spans, steps = [], []
+    def regenerate(offset, buf):            # pure Python, 30 ms, never lets the GIL go itself
+        start = time.monotonic_ns()
+        deadline = time.monotonic() + 0.03
+        while time.monotonic() < deadline:
+            pass
+        buf[:] = bytes([offset // CHUNK % 251]) * len(buf)
+        spans.append((start, time.monotonic_ns()))
+    region = vrange.Region(16 * CHUNK, regenerate, backend=BACKEND)
+    region.mark_volatile()
+    data = bytearray()
+    stop = threading.Event()
+    def other_thread():
+        while not stop.is_set():
+            steps.append(time.monotonic_ns())
+            data.clear()                      # frees the buffer the faulting extend writes into
+            data.extend(bytes(CHUNK))
+    other = threading.Thread(target=other_thread)
+    other.start()
+    view = memoryview(region)
+    for round_number in range(3):
+        region.purge()
+        for chunk in range(16):
+            data.extend(view[chunk * CHUNK:(chunk + 1) * CHUNK])   # faults holding the GIL
+    stop.set()
+    other.join()
+    inside = sum(1 for step in steps for start, end in spans if start < step < end)
+    print("regenerations", len(spans), "other thread steps", len(steps), "inside", inside,
+          flush=True)
+"""
+
+
+def test_a_pure_python_regenerator_keeps_the_faulting_statement_atomic(backend: str) -> None:
+    """The interleaving that aborted with heap corruption: thread A extends a bytearray from purged
+    memory (the regenerator runs inside that extend), thread B clears and refills the same bytearray.
+    No forced GIL switch may hand B the GIL while the regenerator runs."""
+    from vrange._native import lib
+
+    if not lib.vr_gil_switches_can_be_held():
+        pytest.skip("holding off forced GIL switches needs CPython 3.11's GIL internals "
+                    "(elsewhere vrange detects and warns: use vrange.sources.Isolated)")
+    result = run_python(ATOMIC_STATEMENT, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "regenerations 48" in result.stdout and " inside 0" in result.stdout, result.stdout
+    assert "another Python thread ran" not in result.stderr

@@ -10,13 +10,12 @@ faulted while holding the GIL, or in the SIGBUS handler of the faulting thread.
   makes it run again, so the faulting access completes with the right bytes; the interrupt is then
   raised again at the program's next safe point, on the main thread, as Ctrl-C normally is.
 - **Unsafe points.** A thread that faulted while holding the GIL is in the middle of a C operation
-  that assumes no other Python thread runs until it completes. An in-process regenerator cannot
-  promise that: the eval loop hands the GIL to a waiting thread every switch interval, and a switch
-  requested before the fault cannot be withdrawn through CPython's API (raising the switch interval
-  while the regenerator runs was measured here: either the request already pending goes through, or
-  a thread that got the GIL starves the faulting one). So vrange tells: when another Python thread
-  ran meanwhile, it warns once. The sound way is a regenerator that runs outside this process's GIL,
-  :class:`vrange.sources.Isolated` (a helper process): the faulting thread keeps the GIL and waits.
+  that assumes no other Python thread runs until it completes. While its regenerator runs, vrange
+  holds off forced GIL switches (``_native/gil_switching.c``: under the GIL's own mutex, so that a
+  switch already requested is withdrawn too; CPython 3.11). A regenerator that lets the GIL go itself
+  (I/O, ``time.sleep``, a C call that releases it) lets other threads run all the same, and vrange
+  warns once when another Python thread ran: such a regenerator belongs in a helper process,
+  :class:`vrange.sources.Isolated`, where the faulting thread keeps the GIL and waits.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ C_SOURCES = [
     "pressure.c",
     "python_regenerator.c",
     "isolated.c",
+    "gil_switching.c",
     "bench.c",
 ]
 

@@ -67,7 +67,11 @@ int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, 
                               int at_unsafe_point)
 {
     regenerator_depth++;
+    if (at_unsafe_point)
+        vr_hold_gil_switches(); /* no forced GIL switch until the faulting operation resumes */
     int rc = vr_python_regenerate(region->python_handle, offset, buffer, length, at_unsafe_point);
+    if (at_unsafe_point)
+        vr_release_gil_switches();
     regenerator_depth--;
     if (rc == CALLBACK_OK_INTERRUPTED || rc == CALLBACK_FAILED_INTERRUPTED)
         deliver_later();

@@ -110,6 +110,8 @@ int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t
  * holding the GIL (no other Python thread may run until the faulting operation completes). */
 int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
                               int at_unsafe_point);
+void vr_hold_gil_switches(void);    /* gil_switching.c: GIL held */
+void vr_release_gil_switches(void);
 /* The same for a worker whose job may be cancelled while it waits for the GIL: takes the GIL, then
  * moves *state from 0 (queued) to 1 (running); -ECANCELED if it was cancelled meanwhile. */
 int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,
@@ -137,6 +139,7 @@ static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
 
 /* region.c */
 /* cffi: begin (exported to Python; build.py reads these blocks) */
+int vr_gil_switches_can_be_held(void);
 int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out);

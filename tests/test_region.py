@@ -947,7 +947,7 @@ def test_a_fault_signal_handler_replaced_later_is_taken_back_and_chained(backend
 def test_a_thread_blocking_the_fault_signal_never_deadlocks(
         backend: str, policy: str, outcome: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """It holds the GIL, the signal cannot reach it, and a worker needs that GIL: after a while
-    (30 s by default, 2 s here) the fault fails by the region's policy, with a clear message,
+    (10 s by default, 2 s here) the fault fails by the region's policy, with a clear message,
     instead of hanging."""
     monkeypatch.setenv("VRANGE_GIL_WAIT_LIMIT_MS", "2000")
     result = run_python(f"""

@@ -62,7 +62,7 @@ struct vr_job {
 enum vr_job_state { VR_JOB_QUEUED = 0, VR_JOB_RUNNING = 1, VR_JOB_CANCELLED = 2 };
 /* Long enough that another thread holding the GIL in C code for a while is not mistaken for the
  * deadlock (it cannot be told apart from outside the interpreter), short enough not to look hung. */
-#define VR_GIL_WAIT_LIMIT_MS 30000
+#define VR_GIL_WAIT_LIMIT_MS 10000
 
 struct vr_handler {
     int uffd;

@@ -1102,3 +1102,39 @@ def test_a_pure_python_regenerator_keeps_the_faulting_statement_atomic(backend: 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "regenerations 48" in result.stdout and " inside 0" in result.stdout, result.stdout
     assert "another Python thread ran" not in result.stderr
+
+
+def test_file_source_refuses_o_path_and_fifos_without_hanging(tmp_path: "os.PathLike[str]") -> None:
+    path = os.path.join(tmp_path, "data")
+    with open(path, "wb") as file:
+        file.write(b"x" * PAGE)
+    fd = os.open(path, os.O_PATH)
+    with pytest.raises(PermissionError, match="O_PATH"):
+        sources.File(fd)
+    os.close(fd)
+    fifo = os.path.join(tmp_path, "fifo")
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as caught:
+        sources.File(fifo)  # opening it used to wait for a writer for ever
+    assert caught.value.errno == errno.ESPIPE
+
+
+def test_a_file_that_shrank_fails_the_regeneration_instead_of_reading_zeros(
+        backend: str, tmp_path: "os.PathLike[str]") -> None:
+    content = os.urandom(SIZE)
+    path = os.path.join(tmp_path, "backing")
+    with open(path, "wb") as file:
+        file.write(content)
+    with make(backend, sources.File(path)) as region:
+        assert bytes(region[:]) == content
+        region.mark_volatile()
+        region.purge()
+        os.truncate(path, SIZE // 2)  # the second half of the data is gone
+        with pytest.raises(vrange.RegenerationError, match="ENODATA"):
+            region.mark_nonvolatile()
+        assert_pages_match(region, content[:SIZE // 2])  # what is still there comes back
+        os.truncate(path, 0)
+        with open(path, "r+b") as file:
+            file.write(content)
+        assert region.mark_nonvolatile() is True
+        assert_pages_match(region, content)

@@ -201,6 +201,8 @@ class Region(mmap.mmap):
 
                 self._core = SigbusRegion(self, self._address, size, chunk, kind, fd, file_offset,
                                           _ERROR_POLICIES[error_policy], cast(str, trap), isolated)
+            if isinstance(regenerate, Source) and regenerate._size >= 0:
+                self._core.set_file_size(regenerate._size)  # nothing can touch the region yet
             if managed or (managed is None and (not self._core.kernel_reclaims or group)):
                 policy.manage(self._core, priority, group)
         except BaseException:

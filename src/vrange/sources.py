@@ -38,6 +38,7 @@ class Source:
     _kind: int
     _fd: int = -1
     _offset: int = 0
+    _size: int = -1
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -53,8 +54,11 @@ class File(Source):
     """The region's bytes are a file's bytes from ``offset`` on (read with ``pread``).
 
     ``path_or_fd`` is a path (opened read-only) or an open descriptor (duplicated, so closing
-    yours later does no harm). Bytes past the end of the file read as zeros. The file should not
-    change while regions use it: a purged page is re-read from the file as it is then.
+    yours later does no harm); a regular file or a block device. Bytes past the end of the file
+    (its size when the source is made) read as zeros. The file should not change while regions use
+    it: a purged page is re-read from the file as it is then, and if the file has become shorter
+    than it was, that regeneration fails (by the region's ``on_error`` policy, or
+    :class:`vrange.RegenerationError` from a library call) instead of handing out zeros.
     """
 
     _kind = lib.VR_SOURCE_FILE
@@ -68,7 +72,9 @@ class File(Source):
             self._fd = os.dup(path_or_fd)
             self._name = f"fd {path_or_fd}"
         elif isinstance(path_or_fd, (str, os.PathLike)):
-            self._fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (refused
+            # below); it does not change reads of regular files or block devices.
+            self._fd = os.open(path_or_fd, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             self._name = os.fspath(path_or_fd)
         else:
             raise TypeError(f"path_or_fd must be a path or a file descriptor, not {path_or_fd!r}")
@@ -89,8 +95,16 @@ class File(Source):
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)):
             raise OSError(errno.ESPIPE, f"{self._name} is not a regular file or block device: "
                                         "pread() cannot read it at an offset")
-        if fcntl.fcntl(self._fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if flags & getattr(os, "O_PATH", 0):
+            raise PermissionError(errno.EBADF, f"{self._name} is an O_PATH descriptor: it cannot "
+                                               "be read")
+        if flags & os.O_ACCMODE == os.O_WRONLY:
             raise PermissionError(errno.EBADF, f"{self._name} is open for writing only")
+        # The size now: bytes past it read as zeros, but a file that shrinks later makes the
+        # regeneration of the missing part fail (never zeros in place of data that was there).
+        self._size = info.st_size if stat.S_ISREG(info.st_mode) else \
+            os.lseek(self._fd, 0, os.SEEK_END)
 
     def __repr__(self) -> str:
         return f"File({self._name!r}, offset={self._offset})"

@@ -85,6 +85,9 @@ class BackendRegion(abc.ABC):
         lib.vr_region_set_isolated(out[0], isolated)  # before any fault can reach the region
         return out[0]
 
+    def set_file_size(self, size: int) -> None:
+        lib.vr_region_set_file_size(self.pointer, size)
+
     @abc.abstractmethod
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None: ...
 

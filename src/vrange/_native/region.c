@@ -75,6 +75,7 @@ int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk
     region->handler = handler;
     region->trap_fd = -1;
     region->trap_uffd = -1;
+    region->file_size = -1;
     region->discard_chunk = vr_region_discard_pages;
     /* Huge pages would bypass the per-chunk accounting and UFFDIO_COPY works in base pages. */
     if (madvise((void *)base, size, MADV_NOHUGEPAGE) < 0 && errno != EINVAL) {
@@ -127,7 +128,11 @@ int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer)
             continue;
         if (n < 0)
             return native_failure(region, errno);
-        if (n == 0) { /* past the end of the file: the region's bytes there are zeros */
+        if (n == 0) {
+            /* Past the end of the file as it was when the source was made: zeros. Before it, the
+             * file has shrunk since: that data is gone, and zeros would be wrong bytes. */
+            if (region->file_size >= 0 && position + (off_t)done < region->file_size)
+                return native_failure(region, ENODATA);
             memset(buffer + done, 0, length - done);
             break;
         }
@@ -468,6 +473,11 @@ void vr_region_forget_threads(vr_region *region)
         region->holds[chunk] = 0;
         region->owners[chunk] = 0;
     }
+}
+
+void vr_region_set_file_size(vr_region *region, int64_t file_size)
+{
+    region->file_size = file_size;
 }
 
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated)

@@ -66,6 +66,7 @@ struct vr_region {
     int source_kind;
     int file_fd;
     int64_t file_offset;
+    int64_t file_size;            /* VR_SOURCE_FILE: its size when the source was made (-1: any) */
     struct vr_isolated *isolated; /* VR_SOURCE_ISOLATED: the helper process that regenerates */
     void *python_handle; /* cffi handle of the Python Region, for vr_python_regenerate */
     int on_error;
@@ -164,6 +165,7 @@ void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int
 void vr_region_set_policy(vr_region *region, int priority, int group);
 void vr_region_forget_threads(vr_region *region);
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
+void vr_region_set_file_size(vr_region *region, int64_t file_size);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);

@@ -233,6 +233,18 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
         vr_fail_chunk(region, job->chunk_index);
 }
 
+/* Lock held: the job leaves the list of watched jobs (see cancel_gil_deadlocks). */
+static void unwatch(vr_handler *handler, vr_job *job)
+{
+    if (!job->watched)
+        return;
+    for (vr_job **link = &handler->gil_waiting; *link; link = &(*link)->waiting_next)
+        if (*link == job) {
+            *link = job->waiting_next;
+            return;
+        }
+}
+
 static void *worker_main(void *arg)
 {
     vr_handler *handler = arg;
@@ -256,12 +268,7 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&handler->lock);
         vr_run_python_job(job, 0);
         pthread_mutex_lock(&handler->lock);
-        if (job->watched)
-            for (vr_job **link = &handler->gil_waiting; *link; link = &(*link)->waiting_next)
-                if (*link == job) {
-                    *link = job->waiting_next;
-                    break;
-                }
+        unwatch(handler, job);
         job_free(job);
     }
     return NULL;
@@ -292,9 +299,18 @@ static void queue_for_worker(vr_handler *handler, vr_job *job)
     if (handler->workers_total >= VR_MAX_WORKERS)
         return; /* all busy: the job waits for the first to finish */
     pthread_t thread;
-    if (pthread_create(&thread, NULL, worker_main, handler) != 0) {
-        static const char message[] = "vrange: cannot start a regenerator worker thread\n";
+    int rc = pthread_create(&thread, NULL, worker_main, handler);
+    if (rc != 0) {
+        if (handler->workers_total > 0)
+            return; /* a busy worker will take it when done */
+        /* No worker will ever take this job: fail its fault by policy rather than leave it. */
+        static const char message[] =
+            "vrange: cannot start a regenerator worker thread; the fault fails by policy\n";
         (void)!write(STDERR_FILENO, message, sizeof message - 1);
+        handler->queue_head = handler->queue_tail = NULL; /* it is the only job queued */
+        unwatch(handler, job);
+        vr_fail_chunk(job->region, job->chunk_index);
+        job_free(job);
         return;
     }
     pthread_detach(thread);

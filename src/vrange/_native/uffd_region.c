@@ -119,6 +119,8 @@ static int fill_missing_pages(const vr_region *region, uintptr_t start, size_t l
     return vr_uffd_fill_missing(region->handler->uffd, region->page_size, start, length, source, kind);
 }
 
+static void apply_error_policy(vr_region *region, uintptr_t start, size_t length, size_t chunk);
+
 int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
 {
     size_t length = vr_region_chunk_length(region, chunk_index);
@@ -139,6 +141,9 @@ int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
             wake_range(region->handler->uffd, start, length);
             vr_region_keep_volatile(region, chunk_index);
         }
+    } else {
+        /* The copy itself failed (ENOMEM, ...): by policy, or the access would refault for ever. */
+        apply_error_policy(region, start, length, chunk_index);
     }
     region->gil_free_waiters[chunk_index] = 0;
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);

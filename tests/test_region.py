@@ -1138,3 +1138,43 @@ def test_a_file_that_shrank_fails_the_regeneration_instead_of_reading_zeros(
             file.write(content)
         assert region.mark_nonvolatile() is True
         assert_pages_match(region, content)
+
+
+@pytest.mark.backends("sigbus:uffd", "sigbus:memfd")  # the uffd backend: issue #10, still open
+@pytest.mark.hang_timeout(120)
+def test_close_while_other_threads_slice_never_crashes_or_hangs(backend: str) -> None:
+    """Two threads slice chunks (holding the GIL, so each slice runs the regenerator inside the
+    fault; the regenerator sleeps, which lets close() start meanwhile) while the main thread closes
+    the region: a slice gives bytes or ValueError, never SIGSEGV, and close() never deadlocks."""
+    result = run_python("""
+        import time
+        def regenerate(offset, buf):
+            time.sleep(0.002)
+            buf[:] = bytes([offset // CHUNK % 251]) * len(buf)
+        outcomes = {"bytes": 0, "closed": 0}
+        for round_number in range(40):
+            region = vrange.Region(32 * CHUNK, regenerate, backend=BACKEND)
+            def slicer(first):
+                try:
+                    for chunk in range(first, 32, 2):
+                        assert bytes(region[chunk * CHUNK:chunk * CHUNK + 8]) == bytes([chunk]) * 8
+                    outcomes["bytes"] += 1
+                except ValueError:
+                    outcomes["closed"] += 1
+            slicers = [threading.Thread(target=slicer, args=(first,)) for first in (0, 1)]
+            for thread in slicers:
+                thread.start()
+            time.sleep(0.01 + round_number * 0.0005)
+            while True:
+                try:
+                    region.close()
+                    break
+                except BufferError:
+                    continue
+            for thread in slicers:
+                thread.join(timeout=30)
+                assert not thread.is_alive()
+        print("ok", outcomes, flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok" in result.stdout

@@ -11,6 +11,8 @@ from .._native import ffi, lib
 from ..errors import VRangeError, check
 
 
+_IN_FLIGHT_BITS = bytes(value & lib.VR_CHUNK_IN_FLIGHT for value in range(256))
+
 PURGE_REASONS = {
     "explicit": lib.VR_PURGE_EXPLICIT,
     "pressure": lib.VR_PURGE_PRESSURE,
@@ -120,6 +122,12 @@ class BackendRegion(abc.ABC):
     @abc.abstractmethod
     def resume(self) -> None:
         """close() could not unmap (the region is exported): open the region again."""
+
+    def any_in_flight(self) -> bool:
+        """Whether a chunk is being refilled or purged, read without letting the GIL go: a thread
+        that faulted while holding the GIL cannot start a refill while this runs."""
+        states = ffi.buffer(lib.vr_region_chunk_state_array(self.pointer), self.chunk_count)
+        return bool(bytes(states).translate(_IN_FLIGHT_BITS).strip(b"\0"))
 
     def quiesce(self, timeout_ms: int) -> None:
         """Before unmapping: start no new regeneration and wait for the running ones, so nothing

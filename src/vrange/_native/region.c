@@ -475,6 +475,9 @@ void vr_region_forget_threads(vr_region *region)
     }
 }
 
+/* For close(): Python reads the states with the GIL held (a cffi call would let it go). */
+uint8_t *vr_region_chunk_state_array(vr_region *region) { return region->chunk_state; }
+
 void vr_region_set_file_size(vr_region *region, int64_t file_size)
 {
     region->file_size = file_size;

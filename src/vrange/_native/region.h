@@ -166,6 +166,7 @@ void vr_region_set_policy(vr_region *region, int priority, int group);
 void vr_region_forget_threads(vr_region *region);
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
 void vr_region_set_file_size(vr_region *region, int64_t file_size);
+uint8_t *vr_region_chunk_state_array(vr_region *region);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);

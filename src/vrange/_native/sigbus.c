@@ -114,7 +114,8 @@ int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_
         return 1;
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN ||
+    int closing = __atomic_load_n(&region->closing, __ATOMIC_SEQ_CST);
+    if (closing == VR_CLOSED || (closing == VR_CLOSING && !PyGILState_Check()) ||
         !trap->page_missing(region, chunk, address)) {
         release_chunk(region, chunk); /* closing, or filled meanwhile: restart the access */
         return 1;
@@ -165,14 +166,15 @@ int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_si
  * with SIGBUS unless that handler says otherwise). */
 static int serve_fault(vr_region *region, uintptr_t address)
 {
-    if (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_CLOSING) {
-        /* close() is draining: start nothing new. Wait (without the GIL) until the region is open
-         * again or unmapped; the access then restarts (and faults as on any unmapped address). */
-        PyThreadState *saved = PyGILState_Check() ? PyEval_SaveThread() : NULL;
+    if (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_CLOSING && !PyGILState_Check()) {
+        /* close() is draining: start nothing new for a thread without the GIL (its access is
+         * through a pointer close() cannot see). Wait until the region is open again or unmapped;
+         * the access then restarts (and faults as on any unmapped address). A thread that holds
+         * the GIL is served instead: its statement began before close(), which cannot unmap until
+         * it gets the GIL back, and letting the GIL go here would let close() unmap under the
+         * statement (SIGSEGV when it resumes). */
         while (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_CLOSING)
             vr_pause_briefly();
-        if (saved)
-            PyEval_RestoreThread(saved);
         return 1;
     }
     return vr_sigbus_serve_chunk(region, address, region->trap_kind == VR_TRAP_UFFD

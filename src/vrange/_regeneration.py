@@ -27,7 +27,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Protocol
 
 from ._native import ffi
@@ -125,7 +125,7 @@ def run(region: Regenerating, offset: int, buffer: Any, length: int,
     interrupt: BaseException | None = None
     failed = True
     try:
-        with _at_unsafe_point() if at_unsafe_point else _nothing():
+        with _at_unsafe_point() if at_unsafe_point else nullcontext():
             regenerate = region.regenerator()
             for _ in range(ATTEMPTS_WHEN_INTERRUPTED):
                 try:
@@ -159,11 +159,6 @@ def run(region: Regenerating, offset: int, buffer: Any, length: int,
         _deferred_interrupts.append(interrupt)
         return FAILED_INTERRUPTED if failed else OK_INTERRUPTED
     return FAILED if failed else OK
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 def raise_deferred_interrupt() -> None:

@@ -30,12 +30,7 @@
 #define SIGNAL_PICKUP_TIMEOUT_MS 1000
 #define VERDICT_POLL_MS 100
 
-static int64_t monotonic_ms(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
-}
+static int64_t monotonic_ms(void) { return vr_monotonic_ns() / 1000000; }
 
 int vr_handler_new(int signal_number, vr_handler **out)
 {
@@ -159,13 +154,6 @@ static int can_signal_thread(vr_handler *handler, pid_t tid, vr_job *job)
         return 0;
     }
     return 1;
-}
-
-static int page_present(const vr_region *region, uintptr_t address)
-{
-    unsigned char resident = 0;
-    uintptr_t page = address & ~(uintptr_t)(region->page_size - 1);
-    return mincore((void *)page, region->page_size, &resident) == 0 && (resident & 1);
 }
 
 /* --- jobs ----------------------------------------------------------------------------------------- */
@@ -463,7 +451,7 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
         pthread_mutex_unlock(&handler->lock);
         return;
     }
-    if ((state & VR_CHUNK_MATERIALIZED) && page_present(region, address)) {
+    if ((state & VR_CHUNK_MATERIALIZED) && vr_region_page_present(region, address)) {
         /* A stale event: the page was filled after this fault was queued (two threads touched it
          * at once). Nothing was purged; just wake the thread. */
         pthread_mutex_unlock(&handler->lock);

@@ -59,14 +59,7 @@ static int uffd_register_range(int uffd, uintptr_t base, size_t size)
     return ioctl(uffd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
 }
 
-/* After vrange purged a chunk (vr_region_purge_chunk): a fault that arrived while the purge held the
- * chunk was left asleep; wake it, so it faults again and is served. */
-static void wake_after_purge(vr_region *region, size_t chunk)
-{
-    struct uffdio_range range = { .start = region->base + chunk * region->chunk_size,
-                                  .len = vr_region_chunk_length(region, chunk) };
-    (void)ioctl(region->handler->uffd, UFFDIO_WAKE, &range); /* fails only once unmapped */
-}
+static void wake_after_purge(vr_region *region, size_t chunk);
 
 int vr_region_register(vr_region *region)
 {
@@ -90,6 +83,14 @@ static void wake_range(int uffd, uintptr_t start, size_t length)
     struct uffdio_range range = { .start = start, .len = length };
     /* Nothing to do if this fails: the range is gone (closed), and so are its waiters' mappings. */
     (void)ioctl(uffd, UFFDIO_WAKE, &range);
+}
+
+/* After vrange purged a chunk (vr_region_purge_chunk): a fault that arrived while the purge held the
+ * chunk was left asleep; wake it, so it faults again and is served. */
+static void wake_after_purge(vr_region *region, size_t chunk)
+{
+    wake_range(region->handler->uffd, region->base + chunk * region->chunk_size,
+               vr_region_chunk_length(region, chunk));
 }
 
 /* Called after Python unmapped the region (mmap.close succeeded): drop it from the table and wake

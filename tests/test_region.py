@@ -1132,24 +1132,44 @@ def test_a_file_that_shrank_fails_the_regeneration_instead_of_reading_zeros(
         assert_pages_match(region, content)
 
 
-@pytest.mark.backends("sigbus:uffd", "sigbus:memfd")  # the uffd backend: issue #10, still open
 @pytest.mark.hang_timeout(120)
-def test_close_while_other_threads_slice_never_crashes_or_hangs(backend: str) -> None:
-    """Two threads slice chunks (holding the GIL, so each slice runs the regenerator inside the
-    fault; the regenerator sleeps, which lets close() start meanwhile) while the main thread closes
-    the region: a slice gives bytes or ValueError, never SIGSEGV, and close() never deadlocks."""
-    result = run_python("""
+@pytest.mark.parametrize("source", ["python", "zeros"])
+@pytest.mark.parametrize("exported", [False, True], ids=["plain", "exported"])
+def test_close_while_other_threads_slice_never_crashes_or_hangs(backend: str, source: str,
+                                                                exported: bool) -> None:
+    """Two threads slice chunks (holding the GIL, so each slice is served inside the fault; the
+    Python regenerator sleeps, which lets close() start meanwhile) while the main thread closes the
+    region: a slice gives bytes or ValueError, never SIGSEGV, and close() never deadlocks, also
+    when it only ends in BufferError because a slicer holds a memoryview of the region."""
+    result = run_python(f"""
         import time
+        SOURCE, EXPORTED = {source!r}, {exported!r}
         def regenerate(offset, buf):
-            time.sleep(0.002)
+            if EXPORTED:  # holds the GIL throughout: sleeping here while the other slicer spins
+                deadline = time.perf_counter() + 0.001  # would wait out held GIL switches (1 s)
+                while time.perf_counter() < deadline:
+                    pass
+            else:
+                time.sleep(0.002)
             buf[:] = bytes([offset // CHUNK % 251]) * len(buf)
-        outcomes = {"bytes": 0, "closed": 0}
-        for round_number in range(40):
-            region = vrange.Region(32 * CHUNK, regenerate, backend=BACKEND)
+        def expected(chunk):
+            return bytes([chunk]) * 8 if SOURCE == "python" else bytes(8)
+        outcomes = {{"bytes": 0, "closed": 0, "refused": 0}}
+        for round_number in range(12 if EXPORTED else 40 if SOURCE == "python" else 60):
+            region = vrange.Region(32 * CHUNK, regenerate if SOURCE == "python"
+                                   else vrange.sources.Zeros(), backend=BACKEND)
+            stop = threading.Event()
             def slicer(first):
                 try:
-                    for chunk in range(first, 32, 2):
-                        assert bytes(region[chunk * CHUNK:chunk * CHUNK + 8]) == bytes([chunk]) * 8
+                    if not EXPORTED:
+                        for chunk in range(first, 32, 2):
+                            assert bytes(region[chunk * CHUNK:chunk * CHUNK + 8]) == expected(chunk)
+                    else:  # slice through a memoryview until close() has been refused enough
+                        with memoryview(region) as view:
+                            while not stop.is_set():
+                                for chunk in range(first, 32, 2):
+                                    assert bytes(view[chunk * CHUNK:chunk * CHUNK + 8]) == \
+                                        expected(chunk)
                     outcomes["bytes"] += 1
                 except ValueError:
                     outcomes["closed"] += 1
@@ -1162,11 +1182,18 @@ def test_close_while_other_threads_slice_never_crashes_or_hangs(backend: str) ->
                     region.close()
                     break
                 except BufferError:
+                    outcomes["refused"] += 1
+                    if outcomes["refused"] % 5 == 0:
+                        stop.set()
+                    if not stop.is_set():  # the slicers fault again while the next close() drains
+                        region.mark_volatile()
+                        region.purge()
                     continue
             for thread in slicers:
                 thread.join(timeout=30)
                 assert not thread.is_alive()
         print("ok", outcomes, flush=True)
+        assert not EXPORTED or outcomes["refused"] > 0, outcomes
     """, backend)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ok" in result.stdout

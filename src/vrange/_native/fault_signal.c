@@ -95,10 +95,11 @@ static void fault_signal_handler(int signal_number, siginfo_t *info, void *conte
             vr_handler *handler = job->region->handler;
             int verdict = VR_VERDICT_DONE;
             if (!interrupted_at_fault(job, context)) {
-                /* Woken already: nothing to do here. A regeneration goes to a worker. */
+                /* Woken already: nothing to do here. A regeneration goes to a worker; while the
+                 * region closes, the claim is let go (the thread may fault again: a new job). */
                 if (job->kind == VR_JOB_REGENERATE &&
                     !__atomic_exchange_n(&job->started, 1, __ATOMIC_ACQ_REL))
-                    verdict = VR_VERDICT_NOT_MINE;
+                    verdict = job->closing ? VR_VERDICT_MISSED : VR_VERDICT_NOT_MINE;
             } else if (job->kind == VR_JOB_WAIT) {
                 wait_for_chunk(job);
             } else if (__atomic_exchange_n(&job->started, 1, __ATOMIC_ACQ_REL)) {

@@ -29,7 +29,13 @@
 
 #define VR_JOB_MAGIC 0x76726a6fU
 
-enum vr_job_verdict { VR_VERDICT_PENDING = 0, VR_VERDICT_DONE = 1, VR_VERDICT_NOT_MINE = 2 };
+/* MISSED: a CLOSING job reached its thread after it had moved on (it holds the GIL or not). */
+enum vr_job_verdict {
+    VR_VERDICT_PENDING = 0,
+    VR_VERDICT_DONE = 1,
+    VR_VERDICT_NOT_MINE = 2,
+    VR_VERDICT_MISSED = 3
+};
 
 /* A job regenerates a chunk, or (WAIT) asks a thread that faulted on a chunk being regenerated to
  * wait in its signal handler with the GIL released: a thread holding the GIL must not wait in the
@@ -43,6 +49,7 @@ struct vr_job {
     size_t chunk_index;
     pid_t faulting_tid;
     int kind;
+    int closing; /* sent while the region closes: served only by a thread that holds the GIL */
     int verdict; /* written by the signal handler, read by the handler thread */
     int started; /* the signal handler has begun: never hand this job to a worker too */
     int64_t signalled_at_ms;

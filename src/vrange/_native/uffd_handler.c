@@ -203,9 +203,10 @@ void vr_run_python_job(vr_job *job, int on_faulting_thread)
      * that fault instead of leaving it to wait for itself. */
     region->owners[job->chunk_index] = (pid_t)syscall(SYS_gettid);
     int rc;
-    if (region->source_kind == VR_SOURCE_ISOLATED)
-        /* A helper process regenerates: no GIL, but it may take long, so a worker waits for it
-         * rather than the handler thread (which must keep serving every other fault). */
+    if (region->source_kind != VR_SOURCE_PYTHON)
+        /* A helper process regenerates (no GIL, but it may take long, so a worker waits for it
+         * rather than the handler thread, which must keep serving every other fault), or a native
+         * source serves a GIL holder's fault while the region closes (serve_while_closing). */
         rc = vr_fill_native(region, job->chunk_index, job->buffer);
     else if (on_faulting_thread)
         rc = vr_run_python_regenerator(region, offset, job->buffer, length, 1);
@@ -345,8 +346,14 @@ static void collect_verdicts(vr_handler *handler)
         vr_job *job = *link;
         int verdict = __atomic_load_n(&job->verdict, __ATOMIC_ACQUIRE);
         if (verdict == VR_VERDICT_PENDING) {
-            if (job->kind == VR_JOB_REGENERATE && !__atomic_load_n(&job->started, __ATOMIC_ACQUIRE) &&
-                now - job->signalled_at_ms > SIGNAL_PICKUP_TIMEOUT_MS) {
+            if (job->closing && now - job->signalled_at_ms > SIGNAL_PICKUP_TIMEOUT_MS &&
+                !__atomic_exchange_n(&job->started, 1, __ATOMIC_ACQ_REL)) {
+                /* Never picked up while closing: let the claim go, so close() can go on (the job
+                 * stays listed for the late signal, which then finds it started and does nothing). */
+                vr_chunk_clear(job->region, job->chunk_index, VR_CHUNK_IN_FLIGHT);
+            } else if (job->kind == VR_JOB_REGENERATE && !job->closing &&
+                       !__atomic_load_n(&job->started, __ATOMIC_ACQUIRE) &&
+                       now - job->signalled_at_ms > SIGNAL_PICKUP_TIMEOUT_MS) {
                 /* The job stays listed (the signal may still arrive and use it); a copy goes to a
                  * worker. Both may regenerate; UFFDIO_COPY never overwrites, so that is safe. */
                 vr_job *copy = job_new(job->region, job->chunk_index, job->faulting_tid,
@@ -361,6 +368,12 @@ static void collect_verdicts(vr_handler *handler)
         }
         *link = job->next;
         if (verdict == VR_VERDICT_DONE) {
+            job_free(job);
+        } else if (job->closing) {
+            /* Not a GIL holder: it may sleep in the fault until close() unmaps or reopens. */
+            if (verdict == VR_VERDICT_NOT_MINE)
+                job->region->gil_free_waiters[job->chunk_index] = job->faulting_tid;
+            vr_chunk_clear(job->region, job->chunk_index, VR_CHUNK_IN_FLIGHT);
             job_free(job);
         } else {
             /* This thread does not hold the GIL, and cannot take it while it stays in this fault:
@@ -420,6 +433,33 @@ static void wake_page(vr_handler *handler, uintptr_t address)
     (void)ioctl(handler->uffd, UFFDIO_WAKE, &range);
 }
 
+/* Lock held, the chunk claimed (IN_FLIGHT), the region closing: close() is waiting, without the GIL,
+ * for refills to end, and then needs the GIL back. A thread that holds the GIL and is left asleep in
+ * this fault would deadlock it; any other thread may sleep until the region is unmapped (its access
+ * then raises SIGSEGV, as on any closed mapping) or opened again (close() raised BufferError), both
+ * of which wake the whole range. Only the faulting thread can tell whether it holds the GIL: send it
+ * a CLOSING job (served in its signal handler if it holds the GIL, "not mine" otherwise). A thread
+ * that cannot be signalled and may hold the GIL (it blocks the signal) gets a worker, watched by
+ * cancel_gil_deadlocks, as when the region is open. A thread faulting inside a syscall sleeps: a
+ * syscall on region memory is made with the GIL released (vrange.io, os.write, numpy). */
+static void serve_while_closing(vr_handler *handler, vr_region *region, size_t chunk, pid_t tid)
+{
+    if (region->gil_free_waiters[chunk] != tid) {
+        vr_job *job = job_new(region, chunk, tid, VR_JOB_REGENERATE);
+        if (job) {
+            job->closing = 1;
+            if (can_signal_thread(handler, tid, job) && signal_job(handler, job) == 0)
+                return; /* collect_verdicts ends the claim if the thread does not hold the GIL */
+            if (job->watched) {
+                queue_for_worker(handler, job);
+                return;
+            }
+            job_free(job);
+        }
+    }
+    vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+}
+
 static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
 {
     pthread_mutex_lock(&handler->lock);
@@ -467,9 +507,7 @@ static void handle_pagefault(vr_handler *handler, uintptr_t address, pid_t tid)
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
     if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
-        /* Closing: start nothing new. The thread waits until the region opens again or is
-         * unmapped; both wake the whole range. */
-        vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+        serve_while_closing(handler, region, chunk, tid);
         pthread_mutex_unlock(&handler->lock);
         return;
     }

@@ -109,6 +109,10 @@ int vr_region_close(vr_region *region)
 /* close() found the region still exported: open it again and wake the faults set aside. */
 int vr_region_resume(vr_region *region)
 {
+    /* Threads found not to hold the GIL while it closed may hold it at the next close(). */
+    pthread_mutex_lock(&region->handler->lock);
+    memset(region->gil_free_waiters, 0, region->chunk_count * sizeof *region->gil_free_waiters);
+    pthread_mutex_unlock(&region->handler->lock);
     __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
     wake_range(region->handler->uffd, region->base, region->size);
     return 0;

@@ -744,6 +744,71 @@ def test_close_semantics(backend: str) -> None:
     assert "closed" in repr(region)
 
 
+def test_close_from_the_regions_own_regenerator_is_refused_at_once(backend: str) -> None:
+    """close() inside the regenerator would wait for that regenerator to return: it raises at once
+    instead, the refill completes, and the region closes normally afterwards."""
+    errors: list[BaseException] = []
+    seconds: list[float] = []
+
+    def regenerate(offset: int, buf: memoryview) -> None:
+        started = time.monotonic()
+        try:
+            region.close()
+        except vrange.VRangeError as error:
+            errors.append(error)
+        seconds.append(time.monotonic() - started)
+        buf[:] = pattern(offset, len(buf))
+
+    region = make(backend, regenerate)
+    assert bytes(region[CHUNK:CHUNK + 16]) == pattern(CHUNK, 16)
+    assert len(errors) == 1 and "own regenerator" in str(errors[0])
+    assert seconds[0] < 1.0  # refused, not a 5 s wait that gives up
+    assert not region.closed and region.stats().bytes_regenerated == CHUNK
+    region.close()
+    assert region.closed
+
+
+@pytest.mark.parametrize("kept", ["view", "slice", "numpy", "obj"])
+def test_a_buffer_kept_by_a_regenerator_is_invalid_or_harmless_after_it_returns(
+        backend: str, kept: str) -> None:
+    """A regenerator that keeps ``buf`` finds it released (ValueError on use); one that keeps a
+    view derived from it (slice, numpy array, ``buf.obj``) writes through it into memory nobody
+    else uses: no region, no later regeneration and no allocator is touched (this corrupted the heap
+    or crashed before)."""
+    result = run_python(f"""
+        import numpy as np
+        KEPT = {kept!r}
+        kept = []
+        def regenerate(offset, buf):
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+            kept.append({{"view": lambda: buf, "slice": lambda: buf[:4096],
+                          "numpy": lambda: np.frombuffer(buf, dtype=np.uint8),
+                          "obj": lambda: buf.obj}}[KEPT]())
+        region = vrange.Region(8 * CHUNK, regenerate, backend=BACKEND)
+        for rounds in range(3):
+            for chunk in range(8):
+                assert region[chunk * CHUNK] == chunk + 1
+            for index, survivor in enumerate(kept):
+                if KEPT == "view":
+                    try:
+                        survivor[0:16] = bytes(16)
+                        raise AssertionError("a released memoryview was usable")
+                    except ValueError as error:
+                        assert "released" in str(error)
+                elif KEPT == "numpy":
+                    survivor[:] = 0xEE
+                else:
+                    survivor[0:4096] = bytes([0xEE]) * 4096
+            region.mark_volatile()
+            region.purge()
+        for chunk in range(8):
+            assert bytes(region[chunk * CHUNK:(chunk + 1) * CHUNK]) == bytes([chunk + 1]) * CHUNK
+        print("ok", len(kept), flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok 32" in result.stdout  # 4 fills of 8 chunks
+
+
 def test_numpy_export_blocks_close(backend: str) -> None:
     region = make(backend, CountingRegenerator())
     array = np.frombuffer(region, dtype=np.uint8)

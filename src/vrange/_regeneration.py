@@ -9,6 +9,11 @@ faulted while holding the GIL, or in the SIGBUS handler of the faulting thread.
   not an ``Exception`` (Ctrl-C, a signal handler raising ``SystemExit``) that escapes the regenerator
   makes it run again, so the faulting access completes with the right bytes; the interrupt is then
   raised again at the program's next safe point, on the main thread, as Ctrl-C normally is.
+- **The buffer is the regenerator's only while it runs.** ``buf`` is a memoryview of memory vrange
+  owns (a per-thread scratch buffer, copied to the chunk once the regenerator returns) and is
+  released when it returns: using it afterwards raises ``ValueError``. A view the regenerator kept of
+  it (a slice, a numpy array, ``buf.obj``) keeps that scratch buffer alive and stays harmless: vrange
+  never hands it out again, so nothing it writes later reaches a region or another allocation.
 - **Unsafe points.** A thread that faulted while holding the GIL is in the middle of a C operation
   that assumes no other Python thread runs until it completes. While its regenerator runs, vrange
   holds off forced GIL switches (``_native/gil_switching.c``: under the GIL's own mutex, so that a
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -38,6 +44,39 @@ logger = logging.getLogger("vrange")
 OK, FAILED, OK_INTERRUPTED, FAILED_INTERRUPTED = 0, -1, 1, 2
 ATTEMPTS_WHEN_INTERRUPTED = 3
 OTHER_THREAD_RAN_NS = 500_000  # CPU time another thread used meanwhile that means it ran
+
+
+MAX_SPARE_BUFFERS = 4  # per thread: enough for nested regenerations
+
+
+class _ScratchBuffers(threading.local):
+    """Per thread: scratch buffers no view refers to any more, ready to be handed out again."""
+
+    def __init__(self) -> None:
+        self.spare: list[Any] = []
+
+
+_scratch = _ScratchBuffers()
+_zeros: Any = ffi.new("char[]", 1)
+
+
+def _take_scratch(length: int) -> Any:
+    """A zeroed scratch buffer of at least ``length`` bytes (a cffi ``char[]``)."""
+    global _zeros
+    spare = _scratch.spare
+    while spare:
+        buffer = spare.pop()
+        if ffi.sizeof(buffer) >= length:
+            if ffi.sizeof(_zeros) < length:
+                _zeros = ffi.new("char[]", length)
+            ffi.memmove(buffer, _zeros, length)
+            return buffer
+    return ffi.new("char[]", length)  # zeroed
+
+
+def _give_back_scratch(buffer: Any) -> None:
+    if len(_scratch.spare) < MAX_SPARE_BUFFERS:
+        _scratch.spare.append(buffer)
 
 
 class Regenerating(Protocol):
@@ -120,7 +159,9 @@ def _keep_as_text(error: BaseException) -> None:
 def run(region: Regenerating, offset: int, buffer: Any, length: int,
         at_unsafe_point: bool) -> int:
     """Fill ``buffer`` for the chunk at ``offset``; one of the return codes above. Never raises."""
-    view = memoryview(ffi.buffer(buffer, length))
+    scratch = _take_scratch(length)
+    exported = ffi.buffer(scratch, length)
+    view = memoryview(exported)
     nested = region.regeneration_started()
     interrupt: BaseException | None = None
     failed = True
@@ -152,7 +193,17 @@ def run(region: Regenerating, offset: int, buffer: Any, length: int,
         failed = True
     finally:
         region.regeneration_finished(nested)
-        view.release()
+        try:
+            view.release()
+        except BufferError:  # the regenerator kept an export of it (a numpy array, say)
+            pass
+    if not failed:
+        ffi.memmove(buffer, scratch, length)
+    # Only `exported` and getrefcount's argument refer to it unless a view of it survives (a slice,
+    # an array, buf.obj): then the scratch buffer is left to the survivors, never reused.
+    if sys.getrefcount(exported) == 2:
+        _give_back_scratch(scratch)
+    del exported, view
     if interrupt is not None:
         interrupt.__traceback__ = None
         interrupt.__context__ = None

@@ -535,6 +535,10 @@ class Region(mmap.mmap):
         ValueError."""
         if self._closed:
             return
+        if threading.get_ident() in self._regenerating_threads:
+            # close() would wait for this very regenerator to return (and give up after seconds).
+            raise VRangeError("close() cannot be called from the region's own regenerator; the "
+                              "region stays open (close it once the regenerator has returned)")
         with self._state_lock:
             if self._closed:
                 return

@@ -211,3 +211,87 @@ def test_a_forked_child_without_userfaultfd_falls_back_to_the_memfd_trap(
     assert os.waitstatus_to_exitcode(status) == 0
     assert region.trap == "uffd"                      # the parent is untouched
     region.close()
+
+
+@pytest.mark.forked
+def test_memfd_trap_regions_reserve_their_mappings_from_a_process_wide_budget(
+        report: vrange.Features) -> None:
+    """Several memfd-trap regions cannot exhaust vm.max_map_count together (each keeps a refilled
+    chunk in a mapping of its own): each reserves its worst case, one beyond the budget is refused
+    with a clear error at creation, and closing one gives its share back."""
+    skip_unless_available(report, "sigbus:memfd")
+    size = 512 << 20  # 8192 chunks of 64 KiB: 8193 mappings at worst
+    budget = report.mappings().budget
+    fit = budget // (size // vrange.DEFAULT_CHUNK_SIZE + 1)
+    regions = [vrange.Region(size, sources.Zeros(), backend="sigbus:memfd") for _ in range(fit)]
+    try:
+        assert all(region.stats().mappings_reserved == 8193 for region in regions)
+        assert report.mappings().reserved == 8193 * fit
+        with pytest.raises(vrange.VRangeError, match="max_map_count.*chunk_size"):
+            vrange.Region(size, sources.Zeros(), backend="sigbus:memfd")
+        assert report.mappings().reserved == 8193 * fit  # the refused one reserved nothing
+        if report.trap("uffd").usable:  # the other trap keeps a region in one mapping
+            with vrange.Region(size, sources.Zeros(), backend="sigbus:uffd") as one_mapping:
+                assert one_mapping.stats().mappings_reserved == 0
+        regions.pop().close()
+        assert report.mappings().reserved == 8193 * (fit - 1)
+        regions.append(vrange.Region(size, sources.Zeros(), backend="sigbus:memfd"))
+    finally:
+        for region in regions:
+            region.close()
+    assert report.mappings().reserved == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowers vm.max_map_count (needs root)")
+@pytest.mark.hang_timeout(120)
+def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error(
+        report: vrange.Features) -> None:
+    """With vm.max_map_count lowered (restored afterwards): a region whose worst case does not fit
+    is refused at creation; one that fits refills every other chunk (its worst case) without
+    dying; and when the limit drops below what a refill needs, mark_nonvolatile raises a
+    RegenerationError that names vm.max_map_count instead of blaming the source."""
+    skip_unless_available(report, "sigbus:memfd")
+    with open("/proc/sys/vm/max_map_count") as file:
+        original = file.read().strip()
+    script = textwrap.dedent("""
+        import vrange
+        from vrange import sources
+        def set_limit(value):
+            with open("/proc/sys/vm/max_map_count", "w") as file:
+                file.write(str(value))
+        def map_count():
+            with open("/proc/self/maps") as maps:
+                return sum(1 for _ in maps)
+        CHUNK = vrange.DEFAULT_CHUNK_SIZE
+        set_limit(map_count() + 3000)   # a budget of about 1500
+        try:
+            vrange.Region(2048 * CHUNK, sources.Zeros(), backend="sigbus:memfd")
+            raise AssertionError("a region beyond the budget was created")
+        except vrange.VRangeError as error:
+            assert "max_map_count" in str(error), error
+        region = vrange.Region(1024 * CHUNK, sources.Zeros(), backend="sigbus:memfd")
+        before = map_count()
+        for chunk in range(0, 1024, 2):   # every other chunk: the most mappings it can take
+            region[chunk * CHUNK] = 1
+        used = map_count() - before
+        assert 0 < used <= region.stats().mappings_reserved, used
+        region.mark_volatile()
+        region.purge()
+        set_limit(map_count() + 10)  # now the refills below cannot all get a mapping
+        try:
+            region.mark_nonvolatile()
+            raise AssertionError("mark_nonvolatile succeeded past vm.max_map_count")
+        except vrange.RegenerationError as error:
+            message = str(error)
+            assert "vm.max_map_count" in message and "ENOMEM" in message, message
+            assert "native source" not in message, message
+        print("ok", used, flush=True)
+    """)
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                timeout=100, check=False)
+    finally:
+        with open("/proc/sys/vm/max_map_count", "w") as file:
+            file.write(original)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ok" in result.stdout

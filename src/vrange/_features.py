@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from ._native import ffi, lib
+from ._mappings import MappingUse, mapping_budget
 from .errors import errno_name
 
 __all__ = [
@@ -246,6 +247,12 @@ class Features:
     probe_errors: tuple[str, ...]
     probe_seconds: float
 
+    def mappings(self) -> MappingUse:
+        """The process's memory mappings and vrange's share of them, now (not cached): the
+        sigbus backend's memfd-trap regions reserve their worst case from a process-wide budget
+        of half of ``vm.max_map_count`` and are refused beyond it (see :class:`MappingUse`)."""
+        return mapping_budget.use()
+
     def madvise_accepted(self, name: str) -> bool:
         """True if madvise accepted ``MADV_<name>`` (e.g. ``"FREE"``) on this kernel."""
         for advice in self.madvise:
@@ -268,8 +275,11 @@ class Features:
         raise KeyError(f"unknown backend {name!r}; known: {[b.name for b in self.backends]}")
 
     def as_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-compatible data (tuples of named entries become dicts)."""
-        return _plain(self)
+        """The report as plain JSON-compatible data (tuples of named entries become dicts), with
+        the mapping use of this instant under ``"mappings"``."""
+        plain: dict[str, Any] = _plain(self)
+        plain["mappings"] = _plain(self.mappings())
+        return plain
 
 
 def _plain(value: Any) -> Any:

@@ -53,6 +53,9 @@ def format_report(report: Features) -> str:
     row("page size", str(report.page_size))
     row("transparent huge pages", report.thp_mode or "unknown")
     row("vm.max_map_count", str(report.max_map_count))
+    mappings = report.mappings()
+    row("mappings", f"{mappings.in_use} in use by this process; memfd-trap regions reserve "
+                    f"{mappings.reserved} of the {mappings.budget} vrange may use")
     heading("userfaultfd")
     row("access", f"{uffd.access} (serves faults inside syscalls: {_yes_no(uffd.serves_syscalls)})")
     row("why", uffd.reason)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, cast, overload
 
 from ._backends import resolve_backend
 from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats
+from ._mappings import mapping_budget
 from ._native import ffi, lib
 from . import _regeneration, policy  # noqa: F401 - _regeneration defines the C callback
 from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
@@ -130,6 +131,7 @@ class Region(mmap.mmap):
     _size: int
     _regenerating_threads: set[int]
     _io_holds: int
+    _mappings_reserved: int
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
@@ -167,8 +169,16 @@ class Region(mmap.mmap):
             logger.debug("vrange: memfd-trap region of %d bytes uses %d-byte chunks (asked: %d)",
                          size, floor, chunk)
             chunk = floor
-        self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mappings = -(-size // chunk) + 1 if trap == "memfd" else 0  # see vrange._mappings
+        if mappings:
+            mapping_budget.reserve(mappings, f"a memfd-trap region of {size} bytes")
+        try:
+            self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            mapping_budget.release(mappings)
+            raise
+        self._mappings_reserved = mappings
         self._closed = False
         self._size = size
         self._regenerating_threads = set()
@@ -211,6 +221,7 @@ class Region(mmap.mmap):
                 self._core.close()
             mmap.mmap.close(self)
             self._closed = True
+            mapping_budget.release(self._mappings_reserved)
             raise
         with _live_regions_lock:
             _live_regions[self._address] = self
@@ -399,6 +410,7 @@ class Region(mmap.mmap):
         if isinstance(self._regenerate, Isolated):
             self._regenerate.ensure_running()  # a helper that died or hung is replaced here
         self._core.discard(first, end, only_failed=True)
+        self._core.clear_errors()
         result = populate(first, end)
         new_failures = [(offset, error) for sequence, offset, error in list(self._failures)
                         if sequence > count_before
@@ -416,6 +428,14 @@ class Region(mmap.mmap):
                 f"the regenerator failed for the chunk at offset {failed_offset} "
                 f"({len(new_failures)} failure(s) in this call); it raised:\n"
                 + getattr(cause, "vrange_traceback", repr(cause))) from cause
+        map_code = self._core.map_error()
+        if map_code:
+            hint = (f"the process may be at vm.max_map_count ({mapping_budget.max_map_count} "
+                    "mappings), or out of memory" if map_code == errno.ENOMEM else "")
+            raise RegenerationError(
+                f"could not make the range present: the kernel refused to map a refilled chunk: "
+                f"{os.strerror(map_code)} ({errno_name(map_code)})" + (f"; {hint}" if hint else ""))\
+                from VRangeOSError(map_code, os.strerror(map_code))
         code = self._core.native_error() or -result or errno.EIO
         if isinstance(self._regenerate, Isolated):
             raise RegenerationError(
@@ -494,6 +514,7 @@ class Region(mmap.mmap):
             volatile_refills=counters["volatile_refills"],
             trap=self._core.trap,
             kernel_reclaims=self._core.kernel_reclaims,
+            mappings_reserved=self._mappings_reserved,
             volatile_bytes=volatile,
             nonvolatile_bytes=nonvolatile,
             resident_bytes=resident,
@@ -563,6 +584,7 @@ class Region(mmap.mmap):
                 self._core.resume()
                 raise
             self._closed = True
+            mapping_budget.release(self._mappings_reserved)
             with _live_regions_lock:
                 _live_regions.pop(self._address, None)
             policy.release(self._core)

@@ -51,6 +51,10 @@ class RegionStats:
     """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
     kernel_reclaims: bool = True
     """True when the kernel itself takes this region's volatile pages back under pressure."""
+    mappings_reserved: int = 0
+    """Memory mappings this region reserves from the process-wide budget: its worst case (one per
+    chunk, plus one) on the sigbus backend's memfd trap, 0 where a region stays one mapping
+    (``vrange.features().mappings()`` has the process's totals)."""
     purges_by_reason: dict[str, int] = field(default_factory=dict)
     """Chunk discards by reason: ``explicit`` (``purge()``), ``pressure`` (the pressure monitor),
     ``budget`` (over a byte budget), ``kernel`` (found discarded by the kernel)."""
@@ -144,6 +148,13 @@ class BackendRegion(abc.ABC):
     def native_error(self) -> int:
         """The errno of the last failure of a native source on this region (0 if none)."""
         return int(lib.vr_region_last_native_error(self.pointer))
+
+    def map_error(self) -> int:
+        """The errno of the last failure to map a refilled chunk (memfd trap; 0 if none)."""
+        return int(lib.vr_region_last_map_error(self.pointer))
+
+    def clear_errors(self) -> None:
+        lib.vr_region_clear_last_errors(self.pointer)
 
     def begin_pin(self, first_chunk: int, end_chunk: int) -> list[bool]:
         """Make the chunks non-volatile before populating them, once refills in flight on them are

@@ -99,6 +99,18 @@ int vr_region_last_native_error(vr_region *region)
     return __atomic_load_n(&region->last_native_error, __ATOMIC_ACQUIRE);
 }
 
+int vr_region_last_map_error(vr_region *region)
+{
+    return __atomic_load_n(&region->last_map_error, __ATOMIC_ACQUIRE);
+}
+
+/* Before a populate whose failure Python explains: forget the errors of earlier faults. */
+void vr_region_clear_last_errors(vr_region *region)
+{
+    __atomic_store_n(&region->last_native_error, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&region->last_map_error, 0, __ATOMIC_RELEASE);
+}
+
 static int native_failure(vr_region *region, int error_number)
 {
     __atomic_store_n(&region->last_native_error, error_number, __ATOMIC_RELEASE);

@@ -85,6 +85,7 @@ struct vr_region {
     int closing;         /* VR_OPEN, VR_CLOSING (draining before unmap), VR_CLOSED */
     int active;          /* sigbus backend: signal handlers inside this region now */
     int last_native_error; /* errno of the last native-source failure, for the Python error */
+    int last_map_error;    /* errno of the last failure to map a refilled chunk (memfd trap) */
     /* Purge policy (pressure.c): lower priorities are purged first, then the chunks marked volatile
      * longest ago; a chunk held for a system call (vrange.io) is never purged by vrange. */
     int priority;
@@ -149,6 +150,8 @@ void vr_region_release(vr_region *region);
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_quiesce(vr_region *region, int timeout_ms);
 int vr_region_last_native_error(vr_region *region);
+int vr_region_last_map_error(vr_region *region);
+void vr_region_clear_last_errors(vr_region *region);
 int vr_region_finish_nonvolatile(vr_region *region, size_t first_chunk, size_t end_chunk,
                                  uint8_t *purged_out);
 int vr_region_chunk_states(vr_region *region, uint8_t *states_out);

@@ -43,6 +43,13 @@ static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
     return 0;
 }
 
+/* Remembered for the Python error, which then speaks of mappings rather than of the source. */
+static int map_failure(vr_region *region, int error_number)
+{
+    __atomic_store_n(&region->last_map_error, error_number, __ATOMIC_RELEASE);
+    return -error_number;
+}
+
 /* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
  * `zeros` 0: regenerate; 1: install zeros (the explicit on_error="zeros" policy). */
 static int install_chunk(vr_region *region, size_t chunk, int zeros)
@@ -53,11 +60,13 @@ static int install_chunk(vr_region *region, size_t chunk, int zeros)
     char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (scratch == MAP_FAILED)
-        return -errno;
+        return map_failure(region, errno);
     int rc = zeros ? 0 : vr_sigbus_regenerate(region, chunk, scratch);
+    /* ENOMEM here is the process's mapping count at vm.max_map_count (the chunk splits the trap's
+     * mapping), or no memory for the kernel's own structures. */
     if (rc == 0 && mremap(scratch, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)start) ==
                        MAP_FAILED)
-        rc = -errno;
+        rc = map_failure(region, errno);
     if (rc != 0) {
         munmap(scratch, length);
         return rc;

@@ -862,6 +862,40 @@ def test_forked_child_regenerates_instead_of_reading_zeros(backend: str) -> None
         assert bytes(region[CHUNK:2 * CHUNK]) == pattern(CHUNK, CHUNK)  # the parent still works
 
 
+@pytest.mark.backends("uffd")
+def test_a_forked_child_without_userfaultfd_never_reads_zeros_on_the_uffd_backend(
+        backend: str, root_privileges: None) -> None:
+    """The child's copy of the mapping is not registered and its inherited descriptor serves the
+    parent: if the child cannot open a userfaultfd, its calls on the region raise a clear error and
+    a raw access faults (SIGSEGV) instead of reading zeros for purged pages."""
+    result = run_python("""
+        import signal
+        from vrange.testing import deny_userfaultfd
+        region = vrange.Region(4 * CHUNK, lambda offset, buf: buf.__setitem__(
+            slice(None), bytes([offset // CHUNK + 1]) * len(buf)), backend=BACKEND)
+        assert region[CHUNK] == 2
+        region.mark_volatile()
+        region.purge()
+        deny_userfaultfd(include_dev=True)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                region.mark_nonvolatile()
+                os._exit(3)
+            except vrange.VRangeError as error:
+                print("refused:", "forked child" in str(error), flush=True)
+            region[CHUNK]  # a raw read of a purged page: SIGSEGV, never zero
+            os._exit(4)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        assert region[CHUNK] == 2  # the parent still works
+        region.close()
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "refused: True" in result.stdout and f"child {-signal.SIGSEGV}" in result.stdout, \
+        result.stdout + result.stderr[-2000:]
+
+
 def test_regenerator_reading_its_own_chunk_fails_instead_of_hanging(backend: str) -> None:
     result = run_python("""
         holder = []

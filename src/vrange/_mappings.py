@@ -26,7 +26,7 @@ HEADROOM = 1024
 
 def _read_max_map_count() -> int:
     try:
-        with open("/proc/sys/vm/max_map_count", encoding="ascii") as file:
+        with open("/proc/sys/vm/max_map_count", "rb") as file:  # binary: no codec lookup
             return int(file.read())
     except (OSError, ValueError):
         return DEFAULT_MAX_MAP_COUNT

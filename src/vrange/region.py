@@ -283,6 +283,8 @@ class Region(mmap.mmap):
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError("operation on a closed vrange.Region")
+        if self._core.unusable:
+            raise VRangeError(self._core.unusable)
 
     @contextlib.contextmanager
     def _open_and_locked(self) -> Iterator[None]:

@@ -76,6 +76,8 @@ class BackendRegion(abc.ABC):
     """vrange's pressure monitor and budgets may purge it (vrange.policy)."""
     priority: int = 0
     group: str | None = None
+    unusable: str | None = None
+    """Why the region cannot be used in this process (a forked child that cannot serve it)."""
 
     def __init__(self, size: int, chunk_size: int) -> None:
         self.chunk_count = -(-size // chunk_size)

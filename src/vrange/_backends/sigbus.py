@@ -105,9 +105,10 @@ def _after_fork_in_child() -> None:
         # the memfd trap (only vrange purges it from now on, under its pressure policy).
         taken_over = lib.vr_sigbus_memfd_take_over(region.pointer)
         if taken_over < 0:
-            logger.error("vrange: a sigbus region cannot work in this forked child (no userfaultfd: "
-                         "%s; no memfd trap: %s); it is inaccessible", os.strerror(-result),
-                         os.strerror(-taken_over))
+            region.unusable = (f"this sigbus region cannot be used in this forked child (no "
+                               f"userfaultfd: {os.strerror(-result)}; no memfd trap: "
+                               f"{os.strerror(-taken_over)}); its memory is made inaccessible")
+            logger.error("vrange: %s", region.unusable)
             continue
         logger.warning("vrange: the forked child cannot register its userfaultfd-trap region (%s); "
                        "it uses the memfd trap now (the kernel cannot reclaim it)",

@@ -85,12 +85,17 @@ def _after_fork_in_child() -> None:
     regions = [region for region in list(_live_regions) if region.pointer != ffi.NULL]
     if not regions:
         return
-    handler = _get_handler()
+    try:
+        handler = _get_handler()
+    except OSError as error:
+        for region in regions:
+            region.fence_in_child(f"this forked child cannot open a userfaultfd of its own ({error})")
+        return
     for region in regions:
         result = lib.vr_region_rebind_after_fork(region.pointer, handler.pointer)
         if result < 0:
-            logger.error("vrange: could not re-register a region in the forked child: %s",
-                         os.strerror(-result))
+            region.fence_in_child("this forked child could not register it with its userfaultfd "
+                                  f"({os.strerror(-result)})")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -115,6 +120,15 @@ class UffdRegion(BackendRegion):
         _live_regions.add(self)
         _sweep_retired()
 
+    def fence_in_child(self, reason: str) -> None:
+        """Unserved in a forked child: a missing or discarded page would read as zeros. Make the
+        region inaccessible (SIGSEGV on access) and every call on it raise, saying why."""
+        result = lib.vr_region_fence_after_fork(self.pointer)
+        self.unusable = (f"this uffd-backend region cannot be used here: {reason}; its memory is "
+                         "made inaccessible rather than handing out zeros for purged pages")
+        logger.error("vrange: %s%s", self.unusable,
+                     "" if result >= 0 else f" (and mprotect failed: {os.strerror(-result)})")
+
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None:
         check(lib.vr_region_mark_volatile(self.pointer, first_chunk, end_chunk),
               "mark the range volatile (MADV_FREE)")
@@ -134,6 +148,10 @@ class UffdRegion(BackendRegion):
 
     def close(self) -> None:
         if self.pointer == ffi.NULL:
+            return
+        if self.unusable:  # its handler is the parent's (whose lock a fork may have caught held)
+            _live_regions.discard(self)
+            self.pointer = ffi.NULL  # the native state stays allocated: it is this child's leak
             return
         lib.vr_region_close(self.pointer)
         _live_regions.discard(self)

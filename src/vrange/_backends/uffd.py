@@ -50,6 +50,9 @@ _live_regions: weakref.WeakSet[UffdRegion] = weakref.WeakSet()
 # Closed regions whose C struct may still be used by a job in flight (which calls back into Python
 # through the handle); released once the C side says nobody else holds them.
 _retired: list[UffdRegion] = []
+# The sweep's cffi calls let the GIL go: without this, two threads creating regions at once could
+# both release the same retired region (a double free).
+_retired_lock = threading.Lock()
 
 
 def _get_handler() -> _Handler:
@@ -62,22 +65,24 @@ def _get_handler() -> _Handler:
 
 
 def _sweep_retired() -> None:
-    keep = []
-    for region in _retired:
-        if lib.vr_region_references(region.pointer) == 1:
-            lib.vr_region_release(region.pointer)
-            region.pointer = ffi.NULL
-        else:
-            keep.append(region)
-    _retired[:] = keep
+    with _retired_lock:
+        keep = []
+        for region in _retired:
+            if lib.vr_region_references(region.pointer) == 1:
+                lib.vr_region_release(region.pointer)
+                region.pointer = ffi.NULL
+            else:
+                keep.append(region)
+        _retired[:] = keep
 
 
 def _after_fork_in_child() -> None:
     """A forked child has no handler thread and its mapping is not registered: give it its own
     handler and register every live region with it, so missing pages are regenerated, never read
     as zeros."""
-    global _handler, _handler_lock
+    global _handler, _handler_lock, _retired_lock
     _handler_lock = threading.Lock()
+    _retired_lock = threading.Lock()
     if _handler is None:
         return
     _handler = None
@@ -155,5 +160,6 @@ class UffdRegion(BackendRegion):
             return
         lib.vr_region_close(self.pointer)
         _live_regions.discard(self)
-        _retired.append(self)
+        with _retired_lock:
+            _retired.append(self)
         _sweep_retired()

@@ -426,6 +426,8 @@ int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason)
     return freed;
 }
 
+#define PURGE_IN_FLIGHT_WAITS 40 /* of vr_pause_briefly (50 us): about 2 ms */
+
 /* Discard the volatile chunks of the range now; non-volatile chunks are skipped (never lose a
  * pinned byte), and so are chunks held for a system call. Returns the bytes discarded or -errno. */
 int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_chunk, int reason)
@@ -433,6 +435,15 @@ int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_
     int64_t purged = 0;
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
         int64_t freed = vr_region_purge_chunk(region, chunk, reason);
+        /* A refill that has already let the faulting access go on may still hold the chunk for a
+         * few microseconds (the uffd backend wakes the thread, then frees the volatile chunk
+         * lazily): a purge right after that access must not skip it. Wait that long, no longer: a
+         * regeneration still running is skipped, as documented. */
+        for (int wait = 0; freed == 0 && wait < PURGE_IN_FLIGHT_WAITS &&
+                           (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT); wait++) {
+            vr_pause_briefly();
+            freed = vr_region_purge_chunk(region, chunk, reason);
+        }
         if (freed < 0)
             return freed;
         purged += freed;

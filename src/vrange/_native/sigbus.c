@@ -39,7 +39,10 @@ static int previous_index;
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
-/* The region containing `address`, with `active` raised (the caller lowers it), or NULL. */
+/* The region containing `address`, with `active` raised (the caller lowers it), or NULL. Two
+ * regions may contain it: close() unmaps a region before it leaves the table, and a region created
+ * meanwhile by another thread may take the same address at once. The open one is then the mapping
+ * that faulted: serving the closing one would fill the new mapping with the old region's bytes. */
 static vr_region *enter_region(uintptr_t address)
 {
     vr_region *found = NULL;
@@ -47,12 +50,17 @@ static vr_region *enter_region(uintptr_t address)
     int high = __atomic_load_n(&regions_high_water, __ATOMIC_ACQUIRE);
     for (int i = 0; i < high; i++) {
         vr_region *region = __atomic_load_n(&regions[i], __ATOMIC_ACQUIRE);
-        if (region && address >= region->base && address < region->base + region->size) {
-            __atomic_fetch_add(&region->active, 1, __ATOMIC_ACQ_REL);
+        if (!region || address < region->base || address >= region->base + region->size)
+            continue;
+        if (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_OPEN) {
             found = region;
             break;
         }
+        if (!found)
+            found = region;
     }
+    if (found)
+        __atomic_fetch_add(&found->active, 1, __ATOMIC_ACQ_REL);
     __atomic_fetch_sub(&lookups_running, 1, __ATOMIC_ACQ_REL);
     return found;
 }

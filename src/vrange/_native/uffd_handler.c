@@ -385,14 +385,23 @@ static void collect_verdicts(vr_handler *handler)
     pthread_mutex_unlock(&handler->lock);
 }
 
+/* Lock held. Two regions may contain the address: close() unmaps a region before it leaves this
+ * table, and a region created meanwhile by another thread may take the same address at once. The
+ * open one is then the mapping that faulted: serving the closing one would fill the new mapping with
+ * the old region's bytes. */
 static vr_region *find_region(vr_handler *handler, uintptr_t address)
 {
+    vr_region *closing = NULL;
     for (size_t i = 0; i < handler->region_count; i++) {
         vr_region *region = handler->regions[i];
-        if (address >= region->base && address < region->base + region->size)
+        if (address < region->base || address >= region->base + region->size)
+            continue;
+        if (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_OPEN)
             return region;
+        if (!closing)
+            closing = region;
     }
-    return NULL;
+    return closing;
 }
 
 static int ensure_staging(vr_handler *handler, size_t size)

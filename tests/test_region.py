@@ -937,6 +937,82 @@ def test_a_forked_child_without_userfaultfd_never_reads_zeros_on_the_uffd_backen
         result.stdout + result.stderr[-2000:]
 
 
+@pytest.mark.hang_timeout(120)
+def test_fork_while_close_drains_leaves_the_child_a_working_region(backend: str) -> None:
+    """fork() while another thread's close() waits for a regeneration in flight: the child's copy of
+    the region is open and works, also for faults taken without the GIL (before, the child kept the
+    region 'closing' for ever and such faults waited for an unmap that never came)."""
+    result = run_python("""
+        import hashlib, signal, time
+        started = threading.Event()
+        def regenerate(offset, buf):
+            if offset == 0:
+                started.set()
+                time.sleep(0.5)  # in flight: close() drains meanwhile
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+        for variant in ("mark_nonvolatile", "hashlib"):
+            region = vrange.Region(8 * CHUNK, regenerate, backend=BACKEND)
+            started.clear()
+            reader = threading.Thread(target=lambda: region[0])
+            reader.start()
+            started.wait()
+            closer = threading.Thread(target=region.close)
+            closer.start()
+            time.sleep(0.1)
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(10)  # a hang dies with SIGALRM
+                if variant == "mark_nonvolatile":
+                    region.mark_nonvolatile(CHUNK, CHUNK)
+                    ok = region[CHUNK] == 2
+                else:  # hashlib lets the GIL go over large buffers: faults without the GIL
+                    ok = hashlib.sha256(memoryview(region)[CHUNK:3 * CHUNK]).digest() == \
+                        hashlib.sha256(bytes([2]) * CHUNK + bytes([3]) * CHUNK).digest()
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            reader.join()
+            closer.join()
+            print(variant, os.waitstatus_to_exitcode(status), region.closed, flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mark_nonvolatile 0 True" in result.stdout and "hashlib 0 True" in result.stdout, \
+        result.stdout
+
+
+@pytest.mark.hang_timeout(180)
+def test_ctrl_c_at_any_moment_of_a_refill_is_raised_not_fatal(backend: str) -> None:
+    """SIGINT at a random moment while a loop reads purged chunks: the program gets its
+    KeyboardInterrupt and every access completed with the right bytes. Ctrl-C hits whatever bytecode
+    runs next, also vrange's own code around the regenerator: that used to fail the chunk (SIGBUS,
+    the interrupt swallowed) in about half of the trials."""
+    child = textwrap.dedent(f"""
+        import vrange
+        CHUNK = vrange.DEFAULT_CHUNK_SIZE
+        def regenerate(offset, buf):
+            buf[:8] = offset.to_bytes(8, "little")
+        region = vrange.Region(64 * CHUNK, regenerate, backend={backend!r})
+        print("ready", flush=True)
+        try:
+            while True:
+                region.mark_volatile()
+                region.purge()
+                for chunk in range(64):
+                    assert region[chunk * CHUNK:chunk * CHUNK + 8] == \
+                        (chunk * CHUNK).to_bytes(8, "little")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """)
+    rng = np.random.default_rng(10)
+    for _ in range(12):
+        process = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        assert process.stdout is not None and process.stdout.readline().strip() == "ready"
+        time.sleep(0.05 + float(rng.random()) * 0.25)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+        assert process.returncode == 0 and "interrupted" in out, (process.returncode, err[-2000:])
+
+
 def test_regenerator_reading_its_own_chunk_fails_instead_of_hanging(backend: str) -> None:
     result = run_python("""
         holder = []

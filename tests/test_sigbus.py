@@ -295,3 +295,61 @@ def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error(
             file.write(original)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok" in result.stdout
+
+
+def test_fork_while_another_thread_reserves_mappings_never_hangs_the_child(
+        report: vrange.Features) -> None:
+    """The budget's lock re-created in a forked child: a fork while another thread held it (it
+    creates memfd-trap regions in a loop) left the child's close() waiting for ever."""
+    skip_unless_available(report, "sigbus:memfd")
+    result = run_python("""
+        import signal, threading
+        CHUNK = vrange.DEFAULT_CHUNK_SIZE
+        stop = threading.Event()
+        def churn():
+            while not stop.is_set():
+                vrange.Region(64 * CHUNK, sources.Zeros(), backend=SPEC).close()
+        mine = vrange.Region(4 * CHUNK, sources.Zeros(), backend=SPEC)
+        thread = threading.Thread(target=churn)
+        thread.start()
+        codes = set()
+        for attempt in range(60):
+            pid = os.fork()
+            if pid == 0:
+                signal.alarm(5)  # a hang dies with SIGALRM
+                mine.close()
+                vrange.features().mappings()
+                os._exit(0)
+            codes.add(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        stop.set()
+        thread.join()
+        print("codes", sorted(codes), flush=True)
+    """, "sigbus:memfd")
+    assert "codes [0]" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_a_region_the_memfd_trap_cannot_take_over_in_a_child_is_fenced_not_fatal(
+        report: vrange.Features, root_privileges: None) -> None:
+    """A uffd-trap region whose worst case does not fit the mapping budget cannot move to the memfd
+    trap in a child without userfaultfd (it would die at vm.max_map_count): its calls raise a clear
+    error and a raw access faults (SIGSEGV) instead."""
+    skip_unless_available(report, "sigbus:uffd")
+    result = run_python("""
+        from vrange.testing import deny_userfaultfd
+        region = vrange.Region(512 << 20, sources.Zeros(), backend="sigbus:uffd", chunk_size=4096)
+        deny_userfaultfd(include_dev=True)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                region.mark_nonvolatile()
+                os._exit(3)
+            except vrange.VRangeError as error:
+                print("refused:", "memfd trap cannot take it over" in str(error), flush=True)
+            print("reserved:", vrange.features().mappings().reserved, flush=True)
+            region[0]
+            os._exit(4)
+        print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    """, "sigbus:uffd")
+    assert "refused: True" in result.stdout and "reserved: 0" in result.stdout, \
+        result.stdout + result.stderr[-2000:]
+    assert f"child {-signal.SIGSEGV}" in result.stdout, result.stdout

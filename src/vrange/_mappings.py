@@ -12,6 +12,7 @@ userfaultfd trap keep a region in one mapping and reserve nothing.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class MappingBudget:
         """Reserve ``count`` mappings for ``what``, or raise VRangeError saying why not."""
         max_map_count = self.max_map_count
         budget = max_map_count // BUDGET_SHARE
+        in_use = process_mapping_count()  # read before the lock: reading lets the GIL go
         with self._lock:
             if self._reserved + count > budget:
                 raise VRangeError(
@@ -78,7 +80,6 @@ class MappingBudget:
                     f"{budget} vrange may use (half of vm.max_map_count = {max_map_count}): close "
                     "regions, use a larger chunk_size, or a backend that keeps a region in one "
                     "mapping (uffd, or sigbus with the uffd trap)")
-            in_use = process_mapping_count()
             if in_use + count > max_map_count - HEADROOM:
                 raise VRangeError(
                     f"{what} may need up to {count} memory mappings (one per chunk), and this "
@@ -100,3 +101,11 @@ class MappingBudget:
 
 
 mapping_budget = MappingBudget()
+
+
+def _new_lock_after_fork() -> None:
+    """A lock held by another thread at fork() stays held for ever in the child."""
+    mapping_budget._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)

@@ -40,8 +40,11 @@ from ._native import ffi
 
 logger = logging.getLogger("vrange")
 
-# Return codes understood by python_regenerator.c.
-OK, FAILED, OK_INTERRUPTED, FAILED_INTERRUPTED = 0, -1, 1, 2
+# Return codes understood by python_regenerator.c. RETRY: an interrupt hit vrange's own code around
+# the regenerator (not the regenerator itself); C calls again and delivers the interrupt afterwards.
+OK, FAILED, OK_INTERRUPTED, FAILED_INTERRUPTED, RETRY = 0, -1, 1, 2, 3
+# Flags passed by python_regenerator.c.
+AT_UNSAFE_POINT, OUTERMOST = 1, 2
 ATTEMPTS_WHEN_INTERRUPTED = 3
 OTHER_THREAD_RAN_NS = 500_000  # CPU time another thread used meanwhile that means it ran
 
@@ -84,11 +87,23 @@ class Regenerating(Protocol):
 
     def regenerator(self) -> Callable[[int, memoryview], object]: ...
 
-    def regeneration_started(self) -> bool: ...
-
-    def regeneration_finished(self, nested: bool) -> None: ...
-
     def record_failure(self, offset: int, error: BaseException) -> None: ...
+
+
+class _Regenerating(threading.local):
+    """Per thread: the regions whose regenerators run now, innermost last."""
+
+    def __init__(self) -> None:
+        self.regions: list[object] = []
+
+
+_regenerating = _Regenerating()
+
+
+def is_regenerating(region: object) -> bool:
+    """Whether this thread is inside a regenerator of ``region`` (its methods must not be called
+    from there: the call that faulted may hold the region's lock)."""
+    return any(entry is region for entry in _regenerating.regions)
 
 
 class Target:
@@ -156,13 +171,26 @@ def _keep_as_text(error: BaseException) -> None:
     error.__context__ = None  # whatever the faulting thread was handling
 
 
-def run(region: Regenerating, offset: int, buffer: Any, length: int,
-        at_unsafe_point: bool) -> int:
-    """Fill ``buffer`` for the chunk at ``offset``; one of the return codes above. Never raises."""
+def run(region: Regenerating, offset: int, buffer: Any, length: int, flags: int) -> int:
+    """Fill ``buffer`` for the chunk at ``offset``; one of the return codes above. Raises only an
+    interrupt (KeyboardInterrupt...) that hit this code rather than the regenerator: the callback's
+    ``onerror`` then asks native code to call again (RETRY)."""
+    at_unsafe_point = bool(flags & AT_UNSAFE_POINT)
+    regions = _regenerating.regions
+    if flags & OUTERMOST:
+        regions.clear()  # entries an earlier interrupt left behind: no regenerator runs below
+    regions.append(region)
+    try:
+        return _run(region, offset, buffer, length, at_unsafe_point)
+    finally:
+        regions.pop()
+
+
+def _run(region: Regenerating, offset: int, buffer: Any, length: int,
+         at_unsafe_point: bool) -> int:
     scratch = _take_scratch(length)
     exported = ffi.buffer(scratch, length)
     view = memoryview(exported)
-    nested = region.regeneration_started()
     interrupt: BaseException | None = None
     failed = True
     try:
@@ -178,6 +206,9 @@ def run(region: Regenerating, offset: int, buffer: Any, length: int,
                 except BaseException as error:  # noqa: BLE001 - delivered later, not a failure
                     if interrupt is None:
                         interrupt = error
+                        error.__traceback__ = None
+                        error.__context__ = None
+                        _deferred_interrupts.append(error)  # now: another may escape below
                     continue
                 failed = False
                 break
@@ -187,12 +218,13 @@ def run(region: Regenerating, offset: int, buffer: Any, length: int,
                                      f"times in a row ({interrupt!r})")
                 _keep_as_text(stuck)
                 region.record_failure(offset, stuck)
-    except BaseException as error:  # noqa: BLE001 - cffi would only print it
+    except Exception as error:  # noqa: BLE001 - cffi would only print it
         _keep_as_text(error)
         region.record_failure(offset, error)
         failed = True
+    # An interrupt that hits this code itself (not the regenerator) escapes: the callback's onerror
+    # keeps it and native code calls again.
     finally:
-        region.regeneration_finished(nested)
         try:
             view.release()
         except BufferError:  # the regenerator kept an export of it (a numpy array, say)
@@ -205,27 +237,42 @@ def run(region: Regenerating, offset: int, buffer: Any, length: int,
         _give_back_scratch(scratch)
     del exported, view
     if interrupt is not None:
-        interrupt.__traceback__ = None
-        interrupt.__context__ = None
-        _deferred_interrupts.append(interrupt)
         return FAILED_INTERRUPTED if failed else OK_INTERRUPTED
     return FAILED if failed else OK
 
 
 def raise_deferred_interrupt() -> None:
     """Called by a pending call at the main thread's next safe point: raise the interrupt that
-    arrived while a regenerator ran."""
+    arrived while a regenerator ran (the first one: the others arrived in the same operation, like
+    repeated Ctrl-C, and are dropped with it)."""
     try:
         interrupt = _deferred_interrupts.popleft()
     except IndexError:
         return
+    _deferred_interrupts.clear()
     raise interrupt
 
 
-@ffi.def_extern(error=-1)
+def _callback_raised(exception: type[BaseException] | None, value: BaseException | None,
+                     trace: Any) -> int:
+    """cffi's ``onerror``: an exception escaped the callback. An interrupt (Ctrl-C arrives at any
+    bytecode, also in vrange's own code around the regenerator) is kept for delivery at the next
+    safe point, and the callback is called again: the faulting access must still complete. Anything
+    else is a bug in vrange: logged, and the chunk fails by policy."""
+    if value is not None and not isinstance(value, Exception):
+        value.__traceback__ = None
+        value.__context__ = None
+        _deferred_interrupts.append(value)
+        return RETRY
+    logger.error("vrange: internal error while running a regenerator", exc_info=(
+        exception, value, trace) if exception is not None and value is not None else None)
+    return FAILED
+
+
+@ffi.def_extern(error=FAILED, onerror=_callback_raised)
 def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int,
-                         at_unsafe_point: int) -> int:
+                         flags: int) -> int:
     region = ffi.from_handle(python_handle).region()
     if region is None:
         return FAILED  # the region is being freed: nothing may be written any more
-    return run(region, int(offset), buffer, int(length), bool(at_unsafe_point))
+    return run(region, int(offset), buffer, int(length), int(flags))

@@ -49,7 +49,6 @@ def _reset_locks_after_fork() -> None:
     _live_regions_lock = threading.Lock()
     for region in list(_live_regions.values()):
         region._state_lock = threading.Lock()
-        region._regenerating_threads = set()
         region._io_holds = 0
         if not region._closed and region._core.pointer != ffi.NULL:
             lib.vr_region_forget_threads(region._core.pointer)
@@ -129,7 +128,6 @@ class Region(mmap.mmap):
     _state_lock: threading.Lock
     _address: int
     _size: int
-    _regenerating_threads: set[int]
     _io_holds: int
     _mappings_reserved: int
 
@@ -181,7 +179,6 @@ class Region(mmap.mmap):
         self._mappings_reserved = mappings
         self._closed = False
         self._size = size
-        self._regenerating_threads = set()
         self._io_holds = 0
         self._backend_name = backend_name
         self._chunk_size = chunk
@@ -290,7 +287,7 @@ class Region(mmap.mmap):
     def _open_and_locked(self) -> Iterator[None]:
         """Serialize state changes, and check openness under the lock: another thread may have
         closed the region since the arguments were checked."""
-        if threading.get_ident() in self._regenerating_threads:
+        if _regeneration.is_regenerating(self):
             raise VRangeError("a regenerator cannot change or inspect its own region (the call "
                               "that is regenerating it holds the region's lock)")
         with self._state_lock:
@@ -516,7 +513,7 @@ class Region(mmap.mmap):
             volatile_refills=counters["volatile_refills"],
             trap=self._core.trap,
             kernel_reclaims=self._core.kernel_reclaims,
-            mappings_reserved=self._mappings_reserved,
+            mappings_reserved=self._mappings_reserved + self._core.mappings_taken,
             volatile_bytes=volatile,
             nonvolatile_bytes=nonvolatile,
             resident_bytes=resident,
@@ -527,17 +524,6 @@ class Region(mmap.mmap):
 
     def regenerator(self) -> Callable[[int, memoryview], object]:
         return cast(Callable[[int, memoryview], object], self._regenerate)
-
-    def regeneration_started(self) -> bool:
-        """This thread runs the regenerator now; True when it already did (nested)."""
-        thread = threading.get_ident()
-        nested = thread in self._regenerating_threads
-        self._regenerating_threads.add(thread)
-        return nested
-
-    def regeneration_finished(self, nested: bool) -> None:
-        if not nested:
-            self._regenerating_threads.discard(threading.get_ident())
 
     def record_failure(self, offset: int, error: BaseException) -> None:
         self._failure_count += 1
@@ -558,7 +544,7 @@ class Region(mmap.mmap):
         ValueError."""
         if self._closed:
             return
-        if threading.get_ident() in self._regenerating_threads:
+        if _regeneration.is_regenerating(self):
             # close() would wait for this very regenerator to return (and give up after seconds).
             raise VRangeError("close() cannot be called from the region's own regenerator; the "
                               "region stays open (close it once the regenerator has returned)")
@@ -586,7 +572,7 @@ class Region(mmap.mmap):
                 self._core.resume()
                 raise
             self._closed = True
-            mapping_budget.release(self._mappings_reserved)
+            mapping_budget.release(self._mappings_reserved + self._core.mappings_taken)
             with _live_regions_lock:
                 _live_regions.pop(self._address, None)
             policy.release(self._core)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import abc
+import logging
 import mmap
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._native import ffi, lib
 from ..errors import VRangeError, check
+
+logger = logging.getLogger("vrange")
 
 
 _IN_FLIGHT_BITS = bytes(value & lib.VR_CHUNK_IN_FLIGHT for value in range(256))
@@ -78,6 +82,8 @@ class BackendRegion(abc.ABC):
     group: str | None = None
     unusable: str | None = None
     """Why the region cannot be used in this process (a forked child that cannot serve it)."""
+    mappings_taken: int = 0
+    """Mappings reserved after creation (a forked child moved the region to the memfd trap)."""
 
     def __init__(self, size: int, chunk_size: int) -> None:
         self.chunk_count = -(-size // chunk_size)
@@ -92,6 +98,16 @@ class BackendRegion(abc.ABC):
                                 handle, on_error, out), "set up the region")
         lib.vr_region_set_isolated(out[0], isolated)  # before any fault can reach the region
         return out[0]
+
+    def fence_in_child(self, reason: str) -> None:
+        """Unserved in a forked child: a missing or discarded page would read as zeros. Make the
+        region inaccessible (SIGSEGV on access) and every call on it raise, saying why."""
+        result = lib.vr_region_fence(self.pointer)
+        self.unusable = (f"this {self.name}-backend region cannot be used here: {reason}; its "
+                         "memory is made inaccessible rather than handing out zeros for purged "
+                         "pages")
+        logger.error("vrange: %s%s", self.unusable,
+                     "" if result >= 0 else f" (and mprotect failed: {os.strerror(-result)})")
 
     def set_file_size(self, size: int) -> None:
         lib.vr_region_set_file_size(self.pointer, size)

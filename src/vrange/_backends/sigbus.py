@@ -20,7 +20,8 @@ from typing import Any
 from .. import policy
 from .._native import ffi, lib
 from .._regeneration import Target
-from ..errors import check
+from .._mappings import mapping_budget
+from ..errors import VRangeError, check
 from ._base import BackendRegion
 
 logger = logging.getLogger("vrange")
@@ -89,10 +90,12 @@ def _after_fork_in_child() -> None:
     regions = [region for region in list(_live_regions) if region.pointer != ffi.NULL]
     for region in regions:
         lib.vr_sigbus_after_fork(region.pointer)
+    open_error = ""
     try:
         trap_fd = _trap_descriptor.reopen_in_child()
     except OSError as error:
         trap_fd = None
+        open_error = str(error)
         logger.error("vrange: the forked child cannot open its own userfaultfd: %s", error)
     for region in regions:
         if region.trap != "uffd":
@@ -103,13 +106,26 @@ def _after_fork_in_child() -> None:
             continue
         # Unregistered, a page the kernel discards would read as zeros: hand the region over to
         # the memfd trap (only vrange purges it from now on, under its pressure policy).
+        # On the memfd trap each refilled chunk is a mapping of its own: reserve the worst case
+        # from the process-wide budget first, or the child could die at vm.max_map_count.
+        mappings = region.chunk_count + 1
+        try:
+            mapping_budget.reserve(mappings, "a sigbus region moved to the memfd trap in a forked "
+                                             "child")
+        except VRangeError as error:
+            why = open_error or f"cannot register it: {os.strerror(-result)}"
+            region.fence_in_child(f"no userfaultfd in this forked child ({why}), and the memfd "
+                                  f"trap cannot take it over: {error}")
+            continue
         taken_over = lib.vr_sigbus_memfd_take_over(region.pointer)
         if taken_over < 0:
+            mapping_budget.release(mappings)
             region.unusable = (f"this sigbus region cannot be used in this forked child (no "
                                f"userfaultfd: {os.strerror(-result)}; no memfd trap: "
                                f"{os.strerror(-taken_over)}); its memory is made inaccessible")
             logger.error("vrange: %s", region.unusable)
             continue
+        region.mappings_taken = mappings
         logger.warning("vrange: the forked child cannot register its userfaultfd-trap region (%s); "
                        "it uses the memfd trap now (the kernel cannot reclaim it)",
                        os.strerror(-result))

@@ -125,15 +125,6 @@ class UffdRegion(BackendRegion):
         _live_regions.add(self)
         _sweep_retired()
 
-    def fence_in_child(self, reason: str) -> None:
-        """Unserved in a forked child: a missing or discarded page would read as zeros. Make the
-        region inaccessible (SIGSEGV on access) and every call on it raise, saying why."""
-        result = lib.vr_region_fence_after_fork(self.pointer)
-        self.unusable = (f"this uffd-backend region cannot be used here: {reason}; its memory is "
-                         "made inaccessible rather than handing out zeros for purged pages")
-        logger.error("vrange: %s%s", self.unusable,
-                     "" if result >= 0 else f" (and mprotect failed: {os.strerror(-result)})")
-
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None:
         check(lib.vr_region_mark_volatile(self.pointer, first_chunk, end_chunk),
               "mark the range volatile (MADV_FREE)")

@@ -54,7 +54,7 @@ def exported_declarations() -> str:
 # reads from the headers at build time.
 CDEF_CALLBACK = """
 extern "Python+C" int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf,
-                                           size_t len, int at_unsafe_point);
+                                           size_t len, int flags);
 """
 
 CDEF_CONSTANTS = """

@@ -20,9 +20,12 @@
 
 #include "region.h"
 
-/* Return codes of the Python callback (vrange._regeneration.vr_python_regenerate). */
+/* Return codes of the Python callback (vrange._regeneration.vr_python_regenerate). RETRY: an
+ * interrupt hit vrange's own Python code around the regenerator (a signal's Python handler runs at
+ * whatever bytecode comes next): call again, the faulting access must still complete. */
 enum { CALLBACK_FAILED = -1, CALLBACK_OK = 0, CALLBACK_OK_INTERRUPTED = 1,
-       CALLBACK_FAILED_INTERRUPTED = 2 };
+       CALLBACK_FAILED_INTERRUPTED = 2, CALLBACK_RETRY = 3 };
+#define CALLBACK_ATTEMPTS 5
 
 /* How deep this thread is in regenerator callbacks, and whether an interrupt is waiting for it to
  * leave them. Initial-exec TLS: no allocation when first used in a signal handler. */
@@ -69,11 +72,23 @@ int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, 
     regenerator_depth++;
     if (at_unsafe_point)
         vr_hold_gil_switches(); /* no forced GIL switch until the faulting operation resumes */
-    int rc = vr_python_regenerate(region->python_handle, offset, buffer, length, at_unsafe_point);
+    int flags = (at_unsafe_point ? VR_CALLBACK_AT_UNSAFE_POINT : 0) |
+                (regenerator_depth == 1 ? VR_CALLBACK_OUTERMOST : 0);
+    int rc, interrupted = 0;
+    for (int attempt = 1;; attempt++) {
+        rc = vr_python_regenerate(region->python_handle, offset, buffer, length, flags);
+        if (rc != CALLBACK_RETRY)
+            break;
+        interrupted = 1;
+        if (attempt == CALLBACK_ATTEMPTS) {
+            rc = CALLBACK_FAILED; /* interrupted every time: fail by policy, still deliver */
+            break;
+        }
+    }
     if (at_unsafe_point)
         vr_release_gil_switches();
     regenerator_depth--;
-    if (rc == CALLBACK_OK_INTERRUPTED || rc == CALLBACK_FAILED_INTERRUPTED)
+    if (interrupted || rc == CALLBACK_OK_INTERRUPTED || rc == CALLBACK_FAILED_INTERRUPTED)
         deliver_later();
     if (regenerator_depth == 0 && deliver_when_done) {
         deliver_when_done = 0;

@@ -489,13 +489,28 @@ void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int
     }
 }
 
-/* In a forked child: the threads that held chunks for system calls, or regenerated them, are gone. */
+/* In a forked child: the threads that held chunks for system calls, or regenerated them, are gone,
+ * and so is a close() another thread was draining at the fork (the child's region is open: without
+ * this, every fault the child takes without the GIL would wait for an unmap that never comes). */
 void vr_region_forget_threads(vr_region *region)
 {
+    if (__atomic_load_n(&region->closing, __ATOMIC_ACQUIRE) == VR_CLOSING)
+        __atomic_store_n(&region->closing, VR_OPEN, __ATOMIC_RELEASE);
     for (size_t chunk = 0; chunk < region->chunk_count; chunk++) {
         region->holds[chunk] = 0;
         region->owners[chunk] = 0;
     }
+}
+
+/* A forked child that cannot serve the region (no userfaultfd of its own, no mapping budget left):
+ * a page missing now, or discarded later, would read as zeros. Make the whole region inaccessible
+ * instead (an access raises SIGSEGV): wrong bytes are never handed out. Called from the at-fork
+ * hook, where the child is single-threaded. */
+int vr_region_fence(vr_region *region)
+{
+    if (mprotect((void *)region->base, region->size, PROT_NONE) < 0)
+        return -errno;
+    return 0;
 }
 
 /* For close(): Python reads the states with the GIL held (a cffi call would let it go). */

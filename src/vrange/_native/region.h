@@ -105,9 +105,12 @@ enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
 
 /* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
  * offset. Takes the GIL itself (a no-op when the calling thread holds it). Call it only through
- * vr_run_python_regenerator (python_regenerator.c). */
-int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len,
-                         int at_unsafe_point);
+ * vr_run_python_regenerator (python_regenerator.c). `flags`: VR_CALLBACK_* below. */
+int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len, int flags);
+enum {
+    VR_CALLBACK_AT_UNSAFE_POINT = 1, /* the thread faulted while holding the GIL */
+    VR_CALLBACK_OUTERMOST = 2        /* no other regenerator callback runs on this thread */
+};
 /* Run the region's Python regenerator; 0 or -1. `at_unsafe_point`: the calling thread faulted while
  * holding the GIL (no other Python thread may run until the faulting operation completes). */
 int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
@@ -167,6 +170,7 @@ int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_
 void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta);
 void vr_region_set_policy(vr_region *region, int priority, int group);
 void vr_region_forget_threads(vr_region *region);
+int vr_region_fence(vr_region *region);
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
 void vr_region_set_file_size(vr_region *region, int64_t file_size);
 uint8_t *vr_region_chunk_state_array(vr_region *region);

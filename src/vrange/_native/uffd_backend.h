@@ -104,7 +104,6 @@ int vr_region_resume(vr_region *region);
 int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler);
-int vr_region_fence_after_fork(vr_region *region);
 /* cffi: end */
 
 /* internal to the backend */

@@ -106,18 +106,6 @@ int vr_region_close(vr_region *region)
     return 0;
 }
 
-/* A forked child that cannot open a userfaultfd of its own: its copy of the mapping is not registered,
- * so a page missing now, or discarded later by the kernel (a volatile chunk), would read as zeros, and
- * the inherited descriptor serves the parent's memory, never the child's. Make the whole region
- * inaccessible instead (an access raises SIGSEGV): wrong bytes are never handed out. Called from the
- * at-fork hook, where the child is single-threaded. */
-int vr_region_fence_after_fork(vr_region *region)
-{
-    if (mprotect((void *)region->base, region->size, PROT_NONE) < 0)
-        return -errno;
-    return 0;
-}
-
 /* close() found the region still exported: open it again and wake the faults set aside. */
 int vr_region_resume(vr_region *region)
 {

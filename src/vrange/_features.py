@@ -8,6 +8,7 @@ it never raises: a probe that fails unexpectedly is recorded in ``Features.probe
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import threading
 import time
@@ -76,7 +77,7 @@ PROBED_ADVICE = ("FREE", "COLD", "PAGEOUT", "POPULATE_READ", "POPULATE_WRITE", "
 
 CAP_SYS_PTRACE = 19
 SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
-KERNEL_FAULT_PROBE_TIMEOUT_MS = 1000
+KERNEL_FAULT_PROBE_TIMEOUTS_MS = (1000, 3000, 6000)
 # cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit number.
 CGROUP_V1_UNLIMITED = 1 << 62
 
@@ -446,9 +447,13 @@ def _probe_userfaultfd(run: _ProbeRun) -> UserfaultfdReport:
                 features_mask, ioctls_mask = int(features_out[0]), int(ioctls_out[0])
                 range_out = ffi.new("uint64_t *")
                 serves_out = ffi.new("int *", -1)
-                fault_result = lib.vr_probe_uffd_kernel_fault(
-                    fd, KERNEL_FAULT_PROBE_TIMEOUT_MS, range_out, serves_out
-                )
+                # A loaded machine may not schedule the probe's reader thread in time: only a
+                # timeout is tried again, with more time.
+                for timeout_ms in KERNEL_FAULT_PROBE_TIMEOUTS_MS:
+                    fault_result = lib.vr_probe_uffd_kernel_fault(fd, timeout_ms, range_out,
+                                                                  serves_out)
+                    if fault_result != -errno.ETIMEDOUT:
+                        break
                 if fault_result < 0:
                     run.errors.append("userfaultfd: the syscall-fault probe failed with "
                                       f"{describe_errno(-fault_result)}")

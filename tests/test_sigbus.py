@@ -242,42 +242,49 @@ def test_memfd_trap_regions_reserve_their_mappings_from_a_process_wide_budget(
     assert report.mappings().reserved == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="lowers vm.max_map_count (needs root)")
 @pytest.mark.hang_timeout(120)
 def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error(
         report: vrange.Features) -> None:
-    """With vm.max_map_count lowered (restored afterwards): a region whose worst case does not fit
-    is refused at creation; one that fits refills every other chunk (its worst case) without
-    dying; and when the limit drops below what a refill needs, mark_nonvolatile raises a
-    RegenerationError that names vm.max_map_count instead of blaming the source."""
+    """A process close to vm.max_map_count (its own mappings split page by page, in a child; the
+    limit itself is left alone): a region whose worst case does not fit is refused at creation; one
+    that fits refills every other chunk (its worst case) without dying; and once the process is at
+    the limit, mark_nonvolatile raises a RegenerationError that names vm.max_map_count instead of
+    blaming the source."""
     skip_unless_available(report, "sigbus:memfd")
-    with open("/proc/sys/vm/max_map_count") as file:
-        original = file.read().strip()
-    script = textwrap.dedent("""
-        import vrange
-        from vrange import sources
-        def set_limit(value):
-            with open("/proc/sys/vm/max_map_count", "w") as file:
-                file.write(str(value))
+    result = run_python("""
+        import ctypes, errno
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        PAGE, CHUNK = mmap.PAGESIZE, vrange.DEFAULT_CHUNK_SIZE
+        limit = vrange.features().mappings().max_map_count
         def map_count():
             with open("/proc/self/maps") as maps:
                 return sum(1 for _ in maps)
-        CHUNK = vrange.DEFAULT_CHUNK_SIZE
-        set_limit(map_count() + 3000)   # a budget of about 1500
+        padding = mmap.mmap(-1, 2 * limit * PAGE)  # virtual only: never touched
+        base = ctypes.addressof(ctypes.c_char.from_buffer(padding))
+        next_page = 0
+        def split(pages):  # each read-only page amid the padding is two more mappings
+            global next_page
+            for _ in range(pages):
+                if libc.mprotect(base + next_page * PAGE, PAGE, 1) != 0:
+                    return ctypes.get_errno()
+                next_page += 2
+            return 0
+        split((limit - 2000 - map_count()) // 2)
         try:
-            vrange.Region(2048 * CHUNK, sources.Zeros(), backend="sigbus:memfd")
-            raise AssertionError("a region beyond the budget was created")
+            vrange.Region(2048 * CHUNK, sources.Zeros(), backend=SPEC)
+            raise AssertionError("a region beyond the free mappings was created")
         except vrange.VRangeError as error:
             assert "max_map_count" in str(error), error
-        region = vrange.Region(1024 * CHUNK, sources.Zeros(), backend="sigbus:memfd")
+        region = vrange.Region(512 * CHUNK, sources.Zeros(), backend=SPEC)
         before = map_count()
-        for chunk in range(0, 1024, 2):   # every other chunk: the most mappings it can take
+        for chunk in range(0, 512, 2):   # every other chunk: the most mappings it can take
             region[chunk * CHUNK] = 1
         used = map_count() - before
         assert 0 < used <= region.stats().mappings_reserved, used
         region.mark_volatile()
         region.purge()
-        set_limit(map_count() + 10)  # now the refills below cannot all get a mapping
+        assert split(limit) == errno.ENOMEM  # now at the limit: refills cannot get a mapping
         try:
             region.mark_nonvolatile()
             raise AssertionError("mark_nonvolatile succeeded past vm.max_map_count")
@@ -286,13 +293,7 @@ def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error(
             assert "vm.max_map_count" in message and "ENOMEM" in message, message
             assert "native source" not in message, message
         print("ok", used, flush=True)
-    """)
-    try:
-        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                timeout=100, check=False)
-    finally:
-        with open("/proc/sys/vm/max_map_count", "w") as file:
-            file.write(original)
+    """, "sigbus:memfd")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ok" in result.stdout
 

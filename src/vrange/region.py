@@ -593,4 +593,5 @@ class Region(mmap.mmap):
                 pass
 
     def resize(self, newsize: int) -> None:
+        self._check_open()  # like every other call on a closed region: ValueError
         raise OSError("a vrange.Region cannot be resized")

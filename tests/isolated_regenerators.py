@@ -1,4 +1,4 @@
-"""Regenerators for tests/test_isolated.py: a helper process imports them by name."""
+"""Regenerators for Isolated sources in the tests: a helper process imports them by name."""
 
 from __future__ import annotations
 
@@ -28,3 +28,16 @@ def dies_once(offset: int, buf: memoryview, flag: str) -> None:
 
 def hangs(offset: int, buf: memoryview) -> None:
     time.sleep(3600)
+
+
+def seeded_bytes(seed: int, offset: int, length: int) -> bytes:
+    """A pattern like conftest's, a different one for every seed (tests/test_state_machine.py)."""
+    import numpy as np
+
+    positions = np.arange(offset, offset + length, dtype=np.uint64)
+    values = (positions * np.uint64(2654435761) >> np.uint64(13)) + np.uint64(seed)
+    return (values % np.uint64(251)).astype(np.uint8).tobytes()
+
+
+def seeded_pattern(offset: int, buf: memoryview, seed: int) -> None:
+    buf[:] = seeded_bytes(seed, offset, len(buf))

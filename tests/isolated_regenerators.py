@@ -1,15 +1,16 @@
-"""Regenerators for Isolated sources in the tests: a helper process imports them by name."""
+"""Regenerators for Isolated sources in the tests: a helper process imports them by name (and only
+what they use: a helper starts faster without pytest and numpy)."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from conftest import pattern
-
 
 def slow_pattern(offset: int, buf: memoryview, delay: float) -> None:
     """Takes ``delay`` seconds (sleeping: it would let the GIL go, were it in-process)."""
+    from conftest import pattern
+
     time.sleep(delay)
     buf[:] = pattern(offset, len(buf))
 
@@ -23,6 +24,8 @@ def dies_once(offset: int, buf: memoryview, flag: str) -> None:
         with open(flag, "w"):
             pass
         os._exit(3)
+    from conftest import pattern
+
     buf[:] = pattern(offset, len(buf))
 
 
@@ -41,3 +44,8 @@ def seeded_bytes(seed: int, offset: int, length: int) -> bytes:
 
 def seeded_pattern(offset: int, buf: memoryview, seed: int) -> None:
     buf[:] = seeded_bytes(seed, offset, len(buf))
+
+
+def filled(offset: int, buf: memoryview, value: int) -> None:
+    """Every byte ``value`` (no numpy: the quickest helper to start, tests/test_leaks.py)."""
+    buf[:] = bytes([value]) * len(buf)

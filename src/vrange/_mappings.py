@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 from .errors import VRangeError
@@ -23,6 +24,8 @@ BUDGET_SHARE = 2
 """vrange reserves at most 1/BUDGET_SHARE of ``vm.max_map_count``."""
 HEADROOM = 1024
 """Mappings left free for others when a region's worst case is checked against today's count."""
+COUNT_MAX_AGE_S = 0.5
+"""How old a reading of the process's mapping count may be when it is far from the limit."""
 
 
 def _read_max_map_count() -> int:
@@ -62,6 +65,7 @@ class MappingBudget:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._reserved = 0
+        self._count_cache = (0, -COUNT_MAX_AGE_S - 1.0)
 
     @property
     def max_map_count(self) -> int:
@@ -71,7 +75,7 @@ class MappingBudget:
         """Reserve ``count`` mappings for ``what``, or raise VRangeError saying why not."""
         max_map_count = self.max_map_count
         budget = max_map_count // BUDGET_SHARE
-        in_use = process_mapping_count()  # read before the lock: reading lets the GIL go
+        in_use = self._recent_mapping_count(count, max_map_count)
         with self._lock:
             if self._reserved + count > budget:
                 raise VRangeError(
@@ -86,6 +90,18 @@ class MappingBudget:
                     f"process has {in_use} of the {max_map_count} the kernel allows "
                     f"(vm.max_map_count): close regions, or use a larger chunk_size")
             self._reserved += count
+
+    def _recent_mapping_count(self, count: int, max_map_count: int) -> int:
+        """The process's mapping count, read again only when the last reading is older than
+        COUNT_MAX_AGE_S or this reservation comes near the limit by it (reading /proc/self/maps
+        takes milliseconds with many mappings; a program creating regions in a loop would pay
+        that every time). Read outside the lock: reading lets the GIL go."""
+        now = time.monotonic()
+        cached, read_at = self._count_cache
+        if now - read_at > COUNT_MAX_AGE_S or cached + count > max_map_count - 4 * HEADROOM:
+            cached = process_mapping_count()
+            self._count_cache = (cached, now)
+        return cached
 
     def release(self, count: int) -> None:
         with self._lock:

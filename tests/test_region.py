@@ -910,13 +910,20 @@ def test_a_forked_child_without_userfaultfd_never_reads_zeros_on_the_uffd_backen
     parent: if the child cannot open a userfaultfd, its calls on the region raise a clear error and
     a raw access faults (SIGSEGV) instead of reading zeros for purged pages."""
     result = run_python("""
-        import signal
+        import ctypes, signal, time
         from vrange.testing import deny_userfaultfd
-        region = vrange.Region(4 * CHUNK, lambda offset, buf: buf.__setitem__(
-            slice(None), bytes([offset // CHUNK + 1]) * len(buf)), backend=BACKEND)
+        def regenerate(offset, buf):
+            if offset == 2 * CHUNK:
+                time.sleep(0.5)
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+        region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
         assert region[CHUNK] == 2
         region.mark_volatile()
         region.purge()
+        address = region.address
+        slow = threading.Thread(target=lambda: region[2 * CHUNK])
+        slow.start()
+        time.sleep(0.1)  # its refill is in flight at fork()
         deny_userfaultfd(include_dev=True)
         pid = os.fork()
         if pid == 0:
@@ -925,16 +932,22 @@ def test_a_forked_child_without_userfaultfd_never_reads_zeros_on_the_uffd_backen
                 os._exit(3)
             except vrange.VRangeError as error:
                 print("refused:", "forked child" in str(error), flush=True)
-            region[CHUNK]  # a raw read of a purged page: SIGSEGV, never zero
+            started = time.monotonic()
+            region.close()  # unusable, not busy: at once, even with a refill in flight at fork
+            print("closed", region.closed, time.monotonic() - started < 1, flush=True)
+            raw = (ctypes.c_char * 1).from_address(address + CHUNK)
+            raw.value  # a raw read of a purged page: SIGSEGV, never zero
             os._exit(4)
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status), flush=True)
+        slow.join()
         assert region[CHUNK] == 2  # the parent still works
         region.close()
     """, backend)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "refused: True" in result.stdout and f"child {-signal.SIGSEGV}" in result.stdout, \
         result.stdout + result.stderr[-2000:]
+    assert "closed True True" in result.stdout, result.stdout
 
 
 @pytest.mark.hang_timeout(120)
@@ -977,6 +990,41 @@ def test_fork_while_close_drains_leaves_the_child_a_working_region(backend: str)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mark_nonvolatile 0 True" in result.stdout and "hashlib 0 True" in result.stdout, \
         result.stdout
+
+
+@pytest.mark.hang_timeout(120)
+def test_close_waits_for_a_gil_holder_that_waits_for_another_threads_refill(backend: str) -> None:
+    """A thread slicing (GIL held) a chunk another thread is regenerating lets the GIL go while it
+    waits; close() must not unmap under its statement meanwhile (SIGSEGV within dozens of rounds)."""
+    result = run_python("""
+        import hashlib, time
+        def regenerate(offset, buf):
+            time.sleep(0.02)  # runs without the faulting thread's GIL: allowed
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+        for round_number in range(60):
+            region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+            hashed = threading.Event()
+            def hasher():
+                with memoryview(region) as view:
+                    hashlib.sha256(view[0:CHUNK])  # lets the GIL go: served without it
+                hashed.set()
+            def slicer():
+                time.sleep(0.005)  # while chunk 0 is being regenerated
+                try:
+                    assert bytes(region[0:8]) == bytes([1]) * 8
+                except ValueError:
+                    pass  # closed first: fine
+            threads = [threading.Thread(target=hasher), threading.Thread(target=slicer)]
+            for thread in threads:
+                thread.start()
+            hashed.wait()
+            region.close()
+            for thread in threads:
+                thread.join()
+        print("ok", flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok" in result.stdout
 
 
 @pytest.mark.hang_timeout(180)

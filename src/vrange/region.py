@@ -559,13 +559,15 @@ class Region(mmap.mmap):
             timeout_ms = CLOSE_TIMEOUT_MS
             if isinstance(self._regenerate, Isolated):  # a fault may wait that long for its helper
                 timeout_ms = max(timeout_ms, self._regenerate._timeout_ms + 2000)
-            self._core.quiesce(timeout_ms)
-            # A thread that held the GIL while close() waited above may have started a refill (it
-            # is served, not parked: close() could not unmap under its statement while it holds
-            # the GIL). Now this thread holds the GIL, so no such refill can start: wait for the
-            # ones running, and unmap only when none is.
-            while self._core.any_in_flight():
+            if not self._core.unusable:  # a fenced region in a forked child: nothing runs on it
                 self._core.quiesce(timeout_ms)
+                # A thread that held the GIL while close() waited above may have started a refill
+                # (it is served, not parked: close() could not unmap under its statement while it
+                # holds the GIL), or let the GIL go to wait for another thread's refill. Now this
+                # thread holds the GIL, so no such refill or wait can start: wait for the ones
+                # running, and unmap only when none is.
+                while self._core.any_in_flight():
+                    self._core.quiesce(timeout_ms)
             try:
                 mmap.mmap.close(self)
             except BufferError:  # exported (a memoryview, a numpy array): the region stays open

@@ -146,8 +146,11 @@ class BackendRegion(abc.ABC):
         """close() could not unmap (the region is exported): open the region again."""
 
     def any_in_flight(self) -> bool:
-        """Whether a chunk is being refilled or purged, read without letting the GIL go: a thread
-        that faulted while holding the GIL cannot start a refill while this runs."""
+        """Whether a chunk is being refilled or purged, or a thread that faulted while holding the
+        GIL let it go to wait for one (it is in the middle of a statement that uses the region),
+        read without letting the GIL go: such a thread cannot start a refill while this runs."""
+        if lib.vr_region_gil_waiters_counter(self.pointer)[0]:  # returns a pointer: no wait
+            return True
         states = ffi.buffer(lib.vr_region_chunk_state_array(self.pointer), self.chunk_count)
         return bool(bytes(states).translate(_IN_FLIGHT_BITS).strip(b"\0"))
 

@@ -112,3 +112,22 @@ int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offse
     PyGILState_Release(gil);
     return rc;
 }
+
+/* A thread faulted on a chunk another thread is regenerating: wait until it is done. If this thread
+ * holds the GIL, let go of it meanwhile (the other regenerator may need it), and count the wait in
+ * `gil_waiters`: the thread is in the middle of a statement that touches the region, so close() must
+ * not unmap until it is back (close() checks the count with the GIL held, see Region.close). */
+void vr_wait_for_chunk(vr_region *region, size_t chunk)
+{
+    PyThreadState *saved = NULL;
+    if (PyGILState_Check()) {
+        __atomic_fetch_add(&region->gil_waiters, 1, __ATOMIC_SEQ_CST);
+        saved = PyEval_SaveThread();
+    }
+    while (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
+        vr_pause_briefly();
+    if (saved) {
+        PyEval_RestoreThread(saved);
+        __atomic_fetch_sub(&region->gil_waiters, 1, __ATOMIC_SEQ_CST);
+    }
+}

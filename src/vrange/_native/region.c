@@ -508,10 +508,16 @@ void vr_region_forget_threads(vr_region *region)
  * hook, where the child is single-threaded. */
 int vr_region_fence(vr_region *region)
 {
+    /* Nothing runs on it in this child: a refill in flight at fork() belonged to another thread. */
+    for (size_t chunk = 0; chunk < region->chunk_count; chunk++)
+        vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
     if (mprotect((void *)region->base, region->size, PROT_NONE) < 0)
         return -errno;
     return 0;
 }
+
+/* For close(): Python reads the count with the GIL held (a cffi call would let it go). */
+int *vr_region_gil_waiters_counter(vr_region *region) { return &region->gil_waiters; }
 
 /* For close(): Python reads the states with the GIL held (a cffi call would let it go). */
 uint8_t *vr_region_chunk_state_array(vr_region *region) { return region->chunk_state; }

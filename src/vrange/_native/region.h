@@ -86,6 +86,7 @@ struct vr_region {
     int active;          /* sigbus backend: signal handlers inside this region now */
     int last_native_error; /* errno of the last native-source failure, for the Python error */
     int last_map_error;    /* errno of the last failure to map a refilled chunk (memfd trap) */
+    int gil_waiters;       /* threads that let the GIL go mid-statement to wait for a chunk */
     /* Purge policy (pressure.c): lower priorities are purged first, then the chunks marked volatile
      * longest ago; a chunk held for a system call (vrange.io) is never purged by vrange. */
     int priority;
@@ -107,6 +108,7 @@ enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
  * offset. Takes the GIL itself (a no-op when the calling thread holds it). Call it only through
  * vr_run_python_regenerator (python_regenerator.c). `flags`: VR_CALLBACK_* below. */
 int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len, int flags);
+void vr_wait_for_chunk(vr_region *region, size_t chunk);
 enum {
     VR_CALLBACK_AT_UNSAFE_POINT = 1, /* the thread faulted while holding the GIL */
     VR_CALLBACK_OUTERMOST = 2        /* no other regenerator callback runs on this thread */
@@ -171,6 +173,7 @@ void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int
 void vr_region_set_policy(vr_region *region, int priority, int group);
 void vr_region_forget_threads(vr_region *region);
 int vr_region_fence(vr_region *region);
+int *vr_region_gil_waiters_counter(vr_region *region);
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
 void vr_region_set_file_size(vr_region *region, int64_t file_size);
 uint8_t *vr_region_chunk_state_array(vr_region *region);

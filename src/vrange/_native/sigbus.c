@@ -80,19 +80,6 @@ static void release_chunk(vr_region *region, size_t chunk)
     vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
 }
 
-/* Another thread is regenerating this chunk: wait for it. If this thread holds the GIL, let go of
- * it while waiting: the other thread may need it to run a Python regenerator. */
-static void wait_for_chunk(vr_region *region, size_t chunk)
-{
-    PyThreadState *saved = NULL;
-    if (PyGILState_Check())
-        saved = PyEval_SaveThread();
-    while (vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)
-        vr_pause_briefly();
-    if (saved)
-        PyEval_RestoreThread(saved);
-}
-
 /* Fill `buffer` with the chunk's bytes: a Python regenerator (through cffi, which takes the GIL if
  * this thread does not hold it) or a native source. 0, -EIO (the regenerator raised), -ESHUTDOWN
  * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. */
@@ -118,7 +105,7 @@ int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_
     if (!claim_chunk(region, chunk)) {
         if (region->owners[chunk] == current_tid())
             return 0; /* a regenerator touching the chunk it is regenerating: fail, never hang */
-        wait_for_chunk(region, chunk);
+        vr_wait_for_chunk(region, chunk);
         return 1;
     }
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
@@ -155,7 +142,7 @@ int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_si
     if (!trap->chunk_missing(region, chunk))
         return 0;
     if (!claim_chunk(region, chunk)) {
-        wait_for_chunk(region, chunk);
+        vr_wait_for_chunk(region, chunk);
         return 1;
     }
     int rc = 0;

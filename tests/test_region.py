@@ -1027,6 +1027,30 @@ def test_close_waits_for_a_gil_holder_that_waits_for_another_threads_refill(back
     assert "ok" in result.stdout
 
 
+def test_a_regenerator_run_again_after_an_interrupt_gets_a_zeroed_buffer(backend: str) -> None:
+    """The interrupted attempt's bytes do not stay behind: the retry gets a zeroed buffer, and the
+    interrupt is raised afterwards."""
+    result = run_python("""
+        attempts = []
+        def regenerate(offset, buf):
+            attempts.append(bytes(buf[:4]))
+            if len(attempts) == 1:
+                buf[:4] = b"junk"
+                raise KeyboardInterrupt
+            buf[8:12] = b"good"
+        region = vrange.Region(2 * CHUNK, regenerate, backend=BACKEND)
+        try:
+            data = bytes(region[:12])
+            for _ in range(1000):  # the interrupt comes at a safe point after the access
+                pass
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+        print(bytes(region[:12]) == bytes(8) + b"good", attempts == [bytes(4)] * 2, flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "interrupted\nTrue True" in result.stdout, result.stdout
+
+
 @pytest.mark.hang_timeout(180)
 def test_ctrl_c_at_any_moment_of_a_refill_is_raised_not_fatal(backend: str) -> None:
     """SIGINT at a random moment while a loop reads purged chunks: the program gets its

@@ -63,16 +63,20 @@ _scratch = _ScratchBuffers()
 _zeros: Any = ffi.new("char[]", 1)
 
 
+def _zero(buffer: Any, length: int) -> None:
+    global _zeros
+    if ffi.sizeof(_zeros) < length:
+        _zeros = ffi.new("char[]", length)
+    ffi.memmove(buffer, _zeros, length)
+
+
 def _take_scratch(length: int) -> Any:
     """A zeroed scratch buffer of at least ``length`` bytes (a cffi ``char[]``)."""
-    global _zeros
     spare = _scratch.spare
     while spare:
         buffer = spare.pop()
         if ffi.sizeof(buffer) >= length:
-            if ffi.sizeof(_zeros) < length:
-                _zeros = ffi.new("char[]", length)
-            ffi.memmove(buffer, _zeros, length)
+            _zero(buffer, length)
             return buffer
     return ffi.new("char[]", length)  # zeroed
 
@@ -196,7 +200,9 @@ def _run(region: Regenerating, offset: int, buffer: Any, length: int,
     try:
         with _at_unsafe_point() if at_unsafe_point else nullcontext():
             regenerate = region.regenerator()
-            for _ in range(ATTEMPTS_WHEN_INTERRUPTED):
+            for attempt in range(ATTEMPTS_WHEN_INTERRUPTED):
+                if attempt:  # the interrupted attempt's bytes must not stay behind
+                    _zero(scratch, length)
                 try:
                     regenerate(offset, view)
                 except Exception as error:  # noqa: BLE001 - recorded, reported by policy

@@ -850,6 +850,50 @@ def test_regions_created_and_closed_from_many_threads_at_once(backend: str) -> N
     assert "ok []" in result.stdout
 
 
+def test_a_chained_regenerator_exception_does_not_keep_the_region_exported(backend: str) -> None:
+    """``raise X from cause`` in a regenerator: the cause's frames (which hold the caller's
+    memoryview of the region) are dropped with the traceback text kept, so close() works."""
+    def regenerate(offset: int, buf: memoryview) -> None:
+        try:
+            raise KeyError(offset)
+        except KeyError as cause:
+            raise RuntimeError("cannot regenerate") from cause
+
+    region = make(backend, regenerate, on_error="zeros")
+
+    def read_through_a_view() -> None:
+        with memoryview(region) as view:
+            bytes(view[0:8])
+
+    read_through_a_view()
+    region.close()
+    assert region.closed
+    _, error = region.regeneration_failures[0]
+    assert isinstance(error.__cause__, KeyError) and error.__cause__.__traceback__ is None
+    assert "KeyError" in error.vrange_traceback  # type: ignore[attr-defined]
+
+
+def test_closing_a_region_from_another_regions_regenerator_frees_it(
+        backend: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Allowed (only a region's own regenerator is refused); on sigbus it runs inside a SIGBUS
+    handler, so the region is freed by a later close() or creation, without a false warning."""
+    others = [make(backend, sources.Zeros(), size=CHUNK) for _ in range(5)]
+
+    def regenerate(offset: int, buf: memoryview) -> None:
+        if others:
+            others.pop().close()
+        buf[:] = pattern(offset, len(buf))
+
+    with make(backend, regenerate) as region:
+        for chunk in range(5):
+            assert region[chunk * CHUNK] == pattern(chunk * CHUNK, 1)[0]
+    assert not others
+    make(backend, sources.Zeros(), size=CHUNK).close()  # frees what could not be freed then
+    assert "still running" not in caplog.text
+    from vrange._backends import sigbus
+    assert not sigbus._detached and not sigbus._leaked
+
+
 def test_numpy_export_blocks_close(backend: str) -> None:
     region = make(backend, CountingRegenerator())
     array = np.frombuffer(region, dtype=np.uint8)

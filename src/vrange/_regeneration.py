@@ -171,8 +171,14 @@ def _keep_as_text(error: BaseException) -> None:
     memoryview of a region (which could then never be closed)."""
     error.vrange_traceback = "".join(  # type: ignore[attr-defined]
         traceback.format_exception(type(error), error, error.__traceback__))
-    error.__traceback__ = None
     error.__context__ = None  # whatever the faulting thread was handling
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:  # `raise ... from cause`: its frames too
+        seen.add(id(link))
+        link.__traceback__ = None
+        link.__context__ = None
+        link = link.__cause__
 
 
 def run(region: Regenerating, offset: int, buffer: Any, length: int, flags: int) -> int:

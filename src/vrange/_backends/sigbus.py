@@ -30,6 +30,19 @@ _install_lock = threading.Lock()
 _live_regions: weakref.WeakSet[SigbusRegion] = weakref.WeakSet()
 # Closed regions a SIGBUS handler might still have been using past the grace period: never freed.
 _leaked: list[SigbusRegion] = []
+# Closed from inside a SIGBUS handler (another region's regenerator): freed by a later close() or
+# region creation, once no handler can be using them.
+_detached: list[SigbusRegion] = []
+_detached_lock = threading.Lock()  # the cffi calls below let the GIL go: never release one twice
+
+
+def _release_detached() -> None:
+    with _detached_lock:
+        for region in list(_detached):
+            if lib.vr_sigbus_idle(region.pointer) == 1:
+                _detached.remove(region)
+                lib.vr_region_release(region.pointer)
+                region.pointer = ffi.NULL
 
 TRAP_KINDS = {"uffd": lib.VR_TRAP_UFFD, "memfd": lib.VR_TRAP_MEMFD}
 
@@ -85,8 +98,9 @@ def _after_fork_in_child() -> None:
     """Threads that were inside a handler in the parent do not exist here; the child's copy of a
     uffd-trap region is not registered (a missing page would read as zeros): register it again with
     the child's own descriptor."""
-    global _install_lock
+    global _install_lock, _detached_lock
     _install_lock = threading.Lock()
+    _detached_lock = threading.Lock()
     regions = [region for region in list(_live_regions) if region.pointer != ffi.NULL]
     for region in regions:
         lib.vr_sigbus_after_fork(region.pointer)
@@ -165,6 +179,7 @@ class SigbusRegion(BackendRegion):
             check(result, action + (" — too many sigbus regions are open"
                                     if result == -errno.EMFILE else ""))
         _live_regions.add(self)
+        _release_detached()
         if trap == "uffd":
             # The kernel makes this trap's pages missing with no vrange call that could notice a
             # replaced SIGBUS handler: the monitor's thread watches for that.
@@ -218,10 +233,16 @@ class SigbusRegion(BackendRegion):
         if self.pointer == ffi.NULL:
             return
         _live_regions.discard(self)
-        if lib.vr_sigbus_detach(self.pointer) < 0:
+        result = lib.vr_sigbus_detach(self.pointer)
+        if result == -errno.EBUSY:  # closed from a regenerator, inside a SIGBUS handler
+            with _detached_lock:
+                _detached.append(self)
+            return
+        if result < 0:
             logger.warning("vrange: a SIGBUS handler was still running 5 s after the region closed; "
                            "its bookkeeping is kept for good")
             _leaked.append(self)
             return
         lib.vr_region_release(self.pointer)
         self.pointer = ffi.NULL
+        _release_detached()

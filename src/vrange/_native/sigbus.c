@@ -333,17 +333,26 @@ int vr_sigbus_detach(vr_region *region)
         region->trap_fd = -1;
     }
     if (handler_depth > 0)
-        return -EBUSY; /* called from inside a handler (a regenerator): waiting would wait on us */
+        return -EBUSY; /* called from inside a handler (a regenerator): waiting would wait on us;
+                        * Python frees it later, once vr_sigbus_idle says so */
     /* Lookups are short (no blocking inside): once none runs, no handler can still find us. */
     while (__atomic_load_n(&lookups_running, __ATOMIC_ACQUIRE) > 0)
         vr_pause_briefly();
     int64_t deadline = vr_monotonic_ns() + GRACE_PERIOD_TIMEOUT_NS;
     while (__atomic_load_n(&region->active, __ATOMIC_ACQUIRE) > 0) {
         if (vr_monotonic_ns() > deadline)
-            return -EBUSY;
+            return -ETIMEDOUT;
         vr_pause_briefly();
     }
     return 0;
+}
+
+/* 1 if a detached region may be freed now: no handler can find it or is inside it. Not from a
+ * handler. */
+int vr_sigbus_idle(vr_region *region)
+{
+    return handler_depth == 0 && __atomic_load_n(&lookups_running, __ATOMIC_ACQUIRE) == 0 &&
+           __atomic_load_n(&region->active, __ATOMIC_ACQUIRE) == 0;
 }
 
 /* close() found the region still exported: open it again. */

@@ -21,6 +21,7 @@ int vr_sigbus_handler_is_ours(void);
 void vr_sigbus_python_finalized(void);
 int vr_sigbus_attach(vr_region *region, int trap_kind, int trap_uffd);
 int vr_sigbus_detach(vr_region *region);
+int vr_sigbus_idle(vr_region *region);
 void vr_sigbus_resume(vr_region *region);
 void vr_sigbus_after_fork(vr_region *region);
 

@@ -1,13 +1,16 @@
-"""``python -m vrange``: features, demo."""
+"""``python -m vrange``: features, demo, bench, stress."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import textwrap
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from ._features import Features, ProbeOutcome, features
@@ -133,6 +136,44 @@ def _command_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_stress(args: argparse.Namespace) -> int:
+    from .stress import format_reports, options_from, parse_specs, run, run_backend
+
+    try:
+        options = options_from(args)
+        specs = parse_specs(args)
+    except ValueError as error:
+        print(f"python -m vrange stress: {error}", file=sys.stderr)
+        return 2
+    if args.child:  # one backend, in this process: JSON lines for the parent
+        if not specs or len(specs) != 1:
+            print("python -m vrange stress --child: exactly one --backend", file=sys.stderr)
+            return 2
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        lock = threading.Lock()
+
+        def emit(message: dict[str, Any]) -> None:
+            with lock:  # the watchdog thread emits too
+                sys.stdout.write(json.dumps(message) + "\n")
+                sys.stdout.flush()
+
+        emit({"result": run_backend(specs[0], options, emit).as_dict()})
+        return 0
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    reports = run(options, specs, say)
+    ok = bool(reports) and all(report.ok for report in reports)
+    if args.json:
+        print(json.dumps({"ok": ok, "options": options.__dict__,
+                          "backends": [report.as_dict() for report in reports]}, indent=2))
+    else:
+        print()
+        print(format_reports(reports) if reports else "No backend can run here.")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vrange", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vrange {__version__}")
@@ -149,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="measure fault costs against a baseline")
     bench_parser.add_argument("--quick", action="store_true", help="fewer pages, one run")
     bench_parser.set_defaults(handler=_command_bench)
+    stress_parser = commands.add_parser(
+        "stress", help="threads × regions doing everything at once, every byte checked")
+    from .stress import add_arguments as add_stress_arguments
+
+    add_stress_arguments(stress_parser)
+    stress_parser.set_defaults(handler=_command_stress)
     return parser
 
 

@@ -173,7 +173,9 @@ class BackendReport:
     operations: dict[str, int] = field(default_factory=dict)
     """Operations done, by kind (see OPERATION_WEIGHTS)."""
     faults: int = 0
-    """Faults served by regenerating a chunk (``RegionStats.faults_served``, every region made)."""
+    """Faults served by regenerating a chunk (``RegionStats.faults_served`` of every region made;
+    in the report of a run that did not finish, of the regions closed until then). The same holds
+    for the other RegionStats sums below."""
     bytes_regenerated: int = 0
     python_regenerations: int = 0
     """Calls of the in-process Python regenerators."""
@@ -290,7 +292,14 @@ class Slot:
         """Threads holding a memoryview of the region (every use holds one: close() refuses)."""
         self.discards_active = 0
         self.discards_started = 0
-        self.totals: collections.Counter[str] = collections.Counter()
+        from ._backends._base import PURGE_REASONS
+
+        # Every key from the start: a progress report reads these while the owner adds to them.
+        self.totals: collections.Counter[str] = collections.Counter(
+            {key: 0 for key in ("faults_served", "bytes_regenerated", "volatile_refills",
+                                "regeneration_errors",
+                                *(f"purges_{reason}" for reason in PURGE_REASONS))})
+        """RegionStats of the regions this slot closed (and, at the end, of its last one)."""
         self.regenerators: list[PatternRegenerator] = []
 
     def touching(self, start: int, end: int) -> tuple[int, int]:
@@ -476,7 +485,6 @@ class Stress:
         self.kernel_reclaims = spec in ("uffd", "sigbus:uffd") or spec == "sigbus" and \
             self._auto_trap() == "uffd"
         self.chunk_atomic = False
-        self.retired: list[Slot] = []
         self.operations = [name for name in OPERATIONS
                            if name != "page_out" or self.kernel_reclaims]
         self.weights = [OPERATION_WEIGHTS[name] for name in self.operations]
@@ -524,9 +532,9 @@ class Stress:
             metrics.update(dict(worker.metrics))
         totals: collections.Counter[str] = collections.Counter()
         python_calls = 0
-        if complete:
-            for slot in [*self.slots, *self.retired]:
-                totals.update(slot.totals)
+        for slot in self.slots:  # closed regions only, until the end
+            totals.update(dict(slot.totals))
+            if complete:
                 python_calls += sum(regenerator.calls for regenerator in slot.regenerators)
         hangs = metrics["fork_hangs"]
         crashes = metrics["fork_crashes"]

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._backends import usable_specs
+
 TILE = 64 << 10
 DISTINCT_SOURCES = 64
 HOT_FRACTION = 0.1
@@ -306,18 +308,8 @@ def _child(arguments: list[str], cgroup: Path | None,
 
 
 def _usable_specs() -> list[str]:
-    from ._features import features
-
-    report = features()
     chosen = os.environ.get("VRANGE_BACKEND")
-    if chosen:
-        return [chosen]
-    specs = []
-    for spec in ("uffd", "sigbus:uffd", "sigbus:memfd"):
-        name, _, trap = spec.partition(":")
-        if report.backend(name).usable and (not trap or report.trap(trap).usable):
-            specs.append(spec)
-    return specs
+    return [chosen] if chosen else usable_specs()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ._backends import usable_specs
+
 logger = logging.getLogger("vrange.stress")
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -1346,19 +1348,6 @@ def run_backend(spec: str, options: StressOptions,
     meant for a process of its own (``python -m vrange stress --child``)."""
     faulthandler.enable()
     return Stress(spec, options, emit).run()
-
-
-def usable_specs() -> list[str]:
-    """Every backend spec this machine can run: ``uffd``, ``sigbus:uffd``, ``sigbus:memfd``."""
-    from ._features import features
-
-    report = features()
-    specs = []
-    for spec in ("uffd", "sigbus:uffd", "sigbus:memfd"):
-        name, _, trap = spec.partition(":")
-        if report.backend(name).usable and (not trap or report.trap(trap).usable):
-            specs.append(spec)
-    return specs
 
 
 def _excerpt(text: str, head: int = 3000, tail: int = 1500) -> str:

@@ -32,6 +32,20 @@ def available_backends() -> tuple[str, ...]:
     return tuple(support.name for support in features().backends if support.usable)
 
 
+def usable_specs() -> list[str]:
+    """Every explicit backend spec this process can run (``uffd``, ``sigbus:uffd``,
+    ``sigbus:memfd``), for tools that run something on each backend (demo, stress, bench)."""
+    from .._features import features
+
+    report = features()
+    specs = []
+    for spec in ("uffd", *(f"sigbus:{trap}" for trap in SIGBUS_TRAPS)):
+        name, _, trap = spec.partition(":")
+        if report.backend(name).usable and (not trap or report.trap(trap).usable):
+            specs.append(spec)
+    return specs
+
+
 def resolve_backend(requested: str | None) -> BackendChoice:
     """The backend a new region uses: ``requested``, else ``$VRANGE_BACKEND``, else ``auto``.
 

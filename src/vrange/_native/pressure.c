@@ -288,7 +288,8 @@ static int64_t purge_for(vr_monitor *monitor, int group, int64_t need, int reaso
     struct candidate *candidates;
     int64_t resident;
     size_t count = collect(monitor, group, &candidates, &resident);
-    qsort(candidates, count, sizeof *candidates, by_priority_then_age);
+    if (count > 0) /* with none, candidates is NULL: UB for qsort even with 0 */
+        qsort(candidates, count, sizeof *candidates, by_priority_then_age);
     int64_t freed = 0;
     for (size_t i = 0; i < count && freed < need; i++) {
         int64_t bytes = vr_region_purge_chunk(candidates[i].region, candidates[i].chunk, reason);

@@ -1505,7 +1505,9 @@ def test_close_while_other_threads_slice_never_crashes_or_hangs(backend: str, so
                     outcomes["bytes"] += 1
                 except ValueError:
                     outcomes["closed"] += 1
-            slicers = [threading.Thread(target=slicer, args=(first,)) for first in (0, 1)]
+            # Daemons: a failure in the main thread must end the process, not leave them spinning.
+            slicers = [threading.Thread(target=slicer, args=(first,), daemon=True)
+                       for first in (0, 1)]
             for thread in slicers:
                 thread.start()
             time.sleep(0.01 + round_number * 0.0005)

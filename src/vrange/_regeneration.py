@@ -10,7 +10,7 @@ faulted while holding the GIL, or in the SIGBUS handler of the faulting thread.
   makes it run again, so the faulting access completes with the right bytes; the interrupt is then
   raised again at the program's next safe point, on the main thread, as Ctrl-C normally is.
 - **The buffer is the regenerator's only while it runs.** ``buf`` is a memoryview of memory vrange
-  owns (a per-thread scratch buffer, copied to the chunk once the regenerator returns) and is
+  owns (a scratch buffer from a small pool, copied to the chunk once the regenerator returns) and is
   released when it returns: using it afterwards raises ``ValueError``. A view the regenerator kept of
   it (a slice, a numpy array, ``buf.obj``) keeps that scratch buffer alive and stays harmless: vrange
   never hands it out again, so nothing it writes later reaches a region or another allocation.
@@ -49,17 +49,12 @@ ATTEMPTS_WHEN_INTERRUPTED = 3
 OTHER_THREAD_RAN_NS = 500_000  # CPU time another thread used meanwhile that means it ran
 
 
-MAX_SPARE_BUFFERS = 4  # per thread: enough for nested regenerations
-
-
-class _ScratchBuffers(threading.local):
-    """Per thread: scratch buffers no view refers to any more, ready to be handed out again."""
-
-    def __init__(self) -> None:
-        self.spare: list[Any] = []
-
-
-_scratch = _ScratchBuffers()
+MAX_SPARE_BUFFERS = 8
+# Scratch buffers no view refers to any more, ready to be handed out again. One list for every
+# thread: it is only touched with the GIL held (pop and append are atomic then), and a uffd worker's
+# thread state (and any thread-local) ends with each callback. A buffer taken is its taker's alone
+# (a nested regeneration takes another) until it is given back.
+_spare_scratch: list[Any] = []
 _zeros: Any = ffi.new("char[]", 1)
 
 
@@ -72,9 +67,11 @@ def _zero(buffer: Any, length: int) -> None:
 
 def _take_scratch(length: int) -> Any:
     """A zeroed scratch buffer of at least ``length`` bytes (a cffi ``char[]``)."""
-    spare = _scratch.spare
-    while spare:
-        buffer = spare.pop()
+    while True:
+        try:
+            buffer = _spare_scratch.pop()
+        except IndexError:  # none (another thread may have taken the last one meanwhile)
+            break
         if ffi.sizeof(buffer) >= length:
             _zero(buffer, length)
             return buffer
@@ -82,8 +79,8 @@ def _take_scratch(length: int) -> Any:
 
 
 def _give_back_scratch(buffer: Any) -> None:
-    if len(_scratch.spare) < MAX_SPARE_BUFFERS:
-        _scratch.spare.append(buffer)
+    if len(_spare_scratch) < MAX_SPARE_BUFFERS:
+        _spare_scratch.append(buffer)
 
 
 class Regenerating(Protocol):

@@ -34,8 +34,16 @@ struct vr_signal {
     int rearm;
 };
 
+struct candidate;
+
 struct vr_monitor {
     pthread_mutex_t lock;
+    /* collect()'s buffers, kept and grown under the lock: the periodic check allocates nothing in
+     * steady state (a malloc in this thread while another forks is unsafe under some allocators). */
+    unsigned char *residency;
+    size_t residency_size;
+    struct candidate *candidates;
+    size_t candidate_capacity;
     vr_region **regions;
     size_t region_count, region_capacity;
     pthread_t thread;
@@ -227,11 +235,11 @@ static int by_priority_then_age(const void *left, const void *right)
 }
 
 /* The purgeable chunks of the managed regions in `group` (-1: all) and their resident volatile
- * bytes. Called with the lock held. *out is malloc'd (NULL when there is none). */
+ * bytes. Called with the lock held. *out is the monitor's own array, valid until the next call. */
 static size_t collect(vr_monitor *monitor, int group, struct candidate **out, int64_t *resident_out)
 {
-    size_t count = 0, capacity = 0;
-    struct candidate *candidates = NULL;
+    size_t count = 0, capacity = monitor->candidate_capacity;
+    struct candidate *candidates = monitor->candidates;
     int64_t resident = 0;
     for (size_t i = 0; i < monitor->region_count; i++) {
         vr_region *region = monitor->regions[i];
@@ -243,11 +251,16 @@ static size_t collect(vr_monitor *monitor, int group, struct candidate **out, in
          * mincore over its many file mappings would cost a page-cache lookup per page. */
         unsigned char *vector = NULL;
         if (region->trap_kind != VR_TRAP_MEMFD) {
-            vector = malloc(pages);
-            if (!vector || mincore((void *)region->base, region->size, vector) < 0) {
-                free(vector); /* out of memory, or unmapped by a close in progress: skip it */
-                continue;
+            if (monitor->residency_size < pages) {
+                unsigned char *grown = realloc(monitor->residency, pages);
+                if (!grown)
+                    continue; /* out of memory: skip it this time */
+                monitor->residency = grown;
+                monitor->residency_size = pages;
             }
+            vector = monitor->residency;
+            if (mincore((void *)region->base, region->size, vector) < 0)
+                continue; /* unmapped by a close in progress: skip it */
         }
         size_t pages_per_chunk = region->chunk_size / region->page_size;
         for (size_t chunk = 0; chunk < region->chunk_count; chunk++) {
@@ -269,13 +282,13 @@ static size_t collect(vr_monitor *monitor, int group, struct candidate **out, in
                 struct candidate *grown = realloc(candidates, capacity * sizeof *grown);
                 if (!grown)
                     break;
-                candidates = grown;
+                candidates = monitor->candidates = grown;
+                monitor->candidate_capacity = capacity;
             }
             candidates[count++] = (struct candidate){
                 .region = region, .chunk = chunk, .priority = region->priority,
                 .since = __atomic_load_n(&region->volatile_since[chunk], __ATOMIC_RELAXED) };
         }
-        free(vector);
     }
     *out = candidates;
     *resident_out = resident;
@@ -304,7 +317,6 @@ static int64_t purge_for(vr_monitor *monitor, int group, int64_t need, int reaso
             vr_stat_add(&monitor->stats.bytes_budget, (uint64_t)bytes);
         }
     }
-    free(candidates);
     return freed;
 }
 
@@ -318,7 +330,6 @@ static int64_t enforce_budgets_locked(vr_monitor *monitor)
         struct candidate *candidates;
         int64_t resident;
         collect(monitor, group, &candidates, &resident);
-        free(candidates);
         if (resident > budget)
             freed += purge_for(monitor, group, resident - budget, VR_PURGE_BUDGET);
     }
@@ -367,7 +378,6 @@ int64_t vr_monitor_resident_volatile(vr_monitor *monitor, int group)
     pthread_mutex_lock(&monitor->lock);
     collect(monitor, group, &candidates, &resident);
     pthread_mutex_unlock(&monitor->lock);
-    free(candidates);
     return resident;
 }
 

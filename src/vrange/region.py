@@ -11,7 +11,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, Union, cast, overload
+from typing import Literal, Union, cast, overload
 
 from ._backends import resolve_backend
 from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import vrange
-from vrange import _features as features_module
+from vrange._backends import _probes as features_module
 from vrange.errors import VRangeOSError, check
-from vrange._features import UFFD_FEATURE_NAMES, decode_bits
+from vrange._feature_report import UFFD_FEATURE_NAMES, decode_bits
 from vrange.testing import deny_userfaultfd
 
 NOBODY = 65534

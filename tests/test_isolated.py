@@ -71,13 +71,13 @@ def test_an_in_process_regenerator_that_lets_the_gil_go_is_reported(
         backend: str, caplog: pytest.LogCaptureFixture) -> None:
     """The same with an in-process regenerator that sleeps: the other thread runs inside the
     faulting statement (here harmlessly: it uses its own bytearray), and vrange warns."""
-    import vrange._regeneration
+    import vrange._backends._regeneration
 
     def sleeping(offset: int, buf: memoryview) -> None:
         time.sleep(0.03)
         buf[:] = pattern(offset, len(buf))
 
-    vrange._regeneration._warned_about_other_threads = False
+    vrange._backends._regeneration._warned_about_other_threads = False
     with vrange.Region(SIZE, sleeping, backend=backend) as region:
         region.mark_volatile()
         during = _count_other_thread_steps(region, bytearray(), bytearray())
@@ -142,13 +142,13 @@ def test_a_forked_child_gets_a_helper_of_its_own(backend: str) -> None:
     with vrange.Region(SIZE, source, backend=backend) as region:
         region.mark_volatile()
         assert bytes(region[0:8]) == pattern(0, 8)
-        parent_helper = lib.vr_isolated_helper_pid(source._pointer)
+        parent_helper = source._channel.helper_pid()
         region.purge()
         pid = os.fork()
         if pid == 0:
             try:
                 ok = (bytes(region[:]) == pattern(0, SIZE)
-                      and lib.vr_isolated_helper_pid(source._pointer) != parent_helper)
+                      and source._channel.helper_pid() != parent_helper)
                 os._exit(0 if ok else 1)
             except BaseException:
                 os._exit(2)

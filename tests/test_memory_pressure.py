@@ -46,7 +46,7 @@ class MemoryCgroup:
 
 
 def _own_cgroup_directory(version: str) -> Path | None:
-    from vrange._features import _cgroup_directory, _cgroup_mounts
+    from vrange._backends._probes import cgroup_directory as _cgroup_directory, cgroup_mounts as _cgroup_mounts
 
     v1_mount, v2_mount = _cgroup_mounts()
     for line in Path("/proc/self/cgroup").read_text().splitlines():

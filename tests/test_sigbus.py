@@ -13,7 +13,7 @@ import pytest
 import vrange
 from conftest import skip_unless_available
 from vrange import sources
-from vrange.region import SIGBUS_MAX_CHUNKS
+from vrange._backends.sigbus import MAX_MEMFD_TRAP_CHUNKS as SIGBUS_MAX_CHUNKS
 
 
 @pytest.fixture(params=["sigbus:uffd", "sigbus:memfd"])

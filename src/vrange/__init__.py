@@ -7,9 +7,8 @@ pressure, and it is refilled transparently, page by page, the next time anything
 from __future__ import annotations
 
 from . import io, policy, sources
-from ._backends import available_backends
-from ._backends._base import RegionStats
-from ._features import Features, features
+from ._backends import RegionStats, available_backends, features
+from ._feature_report import Features
 from .errors import BackendUnavailable, RegenerationError, VRangeError, VRangeOSError
 from .region import DEFAULT_CHUNK_SIZE, Region
 

@@ -12,7 +12,6 @@ userfaultfd trap keep a region in one mapping and reserve nothing.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -107,6 +106,11 @@ class MappingBudget:
         with self._lock:
             self._reserved = max(0, self._reserved - count)
 
+    def new_lock_after_fork(self) -> None:
+        """In a forked child (the backends' registry calls it first): a lock held by another
+        thread at fork() stays held for ever in the child."""
+        self._lock = threading.Lock()
+
     def use(self) -> MappingUse:
         """A snapshot of the process's mappings and vrange's reservations."""
         max_map_count = self.max_map_count
@@ -118,10 +122,3 @@ class MappingBudget:
 
 mapping_budget = MappingBudget()
 
-
-def _new_lock_after_fork() -> None:
-    """A lock held by another thread at fork() stays held for ever in the child."""
-    mapping_budget._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_new_lock_after_fork)

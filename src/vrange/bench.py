@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._features import features
-from ._native import ffi, lib
-from .errors import check
+from ._backends import buffer_address, features
+from ._backends._memory import touch_pages
 from .region import Region
 from .sources import Zeros
 
@@ -39,9 +38,7 @@ class BenchResult:
 
 def _touch_native(address: int, length: int) -> float:
     """Seconds to write one byte of every page, from C, with the GIL released."""
-    elapsed = ffi.new("uint64_t *")
-    check(lib.vr_touch_pages(address, length, PAGE, 1, elapsed), "touch pages")
-    return int(elapsed[0]) / 1e9
+    return touch_pages(address, length, PAGE, write=True) / 1e9
 
 
 def _touch_python(buffer: mmap.mmap, length: int) -> float:
@@ -57,10 +54,7 @@ def _anonymous_baseline(length: int, python_loop: bool) -> float:
     try:
         if python_loop:
             return _touch_python(anonymous, length)
-        pointer = ffi.from_buffer(anonymous)
-        address = int(ffi.cast("uintptr_t", pointer))
-        ffi.release(pointer)
-        return _touch_native(address, length)
+        return _touch_native(buffer_address(anonymous), length)
     finally:
         anonymous.close()
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from ._features import Features, ProbeOutcome, features
+from ._backends import features
+from ._feature_report import Features, ProbeOutcome
 
 LABEL_WIDTH = 32
 

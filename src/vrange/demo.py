@@ -17,6 +17,7 @@ import argparse
 import errno
 import json
 import os
+import signal
 import random
 import resource
 import subprocess
@@ -235,15 +236,15 @@ def run_recompute(tiles: int, reads: int, checksums_path: str) -> RunResult:
 
 def _own_memory_cgroup() -> tuple[str, Path] | None:
     """(version, directory) of this process's memory cgroup, when one is mounted."""
-    from ._features import _cgroup_directory, _cgroup_mounts
+    from ._backends._probes import cgroup_directory, cgroup_mounts
 
-    v1_mount, v2_mount = _cgroup_mounts()
+    v1_mount, v2_mount = cgroup_mounts()
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, own = line.split(":", 2)
         if "memory" in controllers.split(",") and v1_mount:
-            return "v1", _cgroup_directory(v1_mount, own)
+            return "v1", cgroup_directory(v1_mount, own)
         if controllers == "" and v2_mount:
-            parent = _cgroup_directory(v2_mount, own)
+            parent = cgroup_directory(v2_mount, own)
             if "memory" in (parent / "cgroup.controllers").read_text().split():
                 return "v2", parent
     return None
@@ -300,7 +301,7 @@ def _child(arguments: list[str], cgroup: Path | None,
                 result = RunResult(**message["result"])
         error = process.stderr.read()
         process.wait()
-    if process.returncode == -9:
+    if process.returncode == -signal.SIGKILL:
         return "killed (SIGKILL: the OOM killer)"
     if process.returncode != 0 or result is None:
         return f"failed (exit {process.returncode}): {error.strip()[-300:]}"
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = pri
     tiles = max(1, cache_bytes // TILE)
     specs = _usable_specs()
     if not specs:
-        from ._features import features
+        from ._backends import features
 
         say(f"No backend can run here: {features().auto_reason}")
         say("Run `python -m vrange features` for the details.")

@@ -11,6 +11,7 @@ __all__ = [
     "RegenerationError",
     "VRangeOSError",
     "check",
+    "os_error",
     "errno_name",
 ]
 
@@ -36,13 +37,16 @@ def errno_name(code: int) -> str:
     return errno_module.errorcode.get(code, f"errno {code}")
 
 
-def check(result: int, action: str) -> int:
-    """Return a native call's non-negative result, or raise for its negative errno.
+def os_error(code: int, action: str) -> VRangeOSError:
+    """The exception for a native failure with errno ``code``; ``action`` completes the sentence
+    "vrange could not ...", e.g. ``"open a userfaultfd"``."""
+    return VRangeOSError(code, f"vrange could not {action}: {os.strerror(code)} "
+                               f"({errno_name(code)})")
 
-    ``action`` completes the sentence "vrange could not ...", e.g. ``"open a userfaultfd"``.
-    """
+
+def check(result: int, action: str) -> int:
+    """Return a native call's non-negative result, or raise for its negative errno (the one path
+    from a native errno to an exception; see :func:`os_error`)."""
     if result >= 0:
         return result
-    code = -result
-    message = f"vrange could not {action}: {os.strerror(code)} ({errno_name(code)})"
-    raise VRangeOSError(code, message)
+    raise os_error(-result, action)

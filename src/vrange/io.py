@@ -22,7 +22,7 @@ import os
 import socket
 from typing import Any
 
-from ._native import ffi
+from ._backends import buffer_address
 from .region import Region, find_region
 
 __all__ = ["write", "send", "readinto"]
@@ -48,11 +48,7 @@ def _vrange_parts(view: memoryview) -> list[tuple[Region, int, int]]:
     EFAULT if some of it is not vrange memory."""
     if len(view) == 0:
         return []
-    pointer = ffi.from_buffer(view)
-    try:
-        start = int(ffi.cast("uintptr_t", pointer))
-    finally:
-        ffi.release(pointer)
+    start = buffer_address(view)
     end = start + len(view)
     parts = []
     address = start

@@ -30,14 +30,13 @@ import select
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._features import PressurePlan, features, water_marks
-from ._native import ffi, lib
+from ._backends import BackendRegion, features, on_fork_in_child, on_fork_reset_lock
+from ._backends._monitor import MAX_GROUPS, NativeMonitor
+from ._backends._registry import live_regions
+from ._feature_report import PressurePlan
 from .errors import VRangeError, check
-
-if TYPE_CHECKING:
-    from ._backends._base import BackendRegion
 
 __all__ = ["PolicyStats", "configure", "enforce", "set_budget", "stats", "stop"]
 
@@ -98,9 +97,7 @@ class _Monitor:
     the process (fault paths may hold a pointer to it): it is configured again, never replaced."""
 
     def __init__(self) -> None:
-        out = ffi.new("vr_monitor **")
-        check(lib.vr_monitor_new(out), "create the pressure monitor (eventfd)")
-        self.pointer = out[0]
+        self.native = NativeMonitor()
         self.running = False
         self.signal, self.reason = "off", "not configured yet"
         self.limit = self.high_water = self.low_water = 0
@@ -111,15 +108,15 @@ class _Monitor:
         high_water, low_water = _effective_marks(plan, _overrides["high_water"],
                                                  _overrides["low_water"])
         if self.running:
-            lib.vr_monitor_stop(self.pointer)
+            self.native.stop()
             self.running = False
-        lib.vr_monitor_reset(self.pointer)
+        self.native.reset()
         self.plan, self.limit = plan, plan.limit_bytes
         self.high_water, self.low_water = high_water, low_water
         self._configure_usage()
         if _overrides["monitor"]:
             self.signal, self.reason = self._watch()
-            check(lib.vr_monitor_start(self.pointer), "start the pressure monitor thread")
+            self.native.start()
             self.running = True
         else:
             self.signal = "off"
@@ -134,19 +131,17 @@ class _Monitor:
         except OSError as error:
             logger.warning("vrange: the pressure monitor cannot read %s (%s): no pressure purges",
                            plan.usage_file, error)
-            check(lib.vr_monitor_configure(self.pointer, -1, lib.VR_USAGE_NONE, 0, 0, -1),
-                  "configure the pressure monitor")
+            check(self.native.configure(-1, "none", 0, 0, -1), "configure the pressure monitor")
             self.high_water = self.low_water = 0
             return
-        kind = lib.VR_USAGE_CGROUP if plan.usage_kind == "cgroup" else lib.VR_USAGE_MEMINFO
-        result = lib.vr_monitor_configure(self.pointer, usage_fd, kind, self.high_water,
-                                          self.low_water, plan.interval_ms)
+        result = self.native.configure(usage_fd, plan.usage_kind, self.high_water, self.low_water,
+                                       plan.interval_ms)
         if result < 0:
             os.close(usage_fd)
         check(result, "configure the pressure monitor")
 
     def _add_signal(self, fd: int, events: int, rearm: int) -> None:
-        result = lib.vr_monitor_add_signal(self.pointer, fd, events, rearm)
+        result = self.native.add_signal(fd, events, rearm)
         if result < 0:
             os.close(fd)
         check(result, "watch a memory-pressure signal")
@@ -199,7 +194,7 @@ class _Monitor:
 
     def set_budget(self, group: str | None, budget: int) -> None:
         group_id = -1 if group is None else _group_id(group)
-        check(lib.vr_monitor_set_budget(self.pointer, group_id, budget), "set a budget")
+        self.native.set_budget(group_id, budget)
 
 
 _monitor: _Monitor | None = None
@@ -220,18 +215,18 @@ def _group_id(name: str) -> int:
         raise TypeError(f"a group is named by a non-empty str, not {name!r}")
     with _lock:
         if name not in _groups:
-            if len(_groups) >= lib.VR_MAX_GROUPS:
-                raise VRangeError(f"at most {lib.VR_MAX_GROUPS} groups")
+            if len(_groups) >= MAX_GROUPS:
+                raise VRangeError(f"at most {MAX_GROUPS} groups")
             _groups[name] = len(_groups)
         return _groups[name]
 
 
 def manage(core: BackendRegion, priority: int, group: str | None) -> None:
     """Put a region under the policy (called by Region)."""
-    lib.vr_region_set_policy(core.pointer, priority, -1 if group is None else _group_id(group))
+    core.set_policy(priority, -1 if group is None else _group_id(group))
     core.priority, core.group = priority, group
     monitor = _get_monitor()
-    check(lib.vr_monitor_attach(monitor.pointer, core.pointer), "put the region under the policy")
+    monitor.native.attach(core)
     with _lock:
         _managed.add(core)
     core.managed = True
@@ -245,8 +240,8 @@ def release(core: BackendRegion) -> None:
     with _lock:
         _managed.discard(core)
         monitor = _monitor
-    if monitor is not None and core.pointer != ffi.NULL:
-        lib.vr_monitor_detach(monitor.pointer, core.pointer)
+    if monitor is not None:
+        monitor.native.detach(core)
 
 
 def start_watchdog() -> None:
@@ -258,7 +253,7 @@ def start_watchdog() -> None:
 def after_mark_volatile(core: BackendRegion) -> None:
     """Budgets are enforced as soon as more memory becomes volatile."""
     if getattr(core, "managed", False) and _budgets and _monitor is not None:
-        lib.vr_monitor_enforce_budgets(_monitor.pointer)
+        _monitor.native.enforce_budgets()
 
 
 def set_budget(nbytes: int | None, group: str | None = None) -> None:
@@ -278,13 +273,13 @@ def set_budget(nbytes: int | None, group: str | None = None) -> None:
         monitor = _get_monitor()
     monitor.set_budget(group, -1 if nbytes is None else nbytes)
     if nbytes is not None:
-        lib.vr_monitor_enforce_budgets(monitor.pointer)
+        monitor.native.enforce_budgets()
 
 
 def enforce() -> int:
     """Run one check now (usage against the water marks, then the budgets), as the monitor does
     when it wakes; returns the bytes given back."""
-    return int(lib.vr_monitor_check(_get_monitor().pointer))
+    return _get_monitor().native.check()
 
 
 def configure(*, monitor: bool | None = None, high_water: int | None = None,
@@ -332,43 +327,63 @@ def stats() -> PolicyStats:
             resident_volatile_bytes=0, budget_bytes=_budgets.get(None),
             group_budgets={name: value for name, value in _budgets.items() if name is not None},
             purges_by_reason={"pressure": 0, "budget": 0}, bytes_by_reason={"pressure": 0, "budget": 0})
-    native = ffi.new("struct vr_monitor_stats *")
-    lib.vr_monitor_stats(monitor.pointer, native)
+    native = monitor.native.stats()
     with _lock:
-        managed = sum(1 for core in _managed if core.pointer != ffi.NULL)
+        managed = sum(1 for core in _managed if core.managed)
         group_budgets = {name: _budgets[name] for name in _groups if name in _budgets}
         budget = _budgets.get(None)
     return PolicyStats(
         signal=monitor.signal, reason=monitor.reason, running=monitor.running,
         managed_regions=managed, limit_bytes=monitor.limit,
         high_water_bytes=monitor.high_water, low_water_bytes=monitor.low_water,
-        usage_bytes=int(native.last_usage), peak_usage_bytes=int(native.peak_usage),
-        resident_volatile_bytes=int(lib.vr_monitor_resident_volatile(monitor.pointer, -1)),
+        usage_bytes=native["last_usage"], peak_usage_bytes=native["peak_usage"],
+        resident_volatile_bytes=monitor.native.resident_volatile(-1),
         budget_bytes=budget, group_budgets=group_budgets,
-        wakeups=int(native.wakeups), signal_events=int(native.signal_events),
-        pokes=int(native.pokes), checks=int(native.checks),
-        purges_by_reason={"pressure": int(native.purges_pressure),
-                          "budget": int(native.purges_budget)},
-        bytes_by_reason={"pressure": int(native.bytes_pressure),
-                         "budget": int(native.bytes_budget)},
-        throttled_faults=int(native.throttled_faults),
-        handler_reinstalls=int(native.handler_reinstalls),
+        wakeups=native["wakeups"], signal_events=native["signal_events"],
+        pokes=native["pokes"], checks=native["checks"],
+        purges_by_reason={"pressure": native["purges_pressure"],
+                          "budget": native["purges_budget"]},
+        bytes_by_reason={"pressure": native["bytes_pressure"], "budget": native["bytes_budget"]},
+        throttled_faults=native["throttled_faults"],
+        handler_reinstalls=native["handler_reinstalls"],
     )
 
 
-def _after_fork_in_child() -> None:
-    """The monitor thread does not exist in a forked child: the child's monitor (the same native
-    struct, with descriptors of its own) is configured again and its thread started."""
+def should_manage(core: BackendRegion) -> bool:
+    """Whether a region is put under the policy: as asked (``Region(managed=...)``), or, when not
+    asked, if the kernel cannot reclaim it or it belongs to a group."""
+    if core.management is not None:
+        return core.management
+    return not core.kernel_reclaims or core.group is not None
+
+
+def _new_lock_after_fork() -> None:
+    """First in a forked child: the policy's lock, and the native monitor's (its thread does not
+    exist here and its descriptors are the parent's)."""
     global _lock
     _lock = threading.RLock()
-    if _monitor is None:
-        return
-    lib.vr_monitor_after_fork(_monitor.pointer)
-    _monitor.running = False
-    try:
-        _monitor.apply()
-    except (OSError, ValueError) as error:
-        logger.error("vrange: the forked child has no pressure monitor: %s", error)
+    if _monitor is not None:
+        _monitor.native.after_fork()
+        _monitor.running = False
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _after_fork_in_child() -> None:
+    """Once the backends work in the forked child: configure the child's monitor again and start
+    its thread, and take on the regions the child's backends can no longer leave to the kernel (a
+    sigbus region moved to the memfd trap)."""
+    if _monitor is not None:
+        try:
+            _monitor.apply()
+        except (OSError, ValueError) as error:
+            logger.error("vrange: the forked child has no pressure monitor: %s", error)
+    for core in live_regions():
+        if core.managed or core.unusable or not should_manage(core):
+            continue
+        try:
+            manage(core, core.priority, core.group)
+        except (OSError, VRangeError) as error:
+            logger.error("vrange: a region of the forked child has no pressure policy: %s", error)
+
+
+on_fork_reset_lock(_new_lock_after_fork)
+on_fork_in_child(_after_fork_in_child)

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import collections
 import errno
 import contextlib
 import logging
 import mmap
 import os
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Literal, Union, cast, overload
 
-from ._backends import resolve_backend
-from ._backends._base import PURGE_REASONS, BackendRegion, RegionStats
+from . import policy
+from ._backends import (ERROR_POLICIES, PURGE_REASONS, BackendRegion, Regeneration, RegionStats,
+                        SourceSpec, buffer_address, features, find_live_region, on_fork_in_child,
+                        resolve_backend)
+from ._backends._registry import live_regions
 from ._mappings import mapping_budget
-from ._native import ffi, lib
-from . import _regeneration, policy  # noqa: F401 - _regeneration defines the C callback
-from .errors import RegenerationError, VRangeError, VRangeOSError, errno_name
+from .errors import RegenerationError, VRangeError, errno_name, os_error
 from .sources import Isolated, Source
 
 __all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE"]
@@ -30,58 +29,33 @@ DEFAULT_CHUNK_SIZE = 64 * 1024
 """Bytes regenerated and resolved per fault: fewer, larger faults are much cheaper (see
 docs/benchmarks.md)."""
 
-MAX_KEPT_FAILURES = 64
 MAX_CHUNK_SIZE = 1 << 30
 """A chunk is regenerated into one buffer at a time (per fault in flight): at most 1 GiB."""
 CLOSE_TIMEOUT_MS = 5000
-SIGBUS_MAX_CHUNKS = 8192
-"""The sigbus backend's memfd trap keeps each refilled chunk in a mapping of its own (mremap), so it
-uses at most this many chunks per region (a larger chunk_size for regions over 512 MiB at 64 KiB) to
-stay far below vm.max_map_count (65530 by default). The uffd trap has no such limit."""
-# Live regions by start address, for code that is handed a raw buffer (vrange.io).
-_live_regions: weakref.WeakValueDictionary[int, Region] = weakref.WeakValueDictionary()
-_live_regions_lock = threading.Lock()
 
 
 def _reset_locks_after_fork() -> None:
-    """A lock held by another thread at fork() stays held for ever in the child: make new ones."""
-    global _live_regions_lock
-    _live_regions_lock = threading.Lock()
-    for region in list(_live_regions.values()):
-        region._state_lock = threading.Lock()
-        region._io_holds = 0
-        if not region._closed and region._core.pointer != ffi.NULL:
-            lib.vr_region_forget_threads(region._core.pointer)
+    """A lock held by another thread at fork() stays held for ever in the child: make new ones
+    (the registry calls this once the backends work in the child)."""
+    for core in live_regions():
+        region = core.owner()
+        if isinstance(region, Region):
+            region._state_lock = threading.Lock()
+            region._io_holds = 0
 
 
-os.register_at_fork(after_in_child=_reset_locks_after_fork)
+on_fork_in_child(_reset_locks_after_fork)
 
 
 def find_region(address: int) -> Region | None:
     """The open region whose mapping contains ``address``, if any."""
-    with _live_regions_lock:
-        candidates = list(_live_regions.items())
-    for base, region in candidates:
-        if not region.closed and base <= address < base + region._size:
-            return region
-    return None
+    core = find_live_region(address)
+    region = None if core is None else core.owner()
+    return region if isinstance(region, Region) and not region.closed else None
 
 
 Regenerator = Union[Callable[[int, memoryview], object], Source]
 ErrorPolicy = Literal["poison", "zeros", "abort"]
-_ERROR_POLICIES = {
-    "poison": lib.VR_ON_ERROR_POISON,
-    "zeros": lib.VR_ON_ERROR_ZEROS,
-    "abort": lib.VR_ON_ERROR_ABORT,
-}
-
-
-def _default_error_policy(backend: str) -> ErrorPolicy:
-    from ._features import features
-
-    if backend == "uffd" and "POISON" not in features().userfaultfd.range_ioctls:
-        return "abort"
-    return "poison"
 
 
 class Region(mmap.mmap):
@@ -123,13 +97,11 @@ class Region(mmap.mmap):
     _chunk_size: int
     _regenerate: Regenerator
     _on_error: ErrorPolicy
-    _failures: collections.deque[tuple[int, int, BaseException]]
-    _failure_count: int
     _state_lock: threading.Lock
     _address: int
     _size: int
     _io_holds: int
-    _mappings_reserved: int
+    _regeneration: Regeneration
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
@@ -150,8 +122,8 @@ class Region(mmap.mmap):
                 chunk & (chunk - 1) or chunk % PAGE_SIZE:
             raise ValueError(f"chunk_size must be a power-of-two multiple of the page size "
                              f"({PAGE_SIZE}), not {chunk_size!r}")
-        if on_error is not None and on_error not in _ERROR_POLICIES:
-            raise ValueError(f"on_error must be one of {sorted(_ERROR_POLICIES)}, not {on_error!r}")
+        if on_error is not None and on_error not in ERROR_POLICIES:
+            raise ValueError(f"on_error must be one of {sorted(ERROR_POLICIES)}, not {on_error!r}")
         if isinstance(priority, bool) or not isinstance(priority, int) or \
                 not -(1 << 31) <= priority < (1 << 31):
             raise TypeError(f"priority must be an int (32-bit), not {priority!r}")
@@ -159,69 +131,50 @@ class Region(mmap.mmap):
             raise TypeError(f"group must be a non-empty str or None, not {group!r}")
         if managed is not None and not isinstance(managed, bool):
             raise TypeError(f"managed must be True, False or None, not {managed!r}")
-        backend_name, trap = resolve_backend(backend)
-        error_policy = _default_error_policy(backend_name) if on_error is None else on_error
+        choice = resolve_backend(backend)
+        error_policy = cast(ErrorPolicy, choice.default_error_policy(features())
+                            if on_error is None else on_error)
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
-        if trap == "memfd" and -(-size // chunk) > SIGBUS_MAX_CHUNKS:
-            floor = 1 << (-(-size // SIGBUS_MAX_CHUNKS) - 1).bit_length()
-            logger.debug("vrange: memfd-trap region of %d bytes uses %d-byte chunks (asked: %d)",
-                         size, floor, chunk)
-            chunk = floor
-        mappings = -(-size // chunk) + 1 if trap == "memfd" else 0  # see vrange._mappings
-        if mappings:
-            mapping_budget.reserve(mappings, f"a memfd-trap region of {size} bytes")
+        plan = choice.backend.plan(size, chunk, choice.trap)  # may reserve mappings (VRangeError)
         try:
             self = super().__new__(cls, -1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
-            mapping_budget.release(mappings)
+            plan.release()
             raise
-        self._mappings_reserved = mappings
         self._closed = False
         self._size = size
         self._io_holds = 0
-        self._backend_name = backend_name
-        self._chunk_size = chunk
+        self._backend_name = choice.name
+        self._chunk_size = plan.chunk_size
         self._regenerate = regenerate
         self._on_error = error_policy
-        self._failures = collections.deque(maxlen=MAX_KEPT_FAILURES)
-        self._failure_count = 0
         self._state_lock = threading.Lock()
-        pointer = ffi.from_buffer(self)
-        self._address = int(ffi.cast("uintptr_t", pointer))
-        ffi.release(pointer)
-        isolated = ffi.NULL
-        if isinstance(regenerate, Source):
-            kind, fd, file_offset = regenerate._kind, regenerate._fd, regenerate._offset
-        else:
-            kind, fd, file_offset = lib.VR_SOURCE_PYTHON, -1, 0
+        self._address = buffer_address(self)
+        # What native code calls back on a fault: the regenerator, and where its failures go.
+        self._regeneration = Regeneration(
+            cast(Callable[[int, memoryview], object], regenerate), error_policy)
         try:
-            if isinstance(regenerate, Isolated):
-                isolated = regenerate._native(chunk)  # starts the helper process
-            if backend_name == "uffd":
-                from ._backends.uffd import UffdRegion
-
-                self._core = UffdRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                        _ERROR_POLICIES[error_policy], isolated)
-            else:
-                from ._backends.sigbus import SigbusRegion
-
-                self._core = SigbusRegion(self, self._address, size, chunk, kind, fd, file_offset,
-                                          _ERROR_POLICIES[error_policy], cast(str, trap), isolated)
-            if isinstance(regenerate, Source) and regenerate._size >= 0:
-                self._core.set_file_size(regenerate._size)  # nothing can touch the region yet
-            if managed or (managed is None and (not self._core.kernel_reclaims or group)):
-                policy.manage(self._core, priority, group)
+            # An Isolated source starts its helper process here.
+            source = regenerate._spec(plan.chunk_size) if isinstance(regenerate, Source) \
+                else SourceSpec("python")
+            self._core = choice.backend(self, self._address, size, plan, source, error_policy,
+                                        choice.trap, self._regeneration)
+            core = self._core
+            core.management, core.priority, core.group = managed, priority, group
+            if policy.should_manage(core):
+                policy.manage(core, priority, group)
+            if core.needs_handler_watchdog():
+                policy.start_watchdog()
         except BaseException:
             if hasattr(self, "_core"):
                 policy.release(self._core)
                 self._core.close()
+            else:
+                plan.release()
             mmap.mmap.close(self)
             self._closed = True
-            mapping_budget.release(self._mappings_reserved)
             raise
-        with _live_regions_lock:
-            _live_regions[self._address] = self
         return self
 
     def __init__(self, nbytes: int, regenerate: Regenerator, backend: str | None = None,
@@ -287,7 +240,7 @@ class Region(mmap.mmap):
     def _open_and_locked(self) -> Iterator[None]:
         """Serialize state changes, and check openness under the lock: another thread may have
         closed the region since the arguments were checked."""
-        if _regeneration.is_regenerating(self):
+        if self._core.regenerating_on_this_thread():
             raise VRangeError("a regenerator cannot change or inspect its own region (the call "
                               "that is regenerating it holds the region's lock)")
         with self._state_lock:
@@ -405,17 +358,17 @@ class Region(mmap.mmap):
     def _regenerate_missing(self, first: int, end: int, populate: Callable[[int, int], int]) -> None:
         """Run ``populate`` over chunks [first, end); on failure leave the failed chunks missing
         (never half-filled, never poisoned) and raise RegenerationError."""
-        count_before = self._failure_count
+        count_before = self._regeneration.failure_count
         if isinstance(self._regenerate, Isolated):
             self._regenerate.ensure_running()  # a helper that died or hung is replaced here
         self._core.discard(first, end, only_failed=True)
         self._core.clear_errors()
         result = populate(first, end)
-        new_failures = [(offset, error) for sequence, offset, error in list(self._failures)
-                        if sequence > count_before
-                        and first * self._chunk_size <= offset < end * self._chunk_size]
+        new_failures = [(offset, error)
+                        for offset, error in self._regeneration.failures_since(count_before)
+                        if first * self._chunk_size <= offset < end * self._chunk_size]
         # A failure the policy answered with zeros (on_error="zeros") still fails this call.
-        zero_filled = int(lib.vr_region_count_failed(self._core.pointer, first, end))
+        zero_filled = self._core.count_failed(first, end)
         if result >= 0 and not new_failures and not zero_filled:
             return
         for chunk in {offset // self._chunk_size for offset, _ in new_failures}:
@@ -434,17 +387,17 @@ class Region(mmap.mmap):
             raise RegenerationError(
                 f"could not make the range present: the kernel refused to map a refilled chunk: "
                 f"{os.strerror(map_code)} ({errno_name(map_code)})" + (f"; {hint}" if hint else ""))\
-                from VRangeOSError(map_code, os.strerror(map_code))
+                from os_error(map_code, "map a refilled chunk")
         code = self._core.native_error() or -result or errno.EIO
         if isinstance(self._regenerate, Isolated):
             raise RegenerationError(
                 f"the isolated regenerator failed ({os.strerror(code)}, {errno_name(code)}): "
                 + ("it raised:\n" + self._regenerate.last_error() if code == errno.EIO else
                    "its helper process died or did not answer in time; a new one starts at the "
-                   "next call")) from VRangeOSError(code, os.strerror(code))
+                   "next call")) from os_error(code, "regenerate in the helper process")
         raise RegenerationError(
             f"could not make the range present: {os.strerror(code)} ({errno_name(code)}); "
-            "a native source failed to read") from VRangeOSError(code, os.strerror(code))
+            "a native source failed to read") from os_error(code, "read the native source")
 
     def purge(self, offset: int = 0, length: int | None = None) -> int:
         """Discard the volatile pages of the range now; returns the number of bytes discarded.
@@ -484,20 +437,7 @@ class Region(mmap.mmap):
         """Counters of this region, and how many of its bytes are volatile, resident, purged."""
         with self._open_and_locked():
             counters = self._core.counters()
-            states = self._core.chunk_states()
-            residency = self._core.residency()
-        pages_per_chunk = self._chunk_size // PAGE_SIZE
-        volatile = nonvolatile = purged = 0
-        for chunk, state in enumerate(states):
-            pages = residency[chunk * pages_per_chunk:(chunk + 1) * pages_per_chunk]
-            length = len(pages) * PAGE_SIZE
-            if state & lib.VR_CHUNK_VOLATILE:
-                volatile += length
-            else:
-                nonvolatile += length
-            if state & lib.VR_CHUNK_MATERIALIZED:
-                purged += sum(1 for page in pages if not page & 1) * PAGE_SIZE
-        resident = sum(page & 1 for page in residency) * PAGE_SIZE
+            sizes = self._core.byte_states()
         return RegionStats(
             faults_served=counters["faults_on_handler_thread"]
             + counters["faults_on_faulting_thread"] + counters["faults_on_worker_thread"],
@@ -513,28 +453,18 @@ class Region(mmap.mmap):
             volatile_refills=counters["volatile_refills"],
             trap=self._core.trap,
             kernel_reclaims=self._core.kernel_reclaims,
-            mappings_reserved=self._mappings_reserved + self._core.mappings_taken,
-            volatile_bytes=volatile,
-            nonvolatile_bytes=nonvolatile,
-            resident_bytes=resident,
-            purged_bytes=purged,
+            mappings_reserved=self._core.mappings_reserved,
+            volatile_bytes=sizes["volatile"],
+            nonvolatile_bytes=sizes["nonvolatile"],
+            resident_bytes=sizes["resident"],
+            purged_bytes=sizes["purged"],
         )
-
-    # --- regeneration (called from C, through vrange._regeneration) --------------------------------
-
-    def regenerator(self) -> Callable[[int, memoryview], object]:
-        return cast(Callable[[int, memoryview], object], self._regenerate)
-
-    def record_failure(self, offset: int, error: BaseException) -> None:
-        self._failure_count += 1
-        self._failures.append((self._failure_count, offset, error))
-        logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
-                       offset, error, self._on_error)
 
     @property
     def regeneration_failures(self) -> list[tuple[int, BaseException]]:
-        """The most recent regenerator failures as ``(offset, exception)``, oldest first."""
-        return [(offset, error) for _, offset, error in self._failures]
+        """The most recent regenerator failures (up to 64) as ``(offset, exception)``, oldest
+        first."""
+        return self._regeneration.recent_failures()
 
     # --- lifetime ---------------------------------------------------------------------------------
 
@@ -544,7 +474,7 @@ class Region(mmap.mmap):
         ValueError."""
         if self._closed:
             return
-        if _regeneration.is_regenerating(self):
+        if self._core.regenerating_on_this_thread():
             # close() would wait for this very regenerator to return (and give up after seconds).
             raise VRangeError("close() cannot be called from the region's own regenerator; the "
                               "region stays open (close it once the regenerator has returned)")
@@ -558,7 +488,7 @@ class Region(mmap.mmap):
             # another mapping, and a late regeneration must not write there.
             timeout_ms = CLOSE_TIMEOUT_MS
             if isinstance(self._regenerate, Isolated):  # a fault may wait that long for its helper
-                timeout_ms = max(timeout_ms, self._regenerate._timeout_ms + 2000)
+                timeout_ms = max(timeout_ms, self._regenerate.timeout_ms + 2000)
             if not self._core.unusable:  # a fenced region in a forked child: nothing runs on it
                 self._core.quiesce(timeout_ms)
                 # A thread that held the GIL while close() waited above may have started a refill
@@ -574,9 +504,6 @@ class Region(mmap.mmap):
                 self._core.resume()
                 raise
             self._closed = True
-            mapping_budget.release(self._mappings_reserved + self._core.mappings_taken)
-            with _live_regions_lock:
-                _live_regions.pop(self._address, None)
             policy.release(self._core)
             self._core.close()
 

@@ -20,10 +20,10 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Union
 
-from ._native import ffi, lib
-from .errors import check
+from ._backends import SourceSpec, on_fork_in_child
+from ._backends._isolated import SLOTS, IsolatedChannel
 
 logger = logging.getLogger("vrange")
 
@@ -35,7 +35,7 @@ PathOrFd = Union[str, "os.PathLike[str]", int]
 class Source:
     """Base class of native sources. Not meant to be subclassed outside vrange."""
 
-    _kind: int
+    _kind: str
     _fd: int = -1
     _offset: int = 0
     _size: int = -1
@@ -43,11 +43,15 @@ class Source:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def _spec(self, chunk_size: int) -> SourceSpec:
+        """What a new region of ``chunk_size`` chunks needs of this source."""
+        return SourceSpec(self._kind, self._fd, self._offset, self._size)
+
 
 class Zeros(Source):
     """Every byte of the region is zero: a purged page comes back as zeros."""
 
-    _kind = lib.VR_SOURCE_ZEROS
+    _kind = "zeros"
 
 
 class File(Source):
@@ -61,7 +65,7 @@ class File(Source):
     :class:`vrange.RegenerationError` from a library call) instead of handing out zeros.
     """
 
-    _kind = lib.VR_SOURCE_FILE
+    _kind = "file"
 
     def __init__(self, path_or_fd: PathOrFd, offset: int = 0) -> None:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -139,7 +143,7 @@ class Isolated(Source):
     source serves regions of one chunk size (the first region's).
     """
 
-    _kind = lib.VR_SOURCE_ISOLATED
+    _kind = "isolated"
 
     def __init__(self, target: str | Callable[..., object], *args: object,
                  timeout: float = 10.0) -> None:
@@ -169,7 +173,7 @@ class Isolated(Source):
         self._target = target
         self._timeout_ms = int(timeout * 1000)
         self._lock = threading.Lock()
-        self._pointer: Any = ffi.NULL
+        self._channel: IsolatedChannel | None = None
         self._slot_size = 0
         self._memfd = -1
         self._process: subprocess.Popen[bytes] | None = None
@@ -180,33 +184,38 @@ class Isolated(Source):
     def __repr__(self) -> str:
         return f"Isolated({self._target!r}, timeout={self._timeout_ms / 1000})"
 
-    def _native(self, chunk_size: int) -> Any:
-        """The native helper handle for a region of ``chunk_size`` chunks (the helper starts now)."""
+    def _spec(self, chunk_size: int) -> SourceSpec:
+        """The native helper channel for a region of ``chunk_size`` chunks (the helper starts
+        now)."""
         with self._lock:
-            if self._pointer == ffi.NULL:
+            if self._channel is None:
                 memfd = os.memfd_create("vrange-isolated", os.MFD_CLOEXEC)
                 try:
-                    os.ftruncate(memfd, chunk_size * lib.VR_ISOLATED_SLOTS)
-                    out = ffi.new("vr_isolated **")
-                    check(lib.vr_isolated_new(memfd, chunk_size, self._timeout_ms, out),
-                          "map the shared buffer of an Isolated regenerator")
+                    os.ftruncate(memfd, chunk_size * SLOTS)
+                    channel = IsolatedChannel(memfd, chunk_size, self._timeout_ms)
                 except BaseException:
                     os.close(memfd)
                     raise
-                self._pointer, self._memfd, self._slot_size = out[0], memfd, chunk_size
+                self._channel, self._memfd, self._slot_size = channel, memfd, chunk_size
                 self._start_locked()
             elif chunk_size > self._slot_size:
                 raise ValueError(f"this Isolated source serves chunks of at most "
                                  f"{self._slot_size} bytes; make another one for this region")
-            return self._pointer
+            return SourceSpec(self._kind, isolated=self._channel.pointer)
+
+    @property
+    def timeout_ms(self) -> int:
+        """How long a fault waits for the helper before it fails (milliseconds)."""
+        return self._timeout_ms
 
     def _helper_gone(self) -> bool:
-        return bool(lib.vr_isolated_dead(self._pointer)) or (
+        assert self._channel is not None
+        return self._channel.helper_dead() or (
             self._process is not None and self._process.poll() is not None)
 
     def ensure_running(self) -> None:
         """Start a new helper if the last one died (even while idle) or hung."""
-        if self._pointer != ffi.NULL and self._helper_gone():
+        if self._channel is not None and self._helper_gone():
             with self._lock:
                 if self._helper_gone():
                     self.restarts += 1
@@ -215,19 +224,17 @@ class Isolated(Source):
 
     def last_error(self) -> str:
         """The traceback of the helper's last failed regeneration."""
-        if self._pointer == ffi.NULL:
+        if self._channel is None:
             return ""
-        text = ffi.new("char[]", 4096)
-        length = lib.vr_isolated_last_error(self._pointer, text, 4096)
-        return bytes(ffi.buffer(text, length)).decode(errors="replace")
+        return self._channel.last_error()
 
     def _start_locked(self) -> None:
-        check(lib.vr_isolated_claim_all(self._pointer, self._timeout_ms + 1000),
-              "take every slot of an Isolated regenerator to replace its helper")
+        assert self._channel is not None
+        self._channel.claim_all(self._timeout_ms + 1000)
         try:
             self._stop_process()
             ours, theirs = zip(*(socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                                 for _ in range(lib.VR_ISOLATED_SLOTS)))
+                                 for _ in range(SLOTS)))
             try:
                 config = json.dumps({"target": self._target, "arguments": self._arguments,
                                      "slot_size": self._slot_size, "memfd": self._memfd,
@@ -240,10 +247,9 @@ class Isolated(Source):
             finally:
                 for end in theirs:
                     end.close()
-            fds = ffi.new("int[]", [end.detach() for end in ours])
-            lib.vr_isolated_set_helper(self._pointer, self._process.pid, fds)
+            self._channel.set_helper(self._process.pid, [end.detach() for end in ours])
         finally:
-            lib.vr_isolated_release_all(self._pointer)
+            self._channel.release_all()
 
     def _stop_process(self) -> None:
         if self._process is not None:
@@ -253,15 +259,15 @@ class Isolated(Source):
             self._process = None
 
     def _after_fork_in_child(self) -> None:
-        if self._pointer == ffi.NULL:
+        if self._channel is None:
             return
         self._lock = threading.Lock()
-        lib.vr_isolated_forget_helper(self._pointer)
+        self._channel.forget_helper()
         # The shared memfd is the parent's too (its helper writes there): a memfd of our own.
         try:
             memfd = os.memfd_create("vrange-isolated", os.MFD_CLOEXEC)
-            os.ftruncate(memfd, self._slot_size * lib.VR_ISOLATED_SLOTS)
-            check(lib.vr_isolated_remap(self._pointer, memfd), "map the child's shared buffer")
+            os.ftruncate(memfd, self._slot_size * SLOTS)
+            self._channel.remap(memfd)
         except OSError as error:
             logger.error("vrange: the forked child cannot map its own buffer for %r: %s",
                          self, error)
@@ -279,9 +285,10 @@ class Isolated(Source):
 
     def __del__(self) -> None:
         # No region uses this source any more (regions keep their source alive).
-        if getattr(self, "_pointer", ffi.NULL) != ffi.NULL:
-            lib.vr_isolated_free(self._pointer)  # closes the sockets: EOF, the helper exits
-            self._pointer = ffi.NULL
+        channel = getattr(self, "_channel", None)
+        if channel is not None:
+            channel.free()  # closes the sockets: EOF, the helper exits
+            self._channel = None
             try:
                 self._stop_process()
                 os.close(self._memfd)
@@ -294,4 +301,4 @@ def _after_fork_in_child() -> None:
         source._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+on_fork_in_child(_after_fork_in_child)

@@ -294,7 +294,7 @@ class Slot:
         """Threads holding a memoryview of the region (every use holds one: close() refuses)."""
         self.discards_active = 0
         self.discards_started = 0
-        from ._backends._base import PURGE_REASONS
+        from ._backends import PURGE_REASONS
 
         # Every key from the start: a progress report reads these while the owner adds to them.
         self.totals: collections.Counter[str] = collections.Counter(

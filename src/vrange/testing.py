@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import errno as errno_module
 
-from ._native import lib
-from ._features import invalidate
-from .errors import check
+from ._backends._memory import deny_userfaultfd as _install_userfaultfd_filter
 from .region import Region
 
 __all__ = ["deny_userfaultfd", "page_out"]
@@ -27,9 +25,7 @@ def deny_userfaultfd(error_number: int = errno_module.EPERM, *, include_dev: boo
     """
     if not isinstance(error_number, int) or not 0 < error_number <= 0xFFFF:
         raise ValueError(f"error_number must be a positive errno value, not {error_number!r}")
-    check(lib.vr_seccomp_deny_userfaultfd(error_number, int(include_dev)),
-          "install a seccomp filter denying userfaultfd")
-    invalidate()  # what this process may use has changed
+    _install_userfaultfd_filter(error_number, include_dev)  # and forgets the feature report
 
 
 def page_out(region: Region, offset: int = 0, length: int | None = None) -> None:
@@ -47,8 +43,4 @@ def page_out(region: Region, offset: int = 0, length: int | None = None) -> None
         raise ValueError(f"page_out needs a region the kernel reclaims (the uffd backend or the "
                          f"sigbus backend's uffd trap), not one on the {region.backend} backend's "
                          f"{region.trap} trap; use region.purge()")
-    if region.backend == "sigbus":
-        from ._backends.sigbus import ensure_handler
-
-        ensure_handler()  # a handler replaced since would make the refill fatal
-    check(lib.vr_pageout(region.address + offset, length), "page the range out (MADV_PAGEOUT)")
+    region._core.page_out(offset, length)

@@ -1,8 +1,12 @@
-"""Backend selection: which backends exist, which can run here, and what ``auto`` picks.
+"""Backends: the layer between vrange's public API and its native core.
+
+Everything that calls the native core lives under this package; the public modules (``region``,
+``io``, ``sources``, ``policy``, ``testing``, ``bench``) call it only through here.
 
 A backend is named by a *spec*: ``"auto"``, ``"uffd"``, ``"sigbus"`` (with the trap the feature report
 prefers here), or ``"sigbus:uffd"`` / ``"sigbus:memfd"`` to force one trap of the sigbus backend (for
-tests and compatibility runs). ``$VRANGE_BACKEND`` takes the same specs.
+tests and compatibility runs). ``$VRANGE_BACKEND`` takes the same specs. Which backends exist, and
+the order ``auto`` tries them in, is the table in ``_table``.
 """
 
 from __future__ import annotations
@@ -10,50 +14,65 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
+from .._feature_report import Features
 from ..errors import BackendUnavailable
+from ._base import (ERROR_POLICIES, PURGE_REASONS, BackendRegion, Plan, RegionStats,
+                    SourceSpec)
+from ._memory import buffer_address
+from ._probes import features, invalidate
+from ._regeneration import Regeneration
+from ._registry import find as find_live_region
+from ._registry import on_fork_in_child, on_fork_reset_lock
+from ._table import AUTO_ORDER, BACKENDS, KNOWN_SPECS
 
-KNOWN_BACKENDS = ("uffd", "sigbus")
-SIGBUS_TRAPS = ("uffd", "memfd")
-KNOWN_SPECS = ("auto", "uffd", "sigbus", *(f"sigbus:{trap}" for trap in SIGBUS_TRAPS))
+__all__ = [
+    "AUTO_ORDER", "BACKENDS", "BACKEND_ENVIRONMENT_VARIABLE", "ERROR_POLICIES", "KNOWN_SPECS",
+    "PURGE_REASONS", "BackendChoice", "BackendRegion", "Plan", "Regeneration", "RegionStats",
+    "SourceSpec", "available_backends", "buffer_address", "features", "find_live_region", "invalidate",
+    "on_fork_in_child", "on_fork_reset_lock", "resolve_backend", "usable_specs",
+]
+
 BACKEND_ENVIRONMENT_VARIABLE = "VRANGE_BACKEND"
 
 
 class BackendChoice(NamedTuple):
-    """The backend a region uses, and for the sigbus backend its trap."""
+    """The backend a region uses, and its variant (the sigbus backend's trap)."""
 
     name: str
     trap: str | None
+    backend: type[BackendRegion]
+
+    def default_error_policy(self, report: Features) -> str:
+        return self.backend.default_error_policy(report)
 
 
 def available_backends() -> tuple[str, ...]:
     """Names of the backends that can run in this process, best first."""
-    from .._features import features
-
-    return tuple(support.name for support in features().backends if support.usable)
+    report = features()
+    return tuple(name for name in AUTO_ORDER if report.backend(name).usable)
 
 
 def usable_specs() -> list[str]:
     """Every explicit backend spec this process can run (``uffd``, ``sigbus:uffd``,
     ``sigbus:memfd``), for tools that run something on each backend (demo, stress, bench)."""
-    from .._features import features
-
     report = features()
     specs = []
-    for spec in ("uffd", *(f"sigbus:{trap}" for trap in SIGBUS_TRAPS)):
-        name, _, trap = spec.partition(":")
-        if report.backend(name).usable and (not trap or report.trap(trap).usable):
-            specs.append(spec)
+    for name, backend in BACKENDS.items():
+        if not report.backend(name).usable:
+            continue
+        if not backend.variants:
+            specs.append(name)
+        specs += [f"{name}:{variant}" for variant in backend.variants
+                  if report.trap(variant).usable]
     return specs
 
 
 def resolve_backend(requested: str | None) -> BackendChoice:
     """The backend a new region uses: ``requested``, else ``$VRANGE_BACKEND``, else ``auto``.
 
-    Unknown spec: ValueError. A known backend or trap that cannot run here: BackendUnavailable with
-    the reason from the feature report.
+    Unknown spec: ValueError. A known backend or variant that cannot run here: BackendUnavailable
+    with the reason from the feature report.
     """
-    from .._features import features
-
     spec = requested
     source = ""
     if spec is None:
@@ -64,20 +83,19 @@ def resolve_backend(requested: str | None) -> BackendChoice:
         raise ValueError(f"unknown backend {spec!r}{source}; choose one of "
                          f"{', '.join(repr(n) for n in KNOWN_SPECS)}")
     report = features()
-    name, _, trap = spec.partition(":")
+    name, _, variant = spec.partition(":")
     if name == "auto":
         if report.auto_backend is None:
             raise BackendUnavailable(report.auto_reason)
         name = report.auto_backend
+    backend = BACKENDS[name]
     support = report.backend(name)
     if not support.usable:
         raise BackendUnavailable(f"backend {name!r} cannot run here{source}: {support.reason}")
-    if name == "uffd":
-        return BackendChoice("uffd", None)
-    if trap:
-        trap_support = report.trap(trap)
-        if not trap_support.usable:
-            raise BackendUnavailable(f"the sigbus backend's {trap} trap cannot run here{source}: "
-                                     f"{trap_support.reason}")
-        return BackendChoice("sigbus", trap)
-    return BackendChoice("sigbus", support.trap)
+    if variant:
+        variant_support = report.trap(variant)
+        if not variant_support.usable:
+            raise BackendUnavailable(f"the {name} backend's {variant} trap cannot run "
+                                     f"here{source}: {variant_support.reason}")
+        return BackendChoice(name, variant, backend)
+    return BackendChoice(name, backend.default_variant(support), backend)

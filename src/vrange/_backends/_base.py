@@ -1,4 +1,6 @@
-"""The interface every backend implements for one region (chunk indices, already validated)."""
+"""The interface every backend implements for one region (chunk indices, already validated), and
+what a backend states about itself: its requirements (``assess``), why ``auto`` picks it
+(``why_chosen``), its geometry (``plan``) and its default error policy."""
 
 from __future__ import annotations
 
@@ -6,16 +8,74 @@ import abc
 import logging
 import mmap
 import os
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from .._feature_report import BackendSupport, Features, ProbeOutcome, TrapSupport, UserfaultfdReport
+from .._mappings import mapping_budget
 from .._native import ffi, lib
 from ..errors import VRangeError, check
+from . import _registry
+from ._regeneration import Regeneration, is_regenerating
 
 logger = logging.getLogger("vrange")
 
 
+_registry.on_fork_reset_lock(mapping_budget.new_lock_after_fork)
+
 _IN_FLIGHT_BITS = bytes(value & lib.VR_CHUNK_IN_FLIGHT for value in range(256))
+
+ERROR_POLICIES = {
+    "poison": lib.VR_ON_ERROR_POISON,
+    "zeros": lib.VR_ON_ERROR_ZEROS,
+    "abort": lib.VR_ON_ERROR_ABORT,
+}
+"""``on_error`` names and their native values."""
+
+SOURCE_KINDS = {
+    "python": lib.VR_SOURCE_PYTHON,
+    "zeros": lib.VR_SOURCE_ZEROS,
+    "file": lib.VR_SOURCE_FILE,
+    "isolated": lib.VR_SOURCE_ISOLATED,
+}
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a region's bytes come from, as its native state needs it."""
+
+    kind: str
+    """``python`` (a callable, through the regeneration callback), ``zeros``, ``file`` or
+    ``isolated`` (a helper process)."""
+    fd: int = -1
+    offset: int = 0
+    file_size: int = -1
+    """``file``: the file's size when the source was made (-1: any)."""
+    isolated: Any = None
+    """``isolated``: the native state of the helper (``_isolated.IsolatedChannel.pointer``)."""
+
+
+@dataclass(frozen=True)
+class ProbedFacts:
+    """The probed facts a backend's requirements are evaluated on (``BackendRegion.assess``)."""
+
+    userfaultfd: UserfaultfdReport
+    madvise_accepted: frozenset[str]
+    memfd: ProbeOutcome
+
+
+@dataclass
+class Plan:
+    """A new region's geometry on one backend, and the mappings it reserved for its worst case
+    from the process-wide budget (``vrange._mappings``); released if the region is never made."""
+
+    chunk_size: int
+    mappings: int = 0
+
+    def release(self) -> None:
+        mapping_budget.release(self.mappings)
+        self.mappings = 0
 
 PURGE_REASONS = {
     "explicit": lib.VR_PURGE_EXPLICIT,
@@ -68,9 +128,15 @@ class RegionStats:
 
 class BackendRegion(abc.ABC):
     """One region's native state in one backend. The bookkeeping every backend shares (chunk
-    states, counters, residency) is implemented here on the native region struct."""
+    states, counters, residency) is implemented here on the native region struct.
 
-    name: str
+    A subclass is one backend: it states its name, its variants (the sigbus backend's traps), its
+    requirements and its geometry as class methods, and registers itself with the registry of live
+    regions (``_registry``) once its native state serves faults."""
+
+    name: ClassVar[str]
+    variants: ClassVar[tuple[str, ...]] = ()
+    """Forms of the backend a spec ``name:variant`` selects (the sigbus backend's traps)."""
     pointer: Any
     trap: str | None = None
     """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
@@ -82,22 +148,102 @@ class BackendRegion(abc.ABC):
     group: str | None = None
     unusable: str | None = None
     """Why the region cannot be used in this process (a forked child that cannot serve it)."""
-    mappings_taken: int = 0
-    """Mappings reserved after creation (a forked child moved the region to the memfd trap)."""
 
-    def __init__(self, size: int, chunk_size: int) -> None:
-        self.chunk_count = -(-size // chunk_size)
+    management: bool | None = None
+    """What the region was created with (``Region(managed=...)``): True or False decide, None lets
+    the policy manage it when the kernel cannot reclaim it (also after a forked child moved it)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None):
+            _registry.add_backend_class(cls)
+
+    def __init__(self, owner: object, base: int, size: int, plan: Plan, source: SourceSpec,
+                 on_error: str, variant: str | None, regeneration: Regeneration) -> None:
+        """Set up the region's native state for the mapping at ``base`` (made by ``owner``, the
+        public region, held weakly) and register it as live; ``variant`` as ``plan`` took it."""
+        self.owner = weakref.ref(owner)
+        self.base = base
+        self.size = size
+        self.chunk_size = plan.chunk_size
+        self.chunk_count = -(-size // plan.chunk_size)
         self.page_count = size // mmap.PAGESIZE
+        self.mappings_reserved = plan.mappings
+        self.source = source
+        self.on_error = on_error
+        self.regeneration = regeneration
+        self.pointer = ffi.NULL
+        # What native code holds (through a cffi handle) to call the regenerator.
+        self.handle = ffi.new_handle(regeneration)
 
-    @staticmethod
-    def new_native_region(handler: Any, base: int, size: int, chunk_size: int, source_kind: int,
-                          file_fd: int, file_offset: int, handle: Any, on_error: int,
-                          isolated: Any) -> Any:
+    # --- what a backend states about itself (class methods) ---------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    def assess(cls, facts: ProbedFacts) -> tuple[BackendSupport, tuple[TrapSupport, ...]]:
+        """Whether this backend (and each of its variants) can run here, and why or why not."""
+
+    @classmethod
+    @abc.abstractmethod
+    def why_chosen(cls, support: BackendSupport) -> str:
+        """Why ``auto`` picks this backend (it is the first usable one of the table's order)."""
+
+    @classmethod
+    def default_variant(cls, support: BackendSupport) -> str | None:
+        """The variant a spec without one uses here (the sigbus backend's preferred trap)."""
+        return None
+
+    @classmethod
+    def default_error_policy(cls, report: Features) -> str:
+        """The ``on_error`` policy of a region that names none."""
+        return "poison"
+
+    @classmethod
+    def plan(cls, size: int, chunk_size: int, variant: str | None) -> Plan:
+        """The geometry of a new region (may enlarge ``chunk_size``), with its mapping reservation
+        taken (VRangeError when the process-wide budget cannot hold it)."""
+        return Plan(chunk_size)
+
+    @classmethod
+    def reset_after_fork(cls, regions: list[BackendRegion]) -> None:
+        """In a forked child, before any region's ``after_fork_in_child``: make this backend's
+        process-wide state (locks, threads, descriptors) the child's own. ``regions``: this
+        backend's live regions."""
+
+    # --- one region -------------------------------------------------------------------------------
+
+    def new_native_region(self, handler: Any) -> None:
+        """Make the shared native state of the region (``self.pointer``)."""
         out = ffi.new("vr_region **")
-        check(lib.vr_region_new(handler, base, size, chunk_size, source_kind, file_fd, file_offset,
-                                handle, on_error, out), "set up the region")
-        lib.vr_region_set_isolated(out[0], isolated)  # before any fault can reach the region
-        return out[0]
+        source = self.source
+        check(lib.vr_region_new(handler, self.base, self.size, self.chunk_size,
+                                SOURCE_KINDS[source.kind], source.fd, source.offset, self.handle,
+                                ERROR_POLICIES[self.on_error], out), "set up the region")
+        lib.vr_region_set_isolated(out[0], ffi.NULL if source.isolated is None
+                                   else source.isolated)  # before any fault can reach the region
+        if source.file_size >= 0:
+            lib.vr_region_set_file_size(out[0], source.file_size)  # nothing can touch it yet
+        self.pointer = out[0]
+
+    def opened(self) -> None:
+        """The region serves faults from now on: it is a live region of the process."""
+        _registry.register(self)
+
+    def regenerating_on_this_thread(self) -> bool:
+        """Whether this thread is inside this region's regenerator."""
+        return is_regenerating(self.regeneration)
+
+    def needs_handler_watchdog(self) -> bool:
+        """Whether the kernel makes this region's pages missing with no vrange call that could
+        notice a replaced signal handler (the pressure monitor's thread then watches for that)."""
+        return False
+
+    def set_policy(self, priority: int, group_id: int) -> None:
+        lib.vr_region_set_policy(self.pointer, priority, group_id)
+
+    def page_out(self, first_byte: int, length: int) -> None:
+        """Make the kernel reclaim the byte range now (MADV_PAGEOUT), as memory pressure would."""
+        check(lib.vr_pageout(self.base + first_byte, length), "page the range out (MADV_PAGEOUT)")
 
     def fence_in_child(self, reason: str) -> None:
         """Unserved in a forked child: a missing or discarded page would read as zeros. Make the
@@ -108,9 +254,6 @@ class BackendRegion(abc.ABC):
                          "pages")
         logger.error("vrange: %s%s", self.unusable,
                      "" if result >= 0 else f" (and mprotect failed: {os.strerror(-result)})")
-
-    def set_file_size(self, size: int) -> None:
-        lib.vr_region_set_file_size(self.pointer, size)
 
     @abc.abstractmethod
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None: ...
@@ -137,9 +280,24 @@ class BackendRegion(abc.ABC):
         """Keep vrange's purges away from the chunks while a system call uses them (+1 / -1)."""
         lib.vr_region_hold(self.pointer, first_chunk, end_chunk, delta)
 
-    @abc.abstractmethod
     def close(self) -> None:
-        """Called after the mapping is gone."""
+        """Called after the mapping is gone: the region is no longer live, its mappings go back to
+        the budget, and a late regeneration callback fails instead of running."""
+        _registry.unregister(self)
+        self.regeneration.retired = True
+        mapping_budget.release(self.mappings_reserved)
+        self.mappings_reserved = 0
+        if self.pointer != ffi.NULL:
+            self.close_native()
+
+    @abc.abstractmethod
+    def close_native(self) -> None:
+        """Free or retire the native state (the mapping is gone)."""
+
+    def count_failed(self, first_chunk: int, end_chunk: int) -> int:
+        """Chunks of the range whose last regeneration failed (even where the policy filled them
+        with zeros)."""
+        return int(lib.vr_region_count_failed(self.pointer, first_chunk, end_chunk))
 
     @abc.abstractmethod
     def resume(self) -> None:
@@ -164,7 +322,11 @@ class BackendRegion(abc.ABC):
                 "finish (is close() called from inside it?); the region stays open")
 
     def after_fork_in_child(self) -> None:
-        """Make the region work in a forked child (called for every live region)."""
+        """Make the region work in a forked child (the registry calls it for every live region,
+        after its backend's ``reset_after_fork``): threads that were inside it in the parent do not
+        exist here."""
+        if self.pointer != ffi.NULL:
+            lib.vr_region_forget_threads(self.pointer)
 
     def native_error(self) -> int:
         """The errno of the last failure of a native source on this region (0 if none)."""
@@ -196,6 +358,22 @@ class BackendRegion(abc.ABC):
         states = ffi.new("uint8_t[]", self.chunk_count)
         check(lib.vr_region_chunk_states(self.pointer, states), "read the chunk states")
         return bytes(ffi.buffer(states))
+
+    def byte_states(self) -> dict[str, int]:
+        """Bytes volatile, non-volatile, resident, and purged (filled once, missing now)."""
+        states = self.chunk_states()
+        residency = self.residency()
+        page = mmap.PAGESIZE
+        pages_per_chunk = self.chunk_size // page
+        sizes = {"volatile": 0, "nonvolatile": 0, "resident": 0, "purged": 0}
+        for chunk, state in enumerate(states):
+            pages = residency[chunk * pages_per_chunk:(chunk + 1) * pages_per_chunk]
+            length = len(pages) * page
+            sizes["volatile" if state & lib.VR_CHUNK_VOLATILE else "nonvolatile"] += length
+            if state & lib.VR_CHUNK_MATERIALIZED:
+                sizes["purged"] += sum(1 for entry in pages if not entry & 1) * page
+        sizes["resident"] = sum(entry & 1 for entry in residency) * page
+        return sizes
 
     def residency(self) -> bytes:
         pages = ffi.new("uint8_t[]", self.page_count)

@@ -6,13 +6,12 @@ import logging
 import os
 import signal
 import threading
-import weakref
-from typing import Any
 
+from .._feature_report import BackendSupport, Features, TrapSupport
 from .._native import ffi, lib
-from .._regeneration import Target
 from ..errors import check
-from ._base import BackendRegion
+from ._base import BackendRegion, Plan, ProbedFacts, SourceSpec
+from ._regeneration import Regeneration
 
 logger = logging.getLogger("vrange")
 
@@ -46,7 +45,8 @@ class _Handler:
 
 _handler: _Handler | None = None
 _handler_lock = threading.Lock()
-_live_regions: weakref.WeakSet[UffdRegion] = weakref.WeakSet()
+# Why a forked child could not open its own handler (its regions are fenced).
+_child_handler_error: str | None = None
 # Closed regions whose C struct may still be used by a job in flight (which calls back into Python
 # through the handle); released once the C side says nobody else holds them.
 _retired: list[UffdRegion] = []
@@ -76,55 +76,81 @@ def _sweep_retired() -> None:
         _retired[:] = keep
 
 
-def _after_fork_in_child() -> None:
-    """A forked child has no handler thread and its mapping is not registered: give it its own
-    handler and register every live region with it, so missing pages are regenerated, never read
-    as zeros."""
-    global _handler, _handler_lock, _retired_lock
-    _handler_lock = threading.Lock()
-    _retired_lock = threading.Lock()
-    if _handler is None:
-        return
-    _handler = None
-    _retired.clear()
-    regions = [region for region in list(_live_regions) if region.pointer != ffi.NULL]
-    if not regions:
-        return
-    try:
-        handler = _get_handler()
-    except OSError as error:
-        for region in regions:
-            region.fence_in_child(f"this forked child cannot open a userfaultfd of its own ({error})")
-        return
-    for region in regions:
-        result = lib.vr_region_rebind_after_fork(region.pointer, handler.pointer)
-        if result < 0:
-            region.fence_in_child("this forked child could not register it with its userfaultfd "
-                                  f"({os.strerror(-result)})")
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class UffdRegion(BackendRegion):
+    """A region served by the process's userfaultfd handler thread: a fault inside a system call
+    blocks until the chunk is refilled, and the kernel reclaims volatile pages (MADV_FREE)."""
+
     name = "uffd"
 
-    def __init__(self, owner: Any, base: int, size: int, chunk_size: int, source_kind: int,
-                 file_fd: int, file_offset: int, on_error: int, isolated: Any) -> None:
-        super().__init__(size, chunk_size)
+    @classmethod
+    def assess(cls, facts: ProbedFacts) -> tuple[BackendSupport, tuple[TrapSupport, ...]]:
+        uffd = facts.userfaultfd
+        missing = []
+        if not uffd.full:
+            missing.append(uffd.reason)
+        if uffd.full and "THREAD_ID" not in uffd.api_features:
+            missing.append("the kernel lacks UFFD_FEATURE_THREAD_ID")
+        missing += [f"madvise rejects MADV_{name}" for name in ("FREE", "POPULATE_WRITE")
+                    if name not in facts.madvise_accepted]
+        if missing:
+            return BackendSupport(cls.name, False, "; ".join(missing), kernel_reclaims=True), ()
+        return BackendSupport(cls.name, True, "userfaultfd serves faults inside syscalls; "
+                              "MADV_FREE and MADV_POPULATE_WRITE are accepted",
+                              kernel_reclaims=True), ()
+
+    @classmethod
+    def why_chosen(cls, support: BackendSupport) -> str:
+        return ("userfaultfd serves faults inside syscalls here, so a syscall that touches a purged "
+                "page blocks and succeeds")
+
+    @classmethod
+    def default_error_policy(cls, report: Features) -> str:
+        # Without UFFDIO_POISON a failed chunk cannot be made to fail the access that waits on it.
+        return "poison" if "POISON" in report.userfaultfd.range_ioctls else "abort"
+
+    @classmethod
+    def reset_after_fork(cls, regions: list[BackendRegion]) -> None:
+        """A forked child has no handler thread and its mappings are not registered: it opens a
+        handler of its own (once), with which each live region registers again."""
+        global _handler, _handler_lock, _retired_lock, _child_handler_error
+        _handler_lock = threading.Lock()
+        _retired_lock = threading.Lock()
+        _retired.clear()
+        had_handler, _handler = _handler is not None, None
+        _child_handler_error = None
+        if had_handler and any(region.pointer != ffi.NULL for region in regions):
+            try:
+                _get_handler()
+            except OSError as error:
+                _child_handler_error = str(error)
+
+    def __init__(self, owner: object, base: int, size: int, plan: Plan, source: SourceSpec,
+                 on_error: str, variant: str | None, regeneration: Regeneration) -> None:
+        super().__init__(owner, base, size, plan, source, on_error, variant, regeneration)
         handler = _get_handler()
-        self.handle = ffi.new_handle(Target(owner))  # weak: no cycle through the handle
-        self.pointer = self.new_native_region(handler.pointer, base, size, chunk_size, source_kind,
-                                              file_fd, file_offset, self.handle, on_error,
-                                              isolated)
+        self.new_native_region(handler.pointer)
         result = lib.vr_region_register(self.pointer)
         if result < 0:
             lib.vr_region_release(self.pointer)
             self.pointer = ffi.NULL
             check(result, "register the region with userfaultfd")
-        _live_regions.add(self)
+        self.opened()
         _sweep_retired()
 
+    def after_fork_in_child(self) -> None:
+        """Register the child's copy with the child's handler, so that missing pages are
+        regenerated, never read as zeros; without a handler the region is fenced."""
+        super().after_fork_in_child()
+        if self.pointer == ffi.NULL:
+            return
+        if _handler is None:
+            self.fence_in_child("this forked child cannot open a userfaultfd of its own "
+                                f"({_child_handler_error})")
+            return
+        result = lib.vr_region_rebind_after_fork(self.pointer, _handler.pointer)
+        if result < 0:
+            self.fence_in_child("this forked child could not register it with its userfaultfd "
+                                f"({os.strerror(-result)})")
     def mark_volatile(self, first_chunk: int, end_chunk: int) -> None:
         check(lib.vr_region_mark_volatile(self.pointer, first_chunk, end_chunk),
               "mark the range volatile (MADV_FREE)")
@@ -142,15 +168,11 @@ class UffdRegion(BackendRegion):
     def resume(self) -> None:
         lib.vr_region_resume(self.pointer)
 
-    def close(self) -> None:
-        if self.pointer == ffi.NULL:
-            return
+    def close_native(self) -> None:
         if self.unusable:  # its handler is the parent's (whose lock a fork may have caught held)
-            _live_regions.discard(self)
             self.pointer = ffi.NULL  # the native state stays allocated: it is this child's leak
             return
         lib.vr_region_close(self.pointer)
-        _live_regions.discard(self)
         with _retired_lock:
             _retired.append(self)
         _sweep_retired()

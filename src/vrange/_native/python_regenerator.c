@@ -46,7 +46,7 @@ static int raise_deferred_interrupt(void *unused)
         deliver_when_done = 1;
         return 0;
     }
-    PyObject *module = PyImport_ImportModule("vrange._regeneration");
+    PyObject *module = PyImport_ImportModule("vrange._backends._regeneration");
     if (!module)
         return -1;
     PyObject *result = PyObject_CallMethod(module, "raise_deferred_interrupt", NULL);

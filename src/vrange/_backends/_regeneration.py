@@ -31,12 +31,11 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any, Protocol
+from typing import Any
 
-from ._native import ffi
+from .._native import ffi
 
 logger = logging.getLogger("vrange")
 
@@ -46,6 +45,7 @@ OK, FAILED, OK_INTERRUPTED, FAILED_INTERRUPTED, RETRY = 0, -1, 1, 2, 3
 # Flags passed by python_regenerator.c.
 AT_UNSAFE_POINT, OUTERMOST = 1, 2
 ATTEMPTS_WHEN_INTERRUPTED = 3
+MAX_KEPT_FAILURES = 64
 OTHER_THREAD_RAN_NS = 500_000  # CPU time another thread used meanwhile that means it ran
 
 
@@ -83,42 +83,52 @@ def _give_back_scratch(buffer: Any) -> None:
         _spare_scratch.append(buffer)
 
 
-class Regenerating(Protocol):
-    """What the callback needs of a region (``vrange.Region`` implements it)."""
+class Regeneration:
+    """What native code calls back for one region, and all it may touch: the regenerator, and the
+    record of its failures (``vrange.Region`` reads them). Held by the region's native state through
+    a cffi handle; it refers to no region, so nothing the callback does can reach the public object
+    (whose lock the faulting call may hold)."""
 
-    def regenerator(self) -> Callable[[int, memoryview], object]: ...
+    __slots__ = ("regenerate", "on_error", "retired", "failure_count", "_failures", "__weakref__")
 
-    def record_failure(self, offset: int, error: BaseException) -> None: ...
+    def __init__(self, regenerate: Callable[[int, memoryview], object], on_error: str) -> None:
+        self.regenerate = regenerate
+        self.on_error = on_error
+        self.retired = False
+        """Set once the region is closed: a late callback fails instead of running."""
+        self.failure_count = 0
+        self._failures: collections.deque[tuple[int, int, BaseException]] = \
+            collections.deque(maxlen=MAX_KEPT_FAILURES)
+
+    def record_failure(self, offset: int, error: BaseException) -> None:
+        self.failure_count += 1
+        self._failures.append((self.failure_count, offset, error))
+        logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
+                       offset, error, self.on_error)
+
+    def failures_since(self, count: int) -> list[tuple[int, BaseException]]:
+        """``(offset, exception)`` of the failures recorded after the ``count``-th, oldest first."""
+        return [(offset, error) for sequence, offset, error in list(self._failures)
+                if sequence > count]
+
+    def recent_failures(self) -> list[tuple[int, BaseException]]:
+        return [(offset, error) for _, offset, error in list(self._failures)]
 
 
 class _Regenerating(threading.local):
-    """Per thread: the regions whose regenerators run now, innermost last."""
+    """Per thread: the regenerations running now, innermost last."""
 
     def __init__(self) -> None:
-        self.regions: list[object] = []
+        self.entries: list[Regeneration] = []
 
 
 _regenerating = _Regenerating()
 
 
-def is_regenerating(region: object) -> bool:
-    """Whether this thread is inside a regenerator of ``region`` (its methods must not be called
-    from there: the call that faulted may hold the region's lock)."""
-    return any(entry is region for entry in _regenerating.regions)
-
-
-class Target:
-    """What native code holds for a region (through a cffi handle): a weak reference, so that the
-    region is freed by reference counting alone (a strong one would make a cycle: the region holds
-    its native state, which holds the handle). A region already gone fails the regeneration."""
-
-    __slots__ = ("_region",)
-
-    def __init__(self, region: Regenerating) -> None:
-        self._region = weakref.ref(region)
-
-    def region(self) -> Regenerating | None:
-        return self._region()
+def is_regenerating(regeneration: Regeneration) -> bool:
+    """Whether this thread is inside ``regeneration``'s regenerator (the region's methods must not
+    be called from there: the call that faulted may hold the region's lock)."""
+    return any(entry is regeneration for entry in _regenerating.entries)
 
 
 _deferred_interrupts: collections.deque[BaseException] = collections.deque()
@@ -178,22 +188,22 @@ def _keep_as_text(error: BaseException) -> None:
         link = link.__cause__
 
 
-def run(region: Regenerating, offset: int, buffer: Any, length: int, flags: int) -> int:
+def run(regeneration: Regeneration, offset: int, buffer: Any, length: int, flags: int) -> int:
     """Fill ``buffer`` for the chunk at ``offset``; one of the return codes above. Raises only an
     interrupt (KeyboardInterrupt...) that hit this code rather than the regenerator: the callback's
     ``onerror`` then asks native code to call again (RETRY)."""
     at_unsafe_point = bool(flags & AT_UNSAFE_POINT)
-    regions = _regenerating.regions
+    entries = _regenerating.entries
     if flags & OUTERMOST:
-        regions.clear()  # entries an earlier interrupt left behind: no regenerator runs below
-    regions.append(region)
+        entries.clear()  # entries an earlier interrupt left behind: no regenerator runs below
+    entries.append(regeneration)
     try:
-        return _run(region, offset, buffer, length, at_unsafe_point)
+        return _run(regeneration, offset, buffer, length, at_unsafe_point)
     finally:
-        regions.pop()
+        entries.pop()
 
 
-def _run(region: Regenerating, offset: int, buffer: Any, length: int,
+def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
          at_unsafe_point: bool) -> int:
     scratch = _take_scratch(length)
     exported = ffi.buffer(scratch, length)
@@ -202,7 +212,7 @@ def _run(region: Regenerating, offset: int, buffer: Any, length: int,
     failed = True
     try:
         with _at_unsafe_point() if at_unsafe_point else nullcontext():
-            regenerate = region.regenerator()
+            regenerate = regeneration.regenerate
             for attempt in range(ATTEMPTS_WHEN_INTERRUPTED):
                 if attempt:  # the interrupted attempt's bytes must not stay behind
                     _zero(scratch, length)
@@ -210,7 +220,7 @@ def _run(region: Regenerating, offset: int, buffer: Any, length: int,
                     regenerate(offset, view)
                 except Exception as error:  # noqa: BLE001 - recorded, reported by policy
                     _keep_as_text(error)
-                    region.record_failure(offset, error)
+                    regeneration.record_failure(offset, error)
                     break
                 except BaseException as error:  # noqa: BLE001 - delivered later, not a failure
                     if interrupt is None:
@@ -226,10 +236,10 @@ def _run(region: Regenerating, offset: int, buffer: Any, length: int,
                 stuck = RuntimeError(f"the regenerator was interrupted {ATTEMPTS_WHEN_INTERRUPTED} "
                                      f"times in a row ({interrupt!r})")
                 _keep_as_text(stuck)
-                region.record_failure(offset, stuck)
+                regeneration.record_failure(offset, stuck)
     except Exception as error:  # noqa: BLE001 - cffi would only print it
         _keep_as_text(error)
-        region.record_failure(offset, error)
+        regeneration.record_failure(offset, error)
         failed = True
     # An interrupt that hits this code itself (not the regenerator) escapes: the callback's onerror
     # keeps it and native code calls again.
@@ -281,7 +291,7 @@ def _callback_raised(exception: type[BaseException] | None, value: BaseException
 @ffi.def_extern(error=FAILED, onerror=_callback_raised)
 def vr_python_regenerate(python_handle: Any, offset: int, buffer: Any, length: int,
                          flags: int) -> int:
-    region = ffi.from_handle(python_handle).region()
-    if region is None:
-        return FAILED  # the region is being freed: nothing may be written any more
-    return run(region, int(offset), buffer, int(length), int(flags))
+    regeneration = ffi.from_handle(python_handle)
+    if regeneration.retired:
+        return FAILED  # the region is closed: nothing may be written any more
+    return run(regeneration, int(offset), buffer, int(length), int(flags))

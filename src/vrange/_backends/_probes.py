@@ -1,79 +1,30 @@
-"""Kernel-feature detection: what this kernel and this process may use, and why not when not.
+"""Kernel-feature probes: fill the report :func:`features` returns, by doing, not by version numbers.
 
 Everything is found by doing (opening a userfaultfd, madvising a scratch mapping, writing a PSI
-trigger), not by comparing version numbers. :func:`features` computes the report once and caches it;
-it never raises: a probe that fails unexpectedly is recorded in ``Features.probe_errors``.
+trigger). Each backend states its own requirements (``BackendRegion.assess``, evaluated here on the
+probed facts) and the backend table decides what ``auto`` picks. :func:`features` computes the
+report once and caches it; it never raises: a probe that fails unexpectedly is recorded in
+``Features.probe_errors``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TypeVar
 
-from ._native import ffi, lib
-from ._mappings import MappingUse, mapping_budget
-from .errors import errno_name
-
-__all__ = [
-    "AdviceSupport",
-    "BackendSupport",
-    "CgroupReport",
-    "Features",
-    "OpenAttempt",
-    "PressurePlan",
-    "ProbeOutcome",
-    "PsiReport",
-    "TrapSupport",
-    "UserfaultfdReport",
-    "features",
-]
-
-UserfaultfdAccess = Literal["syscall", "dev", "user_mode_only", "none"]
-
-# Bit i of the UFFDIO_API features word (include/uapi/linux/userfaultfd.h).
-UFFD_FEATURE_NAMES = (
-    "PAGEFAULT_FLAG_WP",
-    "EVENT_FORK",
-    "EVENT_REMAP",
-    "EVENT_REMOVE",
-    "MISSING_HUGETLBFS",
-    "MISSING_SHMEM",
-    "EVENT_UNMAP",
-    "SIGBUS",
-    "THREAD_ID",
-    "MINOR_HUGETLBFS",
-    "MINOR_SHMEM",
-    "EXACT_ADDRESS",
-    "WP_HUGETLBFS_SHMEM",
-    "WP_UNPOPULATED",
-    "POISON",
-    "WP_ASYNC",
-    "MOVE",
-)
-
-# Bit numbers of the ioctls word (_UFFDIO_* in the same header).
-UFFD_IOCTL_NAMES = {
-    0x00: "REGISTER",
-    0x01: "UNREGISTER",
-    0x02: "WAKE",
-    0x03: "COPY",
-    0x04: "ZEROPAGE",
-    0x05: "MOVE",
-    0x06: "WRITEPROTECT",
-    0x07: "CONTINUE",
-    0x08: "POISON",
-    0x3F: "API",
-}
-
-# The madvise advice vrange uses or may use, probed on a scratch mapping.
-PROBED_ADVICE = ("FREE", "COLD", "PAGEOUT", "POPULATE_READ", "POPULATE_WRITE", "GUARD_INSTALL")
+from .._feature_report import (
+    PROBED_ADVICE, UFFD_FEATURE_NAMES, UFFD_IOCTL_NAMES, AdviceSupport, BackendSupport,
+    CgroupReport, Features, OpenAttempt, ProbeOutcome, PressurePlan, PsiReport, TrapSupport,
+    UserfaultfdAccess, UserfaultfdReport, decode_bits, describe_errno)
+from .._native import ffi, lib
+from . import _registry
+from ._base import ProbedFacts
+from ._table import AUTO_ORDER, BACKENDS
 
 CAP_SYS_PTRACE = 19
 SECCOMP_MODES = {0: "disabled", 1: "strict", 2: "filter"}
@@ -81,220 +32,6 @@ KERNEL_FAULT_PROBE_TIMEOUTS_MS = (1000, 3000, 6000)
 # cgroup v1 reports "no limit" as the largest page-aligned signed 64-bit number.
 CGROUP_V1_UNLIMITED = 1 << 62
 
-
-def decode_bits(mask: int, names: dict[int, str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Names of the set bits of ``mask``; a bit without a name appears as ``bit<N>``."""
-    table = dict(enumerate(names)) if isinstance(names, tuple) else names
-    return tuple(table.get(bit, f"bit{bit}") for bit in range(mask.bit_length()) if mask >> bit & 1)
-
-
-def describe_errno(code: int) -> str:
-    return f"{errno_name(code)} ({os.strerror(code)})"
-
-
-# --- report types -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProbeOutcome:
-    """Whether one operation worked, and the errno when it did not."""
-
-    ok: bool
-    errno: int | None = None
-    error: str | None = None
-
-    @classmethod
-    def from_result(cls, result: int) -> ProbeOutcome:
-        if result >= 0:
-            return cls(ok=True)
-        return cls(ok=False, errno=-result, error=describe_errno(-result))
-
-
-@dataclass(frozen=True)
-class OpenAttempt:
-    """One way of obtaining a userfaultfd, and what the kernel answered."""
-
-    method: Literal["syscall", "dev", "syscall_user_mode_only"]
-    outcome: ProbeOutcome
-
-
-@dataclass(frozen=True)
-class UserfaultfdReport:
-    """What this process may do with userfaultfd, and why."""
-
-    access: UserfaultfdAccess
-    """``syscall`` or ``dev``: a full userfaultfd (serves faults inside syscalls) through the
-    userfaultfd(2) call or /dev/userfaultfd; ``user_mode_only``: only UFFD_USER_MODE_ONLY, whose
-    faults inside syscalls fail with EFAULT; ``none``: no userfaultfd at all."""
-    serves_syscalls: bool | None
-    """Verified by behaviour: a read(2) into a registered missing page blocked and was served
-    (True) or failed with EFAULT (False); None when no descriptor could be probed."""
-    reason: str
-    attempts: tuple[OpenAttempt, ...]
-    api_features: tuple[str, ...]
-    api_features_mask: int
-    api_ioctls: tuple[str, ...]
-    range_ioctls: tuple[str, ...]
-    unprivileged_userfaultfd_sysctl: int | None
-    cap_sys_ptrace: bool | None
-    seccomp_mode: str
-    dev_node: str
-
-    @property
-    def full(self) -> bool:
-        """True when a userfaultfd that serves faults inside syscalls can be opened here."""
-        return self.access in ("syscall", "dev") and self.serves_syscalls is True
-
-
-@dataclass(frozen=True)
-class AdviceSupport:
-    """Whether madvise accepted one advice value on a scratch mapping."""
-
-    name: str
-    value: int
-    outcome: ProbeOutcome
-
-
-@dataclass(frozen=True)
-class PsiReport:
-    """Pressure-stall information for memory (/proc/pressure/memory)."""
-
-    readable: ProbeOutcome
-    triggers_writable: ProbeOutcome
-    some_avg10: float | None
-    full_avg10: float | None
-
-
-@dataclass(frozen=True)
-class CgroupReport:
-    """The memory cgroup this process is in, and the tightest limit on the way to the root."""
-
-    version: Literal["v1", "v2", "none"]
-    path: str | None
-    memory_limit_bytes: int | None
-    """None when no ancestor sets a limit."""
-    limit_set_at: str | None
-    memory_usage_bytes: int | None
-    directory: str | None = None
-    """This process's own cgroup directory in the mounted hierarchy."""
-
-
-@dataclass(frozen=True)
-class PressurePlan:
-    """What vrange's pressure monitor watches here (see :mod:`vrange.policy`), and why.
-
-    The monitor purges volatile chunks of the regions it manages when ``usage_file`` says usage is
-    above ``high_water_bytes``, until it is back under ``low_water_bytes``. It wakes on the kernel's
-    signal (``psi_file`` trigger, cgroup v1 usage threshold, cgroup v2 ``memory.events``), on
-    vrange's own refills, and every ``interval_ms`` to watch the headroom proactively."""
-
-    signal: Literal["cgroup-v2", "cgroup-v1", "psi", "meminfo"]
-    reason: str
-    limit_bytes: int
-    usage_file: str
-    usage_kind: Literal["cgroup", "meminfo"]
-    high_water_bytes: int
-    low_water_bytes: int
-    interval_ms: int
-    psi_file: str | None = None
-    events_file: str | None = None
-    threshold_control: str | None = None
-
-
-@dataclass(frozen=True)
-class TrapSupport:
-    """Whether the sigbus backend can use one trap here (how an access to a missing page becomes a
-    SIGBUS), and whether the kernel can reclaim the volatile pages of a region behind it."""
-
-    name: Literal["uffd", "memfd"]
-    usable: bool
-    kernel_reclaims: bool
-    reason: str
-
-
-@dataclass(frozen=True)
-class BackendSupport:
-    """Whether one backend can run here; ``reason`` says why or why not."""
-
-    name: str
-    usable: bool
-    reason: str
-    trap: str | None = None
-    """sigbus: the trap its regions use by default here (``"uffd"`` or ``"memfd"``); uffd: None."""
-    kernel_reclaims: bool = False
-    """True when the kernel itself takes volatile pages back under memory pressure (MADV_FREE);
-    False when only vrange purges them (the memfd trap)."""
-
-
-@dataclass(frozen=True)
-class Features:
-    """What this kernel and this process may use. Made by :func:`features`."""
-
-    kernel_release: str
-    machine: str
-    page_size: int
-    thp_mode: str | None
-    max_map_count: int | None
-    userfaultfd: UserfaultfdReport
-    madvise: tuple[AdviceSupport, ...]
-    memfd: ProbeOutcome
-    psi: PsiReport
-    cgroup: CgroupReport
-    pressure: PressurePlan
-    sigbus_traps: tuple[TrapSupport, ...]
-    backends: tuple[BackendSupport, ...]
-    auto_backend: str | None
-    auto_reason: str
-    probe_errors: tuple[str, ...]
-    probe_seconds: float
-
-    def mappings(self) -> MappingUse:
-        """The process's memory mappings and vrange's share of them, now (not cached): the
-        sigbus backend's memfd-trap regions reserve their worst case from a process-wide budget
-        of half of ``vm.max_map_count`` and are refused beyond it (see :class:`MappingUse`)."""
-        return mapping_budget.use()
-
-    def madvise_accepted(self, name: str) -> bool:
-        """True if madvise accepted ``MADV_<name>`` (e.g. ``"FREE"``) on this kernel."""
-        for advice in self.madvise:
-            if advice.name == name:
-                return advice.outcome.ok
-        raise KeyError(f"MADV_{name} is not among the probed advice {PROBED_ADVICE}")
-
-    def trap(self, name: str) -> TrapSupport:
-        """The support entry of the sigbus trap ``name`` (``"uffd"`` or ``"memfd"``)."""
-        for support in self.sigbus_traps:
-            if support.name == name:
-                return support
-        raise KeyError(f"unknown trap {name!r}; known: {[t.name for t in self.sigbus_traps]}")
-
-    def backend(self, name: str) -> BackendSupport:
-        """The support entry of backend ``name`` (``"uffd"`` or ``"sigbus"``)."""
-        for support in self.backends:
-            if support.name == name:
-                return support
-        raise KeyError(f"unknown backend {name!r}; known: {[b.name for b in self.backends]}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The report as plain JSON-compatible data (tuples of named entries become dicts), with
-        the mapping use of this instant under ``"mappings"``."""
-        plain: dict[str, Any] = _plain(self)
-        plain["mappings"] = _plain(self.mappings())
-        return plain
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    if isinstance(value, tuple):
-        if value and all(isinstance(item, (AdviceSupport, BackendSupport, TrapSupport))
-                         for item in value):
-            return {item.name: _plain(item) for item in value}
-        return [_plain(item) for item in value]
-    return value
-
-
-# --- probes ---------------------------------------------------------------------------------------
 
 T = TypeVar("T")
 
@@ -383,7 +120,7 @@ def _uffd_reason(
     if access == "syscall":
         return "userfaultfd(2) opens a full descriptor; faults inside syscalls are served (verified)"
     parts = []
-    if syscall.errno == 1:  # EPERM
+    if syscall.errno == errno.EPERM:
         if user_only.ok:
             parts.append(
                 "userfaultfd(2) refuses a full descriptor (EPERM): vm.unprivileged_userfaultfd="
@@ -395,7 +132,7 @@ def _uffd_reason(
                          "profiles deny it)")
         else:
             parts.append("userfaultfd(2) fails with EPERM")
-    elif syscall.errno == 38:  # ENOSYS
+    elif syscall.errno == errno.ENOSYS:
         cause = ("a seccomp filter denies it" if seccomp_mode == "filter"
                  else "the kernel lacks CONFIG_USERFAULTFD")
         parts.append(f"userfaultfd(2) fails with ENOSYS: {cause}")
@@ -405,7 +142,7 @@ def _uffd_reason(
         parts.append("/dev/userfaultfd opens a full descriptor; faults inside syscalls are served "
                      "(verified)")
         return "; ".join(parts)
-    if dev.errno == 2:
+    if dev.errno == errno.ENOENT:
         parts.append("/dev/userfaultfd does not exist")
     elif dev.error:
         parts.append(f"/dev/userfaultfd fails with {dev.error}")
@@ -526,7 +263,7 @@ def _probe_psi() -> PsiReport:
     return PsiReport(readable=readable, triggers_writable=writable, some_avg10=some, full_avg10=full)
 
 
-def _cgroup_mounts() -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+def cgroup_mounts() -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     """((root, mount point) of the v1 memory hierarchy, (root, mount point) of cgroup2)."""
     v1 = v2 = None
     for line in (_read_text("/proc/self/mountinfo") or "").splitlines():
@@ -544,7 +281,7 @@ def _cgroup_mounts() -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     return v1, v2
 
 
-def _cgroup_directory(mount: tuple[str, str], path: str) -> Path:
+def cgroup_directory(mount: tuple[str, str], path: str) -> Path:
     root, mount_point = mount
     if root != "/" and path.startswith(root):
         path = path[len(root):]
@@ -573,96 +310,35 @@ def _probe_cgroup() -> CgroupReport:
             v1_path = path
         elif controllers == "":
             v2_path = path
-    v1_mount, v2_mount = _cgroup_mounts()
+    v1_mount, v2_mount = cgroup_mounts()
     if v1_path is not None and v1_mount is not None:
-        directory = _cgroup_directory(v1_mount, v1_path)
+        directory = cgroup_directory(v1_mount, v1_path)
         limit, where = _tightest_limit(directory, Path(v1_mount[1]), "memory.limit_in_bytes")
         usage = _read_int(str(directory / "memory.usage_in_bytes"))
         return CgroupReport("v1", v1_path, limit, where, usage, str(directory))
     if v2_path is not None and v2_mount is not None:
         available = (_read_text(str(Path(v2_mount[1]) / "cgroup.controllers")) or "").split()
         if "memory" in available:
-            directory = _cgroup_directory(v2_mount, v2_path)
+            directory = cgroup_directory(v2_mount, v2_path)
             limit, where = _tightest_limit(directory, Path(v2_mount[1]), "memory.max")
             usage = _read_int(str(directory / "memory.current"))
             return CgroupReport("v2", v2_path, limit, where, usage, str(directory))
     return CgroupReport("none", None, None, None, None)
 
 
-def _probe_sigbus_traps(madvise: tuple[AdviceSupport, ...],
-                        memfd: ProbeOutcome) -> tuple[TrapSupport, ...]:
-    """The userfaultfd trap is verified by doing: open a SIGBUS-mode userfaultfd the way a region
-    does, register a scratch page and fill it with UFFDIO_COPY."""
-    fd_out = ffi.new("int *", -1)
-    result = lib.vr_sigbus_uffd_trap_open(fd_out)
-    if result == 0:
-        try:
-            result = lib.vr_sigbus_uffd_trap_probe(fd_out[0])
-        finally:
-            lib.vr_close(fd_out[0])
-    free_accepted = any(advice.name == "FREE" and advice.outcome.ok for advice in madvise)
-    if result < 0:
-        uffd_trap = TrapSupport("uffd", False, False,
-                                "no SIGBUS-mode userfaultfd can be used here: "
-                                f"{describe_errno(-result)}")
-    elif not free_accepted:
-        uffd_trap = TrapSupport("uffd", False, False, "madvise rejects MADV_FREE")
-    else:
-        uffd_trap = TrapSupport(
-            "uffd", True, True,
-            "a SIGBUS-mode userfaultfd (UFFD_FEATURE_SIGBUS, user-mode-only where that is all this "
-            "process may open) registers private anonymous memory: volatile pages are MADV_FREE'd "
-            "and the kernel reclaims them by itself under pressure")
-    memfd_trap = TrapSupport(
-        "memfd", memfd.ok, False,
-        "an empty memfd is mapped over purged chunks: the kernel cannot reclaim these pages, only "
-        "vrange's purges give memory back" if memfd.ok
-        else f"memfd_create fails with {memfd.error}")
-    return (uffd_trap, memfd_trap)
-
-
-def _assess_backends(
-    uffd: UserfaultfdReport, madvise: tuple[AdviceSupport, ...], traps: tuple[TrapSupport, ...]
-) -> tuple[BackendSupport, ...]:
-    accepted = {advice.name for advice in madvise if advice.outcome.ok}
-    uffd_missing = []
-    if not uffd.full:
-        uffd_missing.append(uffd.reason)
-    if uffd.full and "THREAD_ID" not in uffd.api_features:
-        uffd_missing.append("the kernel lacks UFFD_FEATURE_THREAD_ID")
-    uffd_missing += [f"madvise rejects MADV_{name}" for name in ("FREE", "POPULATE_WRITE")
-                     if name not in accepted]
-    uffd_support = (BackendSupport("uffd", False, "; ".join(uffd_missing), kernel_reclaims=True)
-                    if uffd_missing else
-                    BackendSupport("uffd", True, "userfaultfd serves faults inside syscalls; "
-                                   "MADV_FREE and MADV_POPULATE_WRITE are accepted",
-                                   kernel_reclaims=True))
-    trap = next((support for support in traps if support.usable), None)
-    if trap is None:
-        sigbus_support = BackendSupport("sigbus", False, "; ".join(
-            f"{support.name} trap: {support.reason}" for support in traps))
-    else:
-        sigbus_support = BackendSupport("sigbus", True, f"{trap.name} trap: {trap.reason}",
-                                        trap=trap.name, kernel_reclaims=trap.kernel_reclaims)
-    return (uffd_support, sigbus_support)
-
-
 def _choose_auto(backends: tuple[BackendSupport, ...]) -> tuple[str | None, str]:
+    """The first usable backend of the table's ``auto`` order, and why (naming the ones passed over
+    and why they cannot run)."""
     by_name = {support.name: support for support in backends}
-    if by_name["uffd"].usable:
-        return "uffd", ("uffd: userfaultfd serves faults inside syscalls here, so a syscall that "
-                        "touches a purged page blocks and succeeds")
-    sigbus = by_name["sigbus"]
-    if sigbus.usable:
-        reclaim = ("the kernel reclaims volatile pages by itself (MADV_FREE) and a SIGBUS handler "
-                   "refills them" if sigbus.kernel_reclaims else
-                   "the kernel cannot reclaim these pages: only purge() and vrange's own policy give "
-                   "memory back")
-        return "sigbus", (f"sigbus: uffd is unusable ({by_name['uffd'].reason}); the {sigbus.trap} "
-                          f"trap is used: {reclaim}; syscalls on purged pages fail with EFAULT, "
-                          "use vrange.io")
-    return None, ("no backend can run: uffd: " + by_name["uffd"].reason
-                  + "; sigbus: " + sigbus.reason)
+    passed_over: list[BackendSupport] = []
+    for name in AUTO_ORDER:
+        support = by_name[name]
+        if support.usable:
+            skipped = "".join(f"{other.name} is unusable ({other.reason}); " for other in passed_over)
+            return name, f"{name}: {skipped}{BACKENDS[name].why_chosen(support)}"
+        passed_over.append(support)
+    return None, "no backend can run: " + "; ".join(f"{support.name}: {support.reason}"
+                                                    for support in passed_over)
 
 
 def water_marks(limit: int, headroom_fraction: int = 8) -> tuple[int, int]:
@@ -736,15 +412,19 @@ def _compute() -> Features:
     pressure = run.section("pressure", lambda: _plan_pressure(cgroup, psi), PressurePlan(
         "meminfo", "planning failed (see probe_errors)", 0, "/proc/meminfo", "meminfo", 0, 0,
         1000))
-    traps = run.section(
-        "sigbus traps", lambda: _probe_sigbus_traps(madvise, memfd),
-        tuple(TrapSupport(name, False, False, "probe failed (see probe_errors)")
-              for name in ("uffd", "memfd")))
-    backends = run.section(
-        "backends",
-        lambda: _assess_backends(uffd, madvise, traps),
-        tuple(BackendSupport(name, False, "assessment failed") for name in ("uffd", "sigbus")),
-    )
+    facts = ProbedFacts(uffd, frozenset(advice.name for advice in madvise if advice.outcome.ok),
+                        memfd)
+    supports: list[BackendSupport] = []
+    trap_list: list[TrapSupport] = []
+    for name, backend in BACKENDS.items():
+        failed = (BackendSupport(name, False, "assessment failed (see probe_errors)"),
+                  tuple(TrapSupport(variant, False, False,  # type: ignore[arg-type]
+                                    "probe failed (see probe_errors)")
+                        for variant in backend.variants))
+        support, variants = run.section(f"backend {name}", lambda: backend.assess(facts), failed)
+        supports.append(support)
+        trap_list.extend(variants)
+    backends, traps = tuple(supports), tuple(trap_list)
     auto_backend, auto_reason = _choose_auto(backends)
     return Features(
         kernel_release=uname.release,
@@ -777,7 +457,7 @@ def _reset_lock_after_fork() -> None:
     _cache_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_reset_lock_after_fork)
+_registry.on_fork_reset_lock(_reset_lock_after_fork)
 
 
 def features(refresh: bool = False) -> Features:

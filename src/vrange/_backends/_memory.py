@@ -1,0 +1,35 @@
+"""Memory helpers over the native core for the public modules: the address of a buffer, timing
+page touches from C (``vrange.bench``), and the seccomp filter of ``vrange.testing``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._native import ffi, lib
+from ..errors import check
+from ._probes import invalidate
+
+
+def buffer_address(buffer: Any) -> int:
+    """The start address of an object that exports a buffer (a memoryview, an mmap, a Region)."""
+    pointer = ffi.from_buffer(buffer)
+    try:
+        return int(ffi.cast("uintptr_t", pointer))
+    finally:
+        ffi.release(pointer)
+
+
+def touch_pages(address: int, length: int, stride: int, write: bool) -> int:
+    """Touch one byte every ``stride`` bytes of the range from C, with the GIL released;
+    nanoseconds taken."""
+    elapsed = ffi.new("uint64_t *")
+    check(lib.vr_touch_pages(address, length, stride, int(write), elapsed), "touch pages")
+    return int(elapsed[0])
+
+
+def deny_userfaultfd(error_number: int, include_dev: bool) -> None:
+    """Install the seccomp filter of :func:`vrange.testing.deny_userfaultfd`, and forget the
+    feature report (what this process may use has changed)."""
+    check(lib.vr_seccomp_deny_userfaultfd(error_number, int(include_dev)),
+          "install a seccomp filter denying userfaultfd")
+    invalidate()

@@ -15,6 +15,13 @@ def slow_pattern(offset: int, buf: memoryview, delay: float) -> None:
     buf[:] = pattern(offset, len(buf))
 
 
+def announced_slow_pattern(offset: int, buf: memoryview, flag: str, delay: float) -> None:
+    """Like ``slow_pattern``, creating the file ``flag`` first: the test sees the regeneration begin."""
+    with open(flag, "w"):
+        pass
+    slow_pattern(offset, buf, delay)
+
+
 def broken(offset: int, buf: memoryview) -> None:
     raise KeyError("the tile store is gone")
 

@@ -8,13 +8,11 @@ import pytest
 
 import vrange
 from vrange import sources
-from conftest import skip_unless_available
 from vrange.testing import deny_userfaultfd
 
 
+@pytest.mark.requires("uffd_backend", "(auto picks it where it runs)")
 def test_auto_prefers_uffd_where_it_serves_syscalls(report: vrange.Features) -> None:
-    if not report.backend("uffd").usable:
-        pytest.skip(f"backend 'uffd' unavailable: {report.backend('uffd').reason}")
     assert report.auto_backend == "uffd"
     assert vrange.available_backends()[0] == "uffd"
     with vrange.Region(4096, sources.Zeros(), backend="auto") as region:
@@ -22,9 +20,9 @@ def test_auto_prefers_uffd_where_it_serves_syscalls(report: vrange.Features) -> 
 
 
 @pytest.mark.forked
+@pytest.mark.requires("root", "(to install a seccomp filter)")
 @pytest.mark.parametrize("error_number", [errno.EPERM, errno.ENOSYS], ids=["EPERM", "ENOSYS"])
-def test_uffd_denied_by_seccomp_is_unavailable_with_the_reason(root_privileges: None,
-                                                               error_number: int) -> None:
+def test_uffd_denied_by_seccomp_is_unavailable_with_the_reason(error_number: int) -> None:
     deny_userfaultfd(error_number)
     report = vrange.features(refresh=True)
     name = errno.errorcode[error_number]
@@ -41,13 +39,10 @@ def test_uffd_denied_by_seccomp_is_unavailable_with_the_reason(root_privileges: 
             vrange.Region(4096, sources.Zeros(), backend="auto")
 
 
-@pytest.mark.parametrize("spec, expected", [("sigbus:uffd", ("sigbus", "uffd")),
-                                            ("sigbus:memfd", ("sigbus", "memfd")),
-                                            ("uffd", ("uffd", None))])
-def test_a_spec_forces_a_backend_and_trap(report: vrange.Features, spec: str,
-                                          expected: tuple[str, str | None],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    skip_unless_available(report, spec)
+def test_a_spec_forces_a_backend_and_trap(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = backend
+    expected = {"sigbus:uffd": ("sigbus", "uffd"), "sigbus:memfd": ("sigbus", "memfd"),
+                "uffd": ("uffd", None)}[spec]
     with vrange.Region(4096, sources.Zeros(), backend=spec) as region:
         assert (region.backend, region.trap) == expected
         assert region.kernel_reclaims == (expected[1] != "memfd")
@@ -56,8 +51,8 @@ def test_a_spec_forces_a_backend_and_trap(report: vrange.Features, spec: str,
         assert (region.backend, region.trap) == expected
 
 
+@pytest.mark.requires("sigbus_backend", "(it asks for plain 'sigbus')")
 def test_plain_sigbus_uses_the_trap_the_report_prefers(report: vrange.Features) -> None:
-    skip_unless_available(report, "sigbus")
     with vrange.Region(4096, sources.Zeros(), backend="sigbus") as region:
         assert region.trap == report.backend("sigbus").trap
         assert region.stats().trap == region.trap

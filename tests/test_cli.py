@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
+from conftest import run_python, syscalls_are_served, usable_specs
 
 import vrange
 
 
 def run_vrange(*args: str, backend: str | None = None,
                timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    environment = dict(os.environ)
-    if backend is not None:
-        environment["VRANGE_BACKEND"] = backend
-    return subprocess.run([sys.executable, "-m", "vrange", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, env=environment)
+    return run_python(module="vrange", args=args, timeout=timeout,
+                      env=None if backend is None else {"VRANGE_BACKEND": backend})
 
 
 def table_rows(output: str) -> dict[str, str]:
@@ -75,7 +71,7 @@ def test_demo_on_each_backend(backend: str) -> None:
     *_, decodes = rows["recompute every time"].split("rss")[1].split()[:1] or ["?"]
     assert int(decodes) == 3000  # recompute decodes on every read
     efault = next(line for line in result.stdout.splitlines() if line.startswith(f"  vrange {backend}:"))
-    if backend == "uffd":
+    if syscalls_are_served(backend):
         assert "waited for the refill" in efault
     else:
         assert "failed with EFAULT" in efault and "vrange.io.write() refilled and wrote 4.0 MiB" in efault
@@ -93,11 +89,10 @@ def test_demo_keeps_a_budget_where_it_cannot_confine_itself() -> None:
 
 
 @pytest.mark.hang_timeout(200)
+@pytest.mark.requires("root", "(to make memory cgroups; otherwise the demo keeps a budget)")
 def test_the_readme_demo_confines_itself_and_is_never_oom_killed() -> None:
     """The README's main job, as CI runs it: as root each run gets a memory cgroup a third of its
     cache; the kernel (or vrange's monitor, on the memfd trap) takes tiles back."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make memory cgroups (otherwise the demo keeps a budget)")
     result = run_vrange("demo", timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Each run is confined to 128.0 MiB" in result.stdout
@@ -119,10 +114,7 @@ def test_unknown_command_is_an_error() -> None:
 def test_bench_quick_reports_every_case_against_a_baseline() -> None:
     result = run_vrange("bench", "--quick")
     assert result.returncode == 0, result.stderr
-    report = vrange.features()
-    specs = [spec for spec in ("uffd", "sigbus:uffd", "sigbus:memfd")
-             if report.backend(spec.partition(":")[0]).usable
-             and (":" not in spec or report.trap(spec.partition(":")[2]).usable)]
+    specs = usable_specs(vrange.features())
     rows = [line for line in result.stdout.splitlines()
             if any(f" {spec} " in line for spec in specs)]
     assert len(rows) == 6 * len(specs)

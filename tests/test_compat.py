@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_python
+
+import vrange
 
 RUNNER = Path(__file__).resolve().parent.parent / "compat" / "run.py"
 
 
 @pytest.fixture(scope="module")
 def matrix() -> dict:
-    completed = subprocess.run([sys.executable, str(RUNNER), "--json"], capture_output=True,
-                               text=True, timeout=600, check=False)
+    completed = run_python(script=RUNNER, args=["--json"], timeout=600)
     assert completed.returncode in (0, 1), completed.stderr
     return json.loads(completed.stdout)
 
@@ -56,13 +56,14 @@ def test_native_profile_runs_everything_that_applies(matrix: dict) -> None:
                 assert (scenario, backend) == ("kernel discard", "sigbus:memfd")
 
 
-def test_unprivileged_profile_is_user_mode_only(matrix: dict) -> None:
+def test_unprivileged_profile_is_user_mode_only(matrix: dict, report: vrange.Features) -> None:
     entry = profile(matrix, "unprivileged")
     if "unavailable" in entry:
         pytest.skip(f"profile not run: {entry['unavailable']}")
-    with open("/proc/sys/vm/unprivileged_userfaultfd") as sysctl:
-        if sysctl.read().strip() != "0":
-            pytest.skip("vm.unprivileged_userfaultfd=1 gives unprivileged users a full userfaultfd")
+    if report.userfaultfd.unprivileged_userfaultfd_sysctl != 0:
+        pytest.skip("needs vm.unprivileged_userfaultfd=0 (with 1 unprivileged users get a full "
+                    "userfaultfd; here it is "
+                    f"{report.userfaultfd.unprivileged_userfaultfd_sysctl})")
     assert entry["userfaultfd"] == "user_mode_only"
     assert (entry["auto"], entry["auto_trap"]) == ("sigbus", "uffd")  # the kernel reclaims
     for scenario, row in entry["cells"].items():

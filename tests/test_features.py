@@ -6,11 +6,10 @@ import errno
 import json
 import mmap
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 import vrange
 from vrange._backends import _probes as features_module
@@ -88,10 +87,10 @@ def test_userfaultfd_permission_inputs_match_proc(report: vrange.Features) -> No
     assert [attempt.method for attempt in uffd.attempts] == ["syscall", "dev", "syscall_user_mode_only"]
 
 
+@pytest.mark.requires("root", "(the full-access case)")
+@pytest.mark.requires("no_seccomp_filter", "(the full-access case)")
 def test_userfaultfd_as_root_is_full_and_named(report: vrange.Features) -> None:
     uffd = report.userfaultfd
-    if os.geteuid() != 0 or uffd.seccomp_mode != "disabled":
-        pytest.skip("needs root without a seccomp filter (the full-access case)")
     assert uffd.access == "syscall"
     assert uffd.serves_syscalls is True
     assert uffd.full
@@ -120,8 +119,9 @@ def _assert_uffd_denied(report: vrange.Features, error_number: int, name: str) -
 
 
 @pytest.mark.forked
+@pytest.mark.requires("root", "(to install a seccomp filter)")
 @pytest.mark.parametrize("error_number", [errno.EPERM, errno.ENOSYS], ids=["EPERM", "ENOSYS"])
-def test_seccomp_denial_of_every_way_in_is_reported(root_privileges: None, error_number: int) -> None:
+def test_seccomp_denial_of_every_way_in_is_reported(error_number: int) -> None:
     deny_userfaultfd(error_number, include_dev=True)
     report = vrange.features(refresh=True)
     uffd = report.userfaultfd
@@ -151,9 +151,9 @@ def test_seccomp_denial_of_every_way_in_is_reported(root_privileges: None, error
 
 
 @pytest.mark.forked
-def test_seccomp_denial_of_the_syscall_leaves_dev_userfaultfd(root_privileges: None) -> None:
-    if not os.path.exists("/dev/userfaultfd"):
-        pytest.skip("needs /dev/userfaultfd (Linux 6.1+)")
+@pytest.mark.requires("root", "(to install a seccomp filter)")
+@pytest.mark.requires("dev_userfaultfd", "(what the filter leaves open)")
+def test_seccomp_denial_of_the_syscall_leaves_dev_userfaultfd() -> None:
     deny_userfaultfd(errno.EPERM, include_dev=False)
     report = vrange.features(refresh=True)
     _assert_uffd_denied(report, errno.EPERM, "EPERM")
@@ -163,7 +163,8 @@ def test_seccomp_denial_of_the_syscall_leaves_dev_userfaultfd(root_privileges: N
 
 
 @pytest.mark.forked
-def test_unprivileged_process_gets_what_the_sysctl_allows(root_privileges: None) -> None:
+@pytest.mark.requires("root", "(to drop privileges)")
+def test_unprivileged_process_gets_what_the_sysctl_allows() -> None:
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
@@ -247,10 +248,11 @@ def test_cgroup_matches_proc_self_cgroup(report: vrange.Features) -> None:
 
 
 @pytest.mark.forked
-def test_cgroup_limit_is_found_in_a_child_cgroup(root_privileges: None) -> None:
+@pytest.mark.requires("root", "(to make a memory cgroup)")
+@pytest.mark.requires("cgroup_v1_memory", "(to make a memory cgroup)")
+def test_cgroup_limit_is_found_in_a_child_cgroup() -> None:
     own = _own_memory_cgroup_v1()
-    if own is None or not os.access(own, os.W_OK):
-        pytest.skip("needs a writable cgroup v1 memory controller")
+    assert own is not None and os.access(own, os.W_OK), "the report and /proc disagree"
     limit = 256 << 20
     child = own / f"vrange-test-{os.getpid()}"
     child.mkdir()
@@ -262,8 +264,7 @@ def test_cgroup_limit_is_found_in_a_child_cgroup(root_privileges: None) -> None:
             "report = vrange.features().as_dict()\n"
             "print(json.dumps([report['cgroup'], report['pressure']]))\n"
         )
-        output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                check=True, timeout=60).stdout
+        output = run_python(script, check=True).stdout
         cgroup, pressure = json.loads(output)
     finally:
         child.rmdir()
@@ -325,9 +326,8 @@ def test_the_cached_report_is_probed_again_after_the_uid_changes(
     assert vrange.features() is not first
 
 
+@pytest.mark.requires("no_memory_limit", "(the machine-wide case)")
 def test_without_a_limit_the_monitor_watches_the_machine(report: vrange.Features) -> None:
-    if report.cgroup.memory_limit_bytes is not None:
-        pytest.skip("this process runs under a memory cgroup limit")
     plan = report.pressure
     assert plan.signal == ("psi" if report.psi.triggers_writable.ok else "meminfo")
     assert plan.usage_file == "/proc/meminfo" and plan.usage_kind == "meminfo"

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import CHUNK, assert_pages_match, pattern
+from conftest import CHUNK, assert_pages_match, helper_processes, pattern, wait_until
 
 import vrange
 from vrange.sources import Isolated
@@ -41,7 +41,10 @@ def _count_other_thread_steps(region: vrange.Region, data: bytearray,
     during: list[int] = []
     try:
         sys.setswitchinterval(1000.0)
-        time.sleep(0.05)  # the other thread's next waits use the new interval
+        # Two more steps of the other thread: it has waited for the GIL since, and every wait it
+        # begins from now on uses the new interval.
+        changed = steps[0]
+        wait_until(lambda: steps[0] >= changed + 2, "the other thread stepped twice")
         region.purge()
         for chunk in range(16):
             before = steps[0]
@@ -136,19 +139,18 @@ def test_a_helper_that_hangs_is_killed_and_nothing_hangs(backend: str) -> None:
 
 @pytest.mark.forked
 def test_a_forked_child_gets_a_helper_of_its_own(backend: str) -> None:
-    from vrange._native import lib
-
     source = Isolated("isolated_regenerators:slow_pattern", 0.0)
     with vrange.Region(SIZE, source, backend=backend) as region:
         region.mark_volatile()
         assert bytes(region[0:8]) == pattern(0, 8)
-        parent_helper = source._channel.helper_pid()
+        [parent_helper] = helper_processes()  # the only child of this (forked) test process
         region.purge()
         pid = os.fork()
         if pid == 0:
             try:
-                ok = (bytes(region[:]) == pattern(0, SIZE)
-                      and source._channel.helper_pid() != parent_helper)
+                ok = bytes(region[:]) == pattern(0, SIZE)
+                helpers = helper_processes()  # the child's own children
+                ok = ok and len(helpers) == 1 and helpers[0] != parent_helper
                 os._exit(0 if ok else 1)
             except BaseException:
                 os._exit(2)
@@ -221,11 +223,14 @@ def test_concurrent_faults_are_served_at_once_within_their_own_timeout(backend: 
         assert source.restarts == 0 and region.stats().regeneration_errors == 0
 
 
-@pytest.mark.backends("uffd")
-def test_a_slow_helper_does_not_hold_up_other_regions(backend: str) -> None:
+@pytest.mark.requires("uffd_handler", "(its handler thread must not wait for a helper)")
+def test_a_slow_helper_does_not_hold_up_other_regions(backend: str,
+                                                      tmp_path: "os.PathLike[str]") -> None:
     """uffd: helpers are waited for on workers, not on the handler thread that serves every
     other fault."""
-    slow = vrange.Region(SIZE, Isolated("isolated_regenerators:slow_pattern", 2.0), backend=backend)
+    started = os.path.join(tmp_path, "started")
+    slow = vrange.Region(SIZE, Isolated("isolated_regenerators:announced_slow_pattern", started,
+                                        2.0), backend=backend)
     quick = vrange.Region(SIZE, vrange.sources.Zeros(), backend=backend)
     finished: list[str] = []
     try:
@@ -235,8 +240,8 @@ def test_a_slow_helper_does_not_hold_up_other_regions(backend: str) -> None:
         reader = threading.Thread(target=lambda: (hashlib.sha256(view[0:CHUNK]).digest(),
                                                   finished.append("slow")))
         reader.start()
-        while not slow._core.chunk_states()[0] & vrange._native.lib.VR_CHUNK_IN_FLIGHT:
-            pass
+        # The helper is regenerating the slow region's chunk: its fault is in flight.
+        wait_until(lambda: os.path.exists(started), "the helper began the slow chunk", timeout=30)
         assert bytes(quick[CHUNK:CHUNK + 4]) == bytes(4)
         finished.append("quick")
         reader.join(timeout=30)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import CHUNK, PAGE, pattern
+from conftest import CHUNK, PAGE, has_trait, helper_processes, pattern
 
 import vrange
 from vrange import sources
@@ -52,7 +52,7 @@ UFFD_MAX_WORKERS = 16
 def assert_flat(backend: str, growth: dict[str, int], cycles: int, before: Usage,
                 after: Usage) -> None:
     limits = dict(MAX_GROWTH)
-    if backend == "uffd" and 0 < growth["tasks"] <= UFFD_MAX_WORKERS:
+    if has_trait(backend, "uffd_handler") and 0 < growth["tasks"] <= UFFD_MAX_WORKERS:
         limits["tasks"] = growth["tasks"]
         limits["maps"] += 2 * growth["tasks"]
     assert all(growth[name] <= limit for name, limit in limits.items()), \
@@ -169,14 +169,6 @@ def test_regions_leave_nothing_behind(backend: str, source_file: str,
 
 
 ISOLATED_CYCLES = 20  # each starts a helper process (a Python interpreter): 0.1 to 0.3 s
-
-
-def helper_processes() -> list[int]:
-    pids = []
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as children:
-            pids.extend(int(pid) for pid in children.read().split())
-    return pids
 
 
 def test_isolated_sources_leave_nothing_behind(backend: str) -> None:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import require, run_python
 
 import vrange
 
@@ -45,34 +44,21 @@ class MemoryCgroup:
         return 0
 
 
-def _own_cgroup_directory(version: str) -> Path | None:
-    from vrange._backends._probes import cgroup_directory as _cgroup_directory, cgroup_mounts as _cgroup_mounts
-
-    v1_mount, v2_mount = _cgroup_mounts()
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if version == "v1" and "memory" in controllers.split(",") and v1_mount:
-            return _cgroup_directory(v1_mount, path)
-        if version == "v2" and controllers == "" and v2_mount:
-            return _cgroup_directory(v2_mount, path)
-    return None
-
-
 def _make_cgroup(version: str) -> MemoryCgroup:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to make a memory cgroup")
-    parent = _own_cgroup_directory(version)
-    if parent is None:
-        pytest.skip(f"no cgroup {version} memory hierarchy is mounted here")
+    require("root", "(to make a memory cgroup)")
+    require(f"cgroup_{version}_memory", "(to make a memory cgroup beneath this process's own)")
+    directory = vrange.features().cgroup.directory
+    assert directory is not None
+    parent = Path(directory)
     if version == "v2":
         controllers = (parent / "cgroup.controllers").read_text().split()
         if "memory" not in controllers:
-            pytest.skip(f"cgroup v2 at {parent} has no memory controller (controllers: "
-                        f"{' '.join(controllers) or 'none'}; memory is bound to cgroup v1 here)")
+            pytest.skip(f"needs the memory controller in {parent}/cgroup.controllers (to limit a "
+                        f"cgroup beneath it): it has {' '.join(controllers) or 'none'}")
         try:
             (parent / "cgroup.subtree_control").write_text("+memory")
         except OSError as error:
-            pytest.skip(f"cannot enable the v2 memory controller beneath {parent}: {error}")
+            pytest.skip(f"needs the v2 memory controller enabled beneath {parent}: {error}")
     path = parent / f"vrange-test-{os.getpid()}"
     path.mkdir()
     limit_file = "memory.limit_in_bytes" if version == "v1" else "memory.max"
@@ -91,11 +77,11 @@ def memory_cgroup(request: pytest.FixtureRequest) -> Iterator[MemoryCgroup]:
 
 def run_child(cgroup: MemoryCgroup, backend: str, mode: str, uid: int | None,
               *extra: str, size: int = CACHE) -> dict[str, object]:
-    command = [sys.executable, str(CHILD), "--cgroup-procs", str(cgroup.procs), "--backend",
-               backend, "--mode", mode, "--size", str(size), "--passes", "3", *extra]
+    arguments = ["--cgroup-procs", str(cgroup.procs), "--backend", backend, "--mode", mode,
+                 "--size", str(size), "--passes", "3", *extra]
     if uid is not None:
-        command += ["--uid", str(uid)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        arguments += ["--uid", str(uid)]
+    completed = run_python(script=CHILD, args=arguments, timeout=120)
     assert completed.returncode != -9, (
         f"OOM-killed (oom_kill count {cgroup.oom_kills()}): {completed.stderr[-2000:]}")
     assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
@@ -108,17 +94,11 @@ def run_child(cgroup: MemoryCgroup, backend: str, mode: str, uid: int | None,
     return result
 
 
-def _skip_unless_unprivileged_trap() -> None:
-    report = vrange.features()
-    if not report.trap("uffd").usable:
-        pytest.skip(f"the sigbus uffd trap is unavailable: {report.trap('uffd').reason}")
-
-
 @pytest.mark.hang_timeout(150)
+@pytest.mark.requires("sigbus_uffd_trap", "(what auto gives an unprivileged process)")
 @pytest.mark.parametrize("mode", ["remark", "once"])
 def test_unprivileged_auto_cache_is_reclaimed_not_oom_killed(memory_cgroup: MemoryCgroup,
                                                             mode: str) -> None:
-    _skip_unless_unprivileged_trap()
     result = run_child(memory_cgroup, "auto", mode, uid=NOBODY)
     assert result["uid"] == NOBODY
     assert (result["backend"], result["trap"]) == ("sigbus", "uffd"), result["auto_reason"]
@@ -127,16 +107,16 @@ def test_unprivileged_auto_cache_is_reclaimed_not_oom_killed(memory_cgroup: Memo
 
 
 @pytest.mark.hang_timeout(150)
-def test_mark_once_cache_on_uffd_backend_is_reclaimed(memory_cgroup: MemoryCgroup,
-                                                     full_userfaultfd: vrange.Features) -> None:
+@pytest.mark.requires("uffd_backend", "(the cache is on it)")
+def test_mark_once_cache_on_uffd_backend_is_reclaimed(memory_cgroup: MemoryCgroup) -> None:
     result = run_child(memory_cgroup, "uffd", "once", uid=None)
     assert (result["backend"], result["trap"]) == ("uffd", None)
     assert isinstance(result["volatile_refills"], int) and result["volatile_refills"] > 0
 
 
 @pytest.mark.hang_timeout(150)
+@pytest.mark.requires("sigbus_uffd_trap", "(the cache is on it)")
 def test_mark_once_cache_on_forced_uffd_trap_as_root(memory_cgroup: MemoryCgroup) -> None:
-    _skip_unless_unprivileged_trap()
     result = run_child(memory_cgroup, "sigbus:uffd", "once", uid=None)
     assert (result["backend"], result["trap"]) == ("sigbus", "uffd")
 

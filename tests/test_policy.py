@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
 
 import pytest
-from conftest import CHUNK, CountingRegenerator, assert_pages_match, pattern, skip_unless_available
+from conftest import CHUNK, CountingRegenerator, assert_pages_match, pattern, require, usable_specs
 
 import vrange
 import vrange.policy
@@ -21,7 +20,9 @@ MIB = 1 << 20
 
 @pytest.fixture
 def memfd(report: vrange.Features) -> str:
-    skip_unless_available(report, "sigbus:memfd")
+    """The memfd trap: the regions vrange's policy manages by default (the kernel cannot reclaim
+    them)."""
+    require("sigbus_memfd_trap", "(the regions the policy manages by default)", report)
     return "sigbus:memfd"
 
 
@@ -45,8 +46,7 @@ def test_regions_the_kernel_cannot_reclaim_are_managed_by_default(report: vrange
     with filled(memfd, managed=False) as region:
         assert not region.managed
     for spec in ("uffd", "sigbus:uffd"):
-        name, _, trap = spec.partition(":")
-        if not report.backend(name).usable or (trap and not report.trap(trap).usable):
+        if spec not in usable_specs(report):
             continue
         with filled(spec) as region:
             assert not region.managed  # the kernel reclaims it: no policy unless asked

@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -24,7 +23,8 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import BACKEND_SPECS, CHUNK, PAGE, CountingRegenerator, kernel_reclaims, pattern
+from conftest import (CHUNK, PAGE, CountingRegenerator, kernel_reclaims, pattern, run_python,
+                      usable_specs)
 
 import vrange
 from vrange import sources
@@ -56,15 +56,6 @@ def descriptors(pid: int | str = "self") -> dict[int, tuple[str, int]]:
 def children(task: str) -> list[int]:
     with open(f"/proc/self/task/{task}/children") as listing:
         return [int(pid) for pid in listing.read().split()]
-
-
-def usable_specs(report: vrange.Features) -> list[str]:
-    specs = []
-    for spec in BACKEND_SPECS:
-        name, _, trap = spec.partition(":")
-        if report.backend(name).usable and (not trap or report.trap(trap).usable):
-            specs.append(spec)
-    return specs
 
 
 def exercise(spec: str, path: str) -> list[object]:
@@ -134,11 +125,10 @@ def test_every_descriptor_vrange_opens_is_close_on_exec(report: vrange.Features,
     assert all(os.get_inheritable(fd) is False for fd in opened)
 
     # A program started with every inheritable descriptor (close_fds=False) gets none of them.
-    child = subprocess.run(
-        [sys.executable, "-S", "-c",
-         "import json, os; print(json.dumps({fd: os.readlink(f'/proc/self/fd/{fd}') "
-         "for fd in os.listdir('/proc/self/fd') if os.path.exists(f'/proc/self/fd/{fd}')}))"],
-        close_fds=False, capture_output=True, text=True, check=True)
+    child = run_python(
+        "import json, os; print(json.dumps({fd: os.readlink(f'/proc/self/fd/{fd}') "
+        "for fd in os.listdir('/proc/self/fd') if os.path.exists(f'/proc/self/fd/{fd}')}))",
+        flags=["-S"], close_fds=False, check=True)
     inherited = {int(fd): target for fd, target in json.loads(child.stdout).items()}
     leaked = {fd: target for fd, (target, _) in opened.items() if inherited.get(fd) == target}
     assert not leaked, f"a child program inherited {leaked}"
@@ -161,9 +151,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_BIND = 0x00020000, 1 << 14, 1 << 18, 4096
 
 WORKLOAD = textwrap.dedent("""
-    import os, subprocess, sys
+    import os, sys
     sys.path.insert(0, {tests!r})
     import vrange
+    from conftest import run_python
     from test_security import exercise, usable_specs
     source = os.path.join({scratch!r}, "source")
     with open(source, "wb") as file:
@@ -171,8 +162,7 @@ WORKLOAD = textwrap.dedent("""
     report = vrange.features(refresh=True)
     kept = [region for spec in usable_specs(report) for region in exercise(spec, source)]
     for arguments in (["features"], ["features", "--json"]):
-        subprocess.run([sys.executable, "-m", "vrange", *arguments], check=True,
-                       stdout=subprocess.DEVNULL)
+        run_python(module="vrange", args=arguments, check=True)
     pid = os.fork()  # a forked child's regions: its own handler, trap, helpers
     if pid == 0:
         for region in kept:
@@ -225,8 +215,9 @@ def _new_entries(directory: str, made: set[str]) -> list[tuple[str, int]]:
 
 
 NAMESPACE = textwrap.dedent("""
-    import ctypes, json, os, subprocess, sys, tempfile
+    import ctypes, json, os, sys, tempfile
     sys.path.insert(0, {tests!r})
+    from conftest import run_python
     from test_security import CLONE_NEWNS, MS_PRIVATE, MS_REC, WORKLOAD, _check, _libc, \\
         _new_entries, _private_tmpfs
     if _libc.unshare(CLONE_NEWNS) != 0:
@@ -241,9 +232,7 @@ NAMESPACE = textwrap.dedent("""
         sys.exit(0)
     scratch = tempfile.mkdtemp(dir="/tmp")
     made["/tmp"].update((scratch, os.path.join(scratch, "source")))
-    result = subprocess.run([sys.executable, "-c", WORKLOAD.format(tests={tests!r},
-                                                                   scratch=scratch)],
-                            capture_output=True, text=True, timeout=120)
+    result = run_python(WORKLOAD.format(tests={tests!r}, scratch=scratch), timeout=120)
     print(json.dumps({{"returncode": result.returncode, "stdout": result.stdout,
                       "stderr": result.stderr,
                       "created": {{directory: _new_entries(directory, made[directory])
@@ -251,7 +240,8 @@ NAMESPACE = textwrap.dedent("""
 """)
 
 
-def test_no_world_writable_temporary_files(root_privileges: None) -> None:
+@pytest.mark.requires("root", "(to make a mount namespace)")
+def test_no_world_writable_temporary_files() -> None:
     """Run every backend, source and probe (and the CLI, and a forked child) in a mount namespace
     with private, empty /tmp and /dev/shm: whatever appears there was made by vrange (or this
     test's own scratch directory, left out)."""
@@ -260,8 +250,7 @@ def test_no_world_writable_temporary_files(root_privileges: None) -> None:
         os.path.dirname(os.path.dirname(vrange.__file__)))})
     keep = [path for path in paths  # bind each tree once
             if not any(path.startswith(other + "/") for other in paths)]
-    outcome = subprocess.run([sys.executable, "-c", NAMESPACE.format(tests=TESTS, keep=keep)],
-                             capture_output=True, text=True, timeout=180)
+    outcome = run_python(NAMESPACE.format(tests=TESTS, keep=keep), timeout=180)
     assert outcome.returncode == 0, outcome.stderr
     result = json.loads(outcome.stdout)
     if "skip" in result:
@@ -339,8 +328,8 @@ def as_nobody(function: Callable[[], None]) -> None:
     assert os.waitstatus_to_exitcode(status) == 0, f"as uid 65534:\n{report}"
 
 
-def test_an_unprivileged_process_runs_every_backend_the_kernel_allows(
-        root_privileges: None, source_path: str) -> None:
+@pytest.mark.requires("root", "(to drop privileges)")
+def test_an_unprivileged_process_runs_every_backend_the_kernel_allows(source_path: str) -> None:
     if SYS_USERFAULTFD is None:
         pytest.skip(f"the userfaultfd system call number of {platform.machine()} is not known here")
     as_nobody(lambda: unprivileged_backends(source_path))

@@ -5,27 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 
 import pytest
 
 import vrange
-from conftest import skip_unless_available
+from conftest import run_python as run_python_in
 from vrange import sources
 from vrange._backends.sigbus import MAX_MEMFD_TRAP_CHUNKS as SIGBUS_MAX_CHUNKS
 
+# What a test of the SIGBUS handler's hygiene needs: it runs on both traps.
+sigbus_handler = pytest.mark.requires("sigbus_handler", "(it tests the SIGBUS handler)")
 
-@pytest.fixture(params=["sigbus:uffd", "sigbus:memfd"])
-def spec(request: pytest.FixtureRequest, report: vrange.Features) -> str:
-    skip_unless_available(report, request.param)
-    return str(request.param)
-
-
-def run_python(script: str, spec: str) -> subprocess.CompletedProcess[str]:
-    prelude = textwrap.dedent(f"""
-        SPEC = {spec!r}
-        import faulthandler, mmap, os, sys, tempfile, vrange
+PRELUDE = """
+        SPEC = BACKEND
+        import faulthandler, mmap, tempfile
         from vrange import sources
         def truncated_mapping_access():
             with tempfile.TemporaryFile() as file:
@@ -41,35 +34,41 @@ def run_python(script: str, spec: str) -> subprocess.CompletedProcess[str]:
             region.mark_volatile()
             region.purge()
             return region
-    """)
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)],
-                          capture_output=True, text=True, timeout=60, check=False)
+"""
 
 
-def test_foreign_sigbus_still_kills_the_process(spec: str) -> None:
+def run_python(script: str, spec: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, after ``PRELUDE`` (``SPEC`` is the backend spec)."""
+    return run_python_in(script, backend=spec, prelude=PRELUDE)
+
+
+@sigbus_handler
+def test_foreign_sigbus_still_kills_the_process(backend: str) -> None:
     result = run_python("""
         region = purged_region()
         assert bytes(region[0:3]) == bytes(3)   # vrange's own traps are served
         truncated_mapping_access()
         print("survived", flush=True)
-    """, spec)
+    """, backend)
     assert result.returncode == -signal.SIGBUS, result.stderr
     assert "touching" in result.stdout and "survived" not in result.stdout
 
 
-def test_faulthandler_installed_first_still_reports_foreign_sigbus(spec: str) -> None:
+@sigbus_handler
+def test_faulthandler_installed_first_still_reports_foreign_sigbus(backend: str) -> None:
     result = run_python("""
         faulthandler.enable()
         region = purged_region()
         assert bytes(region[0:3]) == bytes(3)
         truncated_mapping_access()
-    """, spec)
+    """, backend)
     assert result.returncode == -signal.SIGBUS
     assert "Fatal Python error: Bus error" in result.stderr
     assert "truncated_mapping_access" in result.stderr  # faulthandler's Python traceback
 
 
-def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front(spec: str) -> None:
+@sigbus_handler
+def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front(backend: str) -> None:
     result = run_python("""
         region = purged_region()
         faulthandler.enable()        # replaces vrange's SIGBUS handler
@@ -77,24 +76,24 @@ def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front(spec: str)
         assert bytes(region[0:3]) == bytes(3), "trap not served"
         print("served", flush=True)
         truncated_mapping_access()
-    """, spec)
+    """, backend)
     assert "served" in result.stdout, result.stderr
     assert "another SIGBUS handler replaced vrange's" in result.stderr
     assert result.returncode == -signal.SIGBUS
     assert "Fatal Python error: Bus error" in result.stderr
 
 
-def test_errno_is_preserved_across_a_served_fault(spec: str) -> None:
+@sigbus_handler
+def test_errno_is_preserved_across_a_served_fault(backend: str) -> None:
     result = run_python("""
         import ctypes, errno
-        libc = ctypes.CDLL(None, use_errno=True)
         region = purged_region()
         ctypes.set_errno(errno.ENOTTY)
         value = ctypes.c_char.from_address(region.address + 70000).value   # served in the handler
         assert value == b"\\0"
         assert ctypes.get_errno() == errno.ENOTTY, ctypes.get_errno()
         print("ok", flush=True)
-    """, spec)
+    """, backend)
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
 
@@ -106,9 +105,8 @@ def _map_count() -> int:
 
 @pytest.mark.forked
 @pytest.mark.hang_timeout(120)
-def test_large_region_with_scattered_purges_stays_far_from_max_map_count(
-        report: vrange.Features) -> None:
-    skip_unless_available(report, "sigbus:memfd")
+@pytest.mark.requires("sigbus_memfd_trap", "(its chunks take a mapping each)")
+def test_large_region_with_scattered_purges_stays_far_from_max_map_count() -> None:
     size = 1 << 30
     region = vrange.Region(size, sources.Zeros(), backend="sigbus:memfd")
     try:
@@ -136,8 +134,8 @@ def test_large_region_with_scattered_purges_stays_far_from_max_map_count(
 
 @pytest.mark.forked
 @pytest.mark.hang_timeout(120)
-def test_uffd_trap_keeps_the_chunk_size_and_adds_no_mappings(report: vrange.Features) -> None:
-    skip_unless_available(report, "sigbus:uffd")
+@pytest.mark.requires("sigbus_uffd_trap", "(it keeps a region in one mapping)")
+def test_uffd_trap_keeps_the_chunk_size_and_adds_no_mappings() -> None:
     size = 1 << 30
     with vrange.Region(size, sources.Zeros(), backend="sigbus:uffd") as region:
         chunk = region.chunk_size
@@ -156,10 +154,10 @@ def test_uffd_trap_keeps_the_chunk_size_and_adds_no_mappings(report: vrange.Feat
         assert region.mark_nonvolatile(0, size // 2) is True
 
 
-def test_a_handler_replaced_later_is_taken_back_by_the_watchdog(report: vrange.Features) -> None:
+@pytest.mark.requires("sigbus_uffd_trap", "(the kernel makes its pages missing by itself)")
+def test_a_handler_replaced_later_is_taken_back_by_the_watchdog() -> None:
     """On the userfaultfd trap the kernel makes pages missing with no vrange call in between: the
     monitor's thread notices a replaced SIGBUS handler and puts vrange's back in front."""
-    skip_unless_available(report, "sigbus:uffd")
     result = run_python("""
         import time, vrange.policy, vrange.testing
         region = vrange.Region(1 << 20, sources.Zeros(), backend=SPEC)
@@ -181,11 +179,11 @@ def test_a_handler_replaced_later_is_taken_back_by_the_watchdog(report: vrange.F
 
 
 @pytest.mark.forked
-def test_a_forked_child_without_userfaultfd_falls_back_to_the_memfd_trap(
-        report: vrange.Features, root_privileges: None) -> None:
+@pytest.mark.requires("sigbus_uffd_trap", "(its region moves to the memfd trap in the child)")
+@pytest.mark.requires("root", "(to install a seccomp filter)")
+def test_a_forked_child_without_userfaultfd_falls_back_to_the_memfd_trap() -> None:
     """The child's copy of the mapping is not registered; if the child cannot open a userfaultfd,
     the region moves to the memfd trap instead of handing out zeros."""
-    skip_unless_available(report, "sigbus:uffd")
     from conftest import CountingRegenerator, pattern
 
     from vrange.testing import deny_userfaultfd
@@ -214,12 +212,12 @@ def test_a_forked_child_without_userfaultfd_falls_back_to_the_memfd_trap(
 
 
 @pytest.mark.forked
+@pytest.mark.requires("sigbus_memfd_trap", "(its regions reserve mappings)")
 def test_memfd_trap_regions_reserve_their_mappings_from_a_process_wide_budget(
         report: vrange.Features) -> None:
     """Several memfd-trap regions cannot exhaust vm.max_map_count together (each keeps a refilled
     chunk in a mapping of its own): each reserves its worst case, one beyond the budget is refused
     with a clear error at creation, and closing one gives its share back."""
-    skip_unless_available(report, "sigbus:memfd")
     size = 512 << 20  # 8192 chunks of 64 KiB: 8193 mappings at worst
     budget = report.mappings().budget
     fit = budget // (size // vrange.DEFAULT_CHUNK_SIZE + 1)
@@ -243,14 +241,13 @@ def test_memfd_trap_regions_reserve_their_mappings_from_a_process_wide_budget(
 
 
 @pytest.mark.hang_timeout(120)
-def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error(
-        report: vrange.Features) -> None:
+@pytest.mark.requires("sigbus_memfd_trap", "(its regions reserve mappings)")
+def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error() -> None:
     """A process close to vm.max_map_count (its own mappings split page by page, in a child; the
     limit itself is left alone): a region whose worst case does not fit is refused at creation; one
     that fits refills every other chunk (its worst case) without dying; and once the process is at
     the limit, mark_nonvolatile raises a RegenerationError that names vm.max_map_count instead of
     blaming the source."""
-    skip_unless_available(report, "sigbus:memfd")
     result = run_python("""
         import ctypes, errno
         libc = ctypes.CDLL(None, use_errno=True)
@@ -298,11 +295,10 @@ def test_memfd_trap_worst_case_fits_and_a_refused_mapping_is_a_clear_error(
     assert "ok" in result.stdout
 
 
-def test_fork_while_another_thread_reserves_mappings_never_hangs_the_child(
-        report: vrange.Features) -> None:
+@pytest.mark.requires("sigbus_memfd_trap", "(its regions reserve mappings)")
+def test_fork_while_another_thread_reserves_mappings_never_hangs_the_child() -> None:
     """The budget's lock re-created in a forked child: a fork while another thread held it (it
     creates memfd-trap regions in a loop) left the child's close() waiting for ever."""
-    skip_unless_available(report, "sigbus:memfd")
     result = run_python("""
         import signal, threading
         CHUNK = vrange.DEFAULT_CHUNK_SIZE
@@ -329,12 +325,12 @@ def test_fork_while_another_thread_reserves_mappings_never_hangs_the_child(
     assert "codes [0]" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
-def test_a_region_the_memfd_trap_cannot_take_over_in_a_child_is_fenced_not_fatal(
-        report: vrange.Features, root_privileges: None) -> None:
+@pytest.mark.requires("sigbus_uffd_trap", "(its region cannot move to the memfd trap)")
+@pytest.mark.requires("root", "(to install a seccomp filter)")
+def test_a_region_the_memfd_trap_cannot_take_over_in_a_child_is_fenced_not_fatal() -> None:
     """A uffd-trap region whose worst case does not fit the mapping budget cannot move to the memfd
     trap in a child without userfaultfd (it would die at vm.max_map_count): its calls raise a clear
     error and a raw access faults (SIGSEGV) instead."""
-    skip_unless_available(report, "sigbus:uffd")
     result = run_python("""
         from vrange.testing import deny_userfaultfd
         region = vrange.Region(512 << 20, sources.Zeros(), backend="sigbus:uffd", chunk_size=4096)

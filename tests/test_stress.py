@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from conftest import kernel_reclaims
-from vrange.stress import OPERATIONS, usable_specs
+from conftest import kernel_reclaims, run_python, syscalls_are_served, usable_specs
+
+import vrange
+from vrange.stress import OPERATIONS
 
 
 def run_stress(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess[str],
                                                           dict[str, Any]]:
-    result = subprocess.run([sys.executable, "-m", "vrange", "stress", "--json", *args],
-                            capture_output=True, text=True, timeout=timeout, check=False)
+    result = run_python(module="vrange", args=["stress", "--json", *args], timeout=timeout)
     try:
         data = json.loads(result.stdout)
     except ValueError:
@@ -47,19 +47,18 @@ def test_a_short_stress_finds_nothing_wrong(backend: str) -> None:
     if kernel_reclaims(backend):
         assert report["purges_by_reason"]["kernel"] > 0
         assert report["volatile_refills"] > 0
-    if backend != "uffd":  # raw system calls on purged pages: EFAULT, retried
+    if not syscalls_are_served(backend):  # raw system calls on purged pages: EFAULT, retried
         assert report["efault_retries"] > 0
     assert report["checks"] > 100 and report["fork_children"] > 0
     assert report["regions_made"] > 8  # the first ones, then re-created ones
 
 
 @pytest.mark.hang_timeout(120)
+@pytest.mark.requires("any_backend", "(the stress runs on every backend that runs here)")
 def test_the_checker_reports_wrong_bytes() -> None:
     """A Python regenerator that fills every 7th chunk from the wrong offset (a simulated library
     bug) is caught, on every backend."""
-    specs = usable_specs()
-    if not specs:
-        pytest.skip("no backend can run here")
+    specs = usable_specs(vrange.features())
     result, data = run_stress("--seconds", "1.5", "--backend", *specs, "--regenerators", "python",
                               "--inject", "wrong-bytes")
     assert result.returncode == 1 and not data["ok"]
@@ -73,6 +72,7 @@ def test_the_checker_reports_wrong_bytes() -> None:
 
 
 @pytest.mark.hang_timeout(120)
+@pytest.mark.requires("any_backend", "(the stress runs on the first backend that runs here)")
 @pytest.mark.parametrize(("failure", "counted", "detail"), [
     ("hang", "hangs", "thread 0 stuck in injected hang"),
     ("gil-hang", "hangs", "faulthandler's timer fired"),
@@ -81,9 +81,7 @@ def test_the_checker_reports_wrong_bytes() -> None:
 def test_hangs_and_crashes_are_reported(failure: str, counted: str, detail: str) -> None:
     """A worker that blocks (the watchdog), one that holds the GIL for ever (faulthandler's timer)
     and one that dies by SIGSEGV end the backend's run with a report that says so."""
-    specs = usable_specs()
-    if not specs:
-        pytest.skip("no backend can run here")
+    specs = usable_specs(vrange.features())
     # One worker: no other thread that a loaded machine slows down can be reported first.
     result, data = run_stress("--seconds", "6", "--backend", specs[0], "--watchdog", "2.5",
                               "--threads", "1", "--regions", "2", "--inject", failure)

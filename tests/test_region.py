@@ -1229,6 +1229,49 @@ def test_close_waits_for_a_regeneration_in_flight(backend: str) -> None:
     assert got == [b"OOOO"]
 
 
+@pytest.mark.forked  # a close() that goes wrong here may leave a refill writing into freed memory
+@pytest.mark.hang_timeout(60)
+def test_close_that_times_out_raises_and_leaves_the_region_open_and_working(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A regenerator that does not return within close()'s limit (5 s; 0.3 s here): close() raises
+    VRangeError instead of unmapping under it, the region stays open, the refill completes with the
+    right bytes once the regenerator returns, and every call works afterwards, close() included."""
+    import vrange.region
+
+    monkeypatch.setattr(vrange.region, "CLOSE_TIMEOUT_MS", 300)
+    inside, release = threading.Event(), threading.Event()
+
+    def stuck_once(offset: int, buf: memoryview) -> None:
+        if offset == 0 and not release.is_set():
+            inside.set()
+            release.wait(30)
+        buf[:] = pattern(offset, len(buf))
+
+    region = make(backend, stuck_once, size=4 * CHUNK)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(bytes(region[0:8])))
+    reader.start()
+    assert inside.wait(10), "the reader's fault never reached the regenerator"
+    started = time.monotonic()
+    with pytest.raises(vrange.VRangeError, match="the region stays open"):
+        region.close()
+    assert time.monotonic() - started >= 0.3  # it waited for the regenerator first
+    assert not region.closed
+    assert reader.is_alive()  # still inside the regenerator: nothing was unmapped under it
+    release.set()
+    reader.join(timeout=30)
+    assert got == [pattern(0, 8)]
+    # Open and usable: a new fault, every call, the bytes.
+    assert bytes(region[CHUNK:CHUNK + 8]) == pattern(CHUNK, 8)
+    region.mark_volatile()
+    assert region.purge() == 2 * CHUNK
+    assert_pages_match(region, pattern(0, 4 * CHUNK))
+    assert region.mark_nonvolatile() is True
+    assert region.stats().regeneration_errors == 0 and region.regeneration_failures == []
+    region.close()
+    assert region.closed
+
+
 def test_concurrent_close_is_safe(backend: str) -> None:
     for _ in range(20):
         region = make(backend, CountingRegenerator(), size=2 * CHUNK)
@@ -1264,6 +1307,99 @@ def test_threads_holding_the_gil_fault_on_one_chunk(backend: str) -> None:
 
 
 # --- the fault signal: replaced, blocked ------------------------------------------------------------
+
+
+@pytest.mark.requires("fault_signal", "(other code takes the fault signal first)")
+def test_a_fault_signal_taken_before_vrange_starts_is_refused_and_left_to_its_owner(
+        backend: str) -> None:
+    """Other code handles SIGRTMIN+6 before the first uffd region: creating one raises a clear
+    VRangeError (EBUSY, naming the signal) and leaves nothing open; the other code keeps its
+    handler and its signals. Once it lets the signal go, regions work (faults served by it)."""
+    result = run_python("""
+        import errno, signal
+        SIGNAL = signal.SIGRTMIN + 6
+        got = []
+        def theirs(number, frame):
+            got.append(number)
+        signal.signal(SIGNAL, theirs)                    # other code takes the signal first
+        def descriptors():
+            return len(os.listdir("/proc/self/fd"))
+        def regenerate(offset, buf):
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+        before = descriptors()
+        for attempt in range(2):                         # refused every time, not half-started
+            try:
+                vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+                print("created", flush=True)
+            except vrange.VRangeError as error:
+                print("refused", isinstance(error, vrange.VRangeOSError),
+                      getattr(error, "errno", None) == errno.EBUSY, "SIGRTMIN+6" in str(error),
+                      "used by other code" in str(error), flush=True)
+        print("descriptors left", descriptors() - before, flush=True)
+        print("still theirs", signal.getsignal(SIGNAL) is theirs, flush=True)
+        os.kill(os.getpid(), SIGNAL)
+        for _ in range(1000):                            # safe points: their handler runs
+            if got:
+                break
+        print("theirs delivered", got == [SIGNAL], flush=True)
+        signal.signal(SIGNAL, signal.SIG_DFL)            # the other code lets it go
+        region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+        ok = bytes(region[CHUNK:CHUNK + 4]) == bytes([2]) * 4   # GIL held: served by the signal
+        print("works", ok, region.stats().faults_on_faulting_thread > 0, flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("refused True True True True") == 2, result.stdout + result.stderr
+    assert "created" not in result.stdout
+    assert "descriptors left 0" in result.stdout, result.stdout
+    assert "still theirs True" in result.stdout and "theirs delivered True" in result.stdout
+    assert "works True True" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.requires("fault_signal", "(other code replaces the fault signal's handler)")
+@pytest.mark.parametrize("noticed_at", ["fault", "creation"])
+@pytest.mark.parametrize("replacement", ["handler", "SIG_IGN", "SIG_DFL"])
+def test_a_fault_signal_replaced_after_start_is_taken_back_where_vrange_notices(
+        backend: str, replacement: str, noticed_at: str) -> None:
+    """Other code replaces the fault signal's disposition after vrange started (a handler of its
+    own, SIG_IGN, SIG_DFL). vrange takes it back at the next region creation (a logged warning)
+    or, with no vrange call in between, where the next fault is routed (a line on stderr): a
+    GIL-holding thread's fault is still served by the signal (an ignored signal would leave it
+    stuck, a default one would kill the process), and the other code's own signals still reach
+    its handler (or stay ignored)."""
+    result = run_python(f"""
+        import logging, signal
+        logging.basicConfig(format="%(message)s")
+        KIND, WHERE = {replacement!r}, {noticed_at!r}
+        SIGNAL = signal.SIGRTMIN + 6
+        got = []
+        def regenerate(offset, buf):
+            buf[:] = bytes([offset // CHUNK + 1]) * len(buf)
+        region = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+        assert region[0] == 1
+        region.mark_volatile()
+        region.purge()
+        signal.signal(SIGNAL, {{"handler": lambda number, frame: got.append(number),
+                               "SIG_IGN": signal.SIG_IGN, "SIG_DFL": signal.SIG_DFL}}[KIND])
+        if WHERE == "creation":
+            other = vrange.Region(4 * CHUNK, regenerate, backend=BACKEND)
+        before = region.stats().faults_on_faulting_thread
+        ok = bytes(region[CHUNK:CHUNK + 4]) == bytes([2]) * 4   # GIL held: the signal path
+        print("served", ok, region.stats().faults_on_faulting_thread > before, flush=True)
+        if KIND != "SIG_DFL":
+            os.kill(os.getpid(), SIGNAL)                        # the other code's own signal
+            for _ in range(1000):
+                if got:
+                    break
+            print("theirs", got == ([SIGNAL] if KIND == "handler" else []), flush=True)
+    """, backend)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "served True True" in result.stdout, result.stdout + result.stderr[-2000:]
+    if replacement != "SIG_DFL":
+        assert "theirs True" in result.stdout, result.stdout
+    if noticed_at == "creation":
+        assert "(SIGRTMIN+6) was replaced; re-installing vrange's" in result.stderr, result.stderr
+    else:
+        assert "replaced the handler of vrange's fault signal" in result.stderr, result.stderr
 
 
 @pytest.mark.requires("fault_signal", "(it replaces the fault signal's handler)")

@@ -350,3 +350,75 @@ def test_a_region_the_memfd_trap_cannot_take_over_in_a_child_is_fenced_not_fatal
     assert "refused: True" in result.stdout and "reserved: 0" in result.stdout, \
         result.stdout + result.stderr[-2000:]
     assert f"child {-signal.SIGSEGV}" in result.stdout, result.stdout
+
+
+# The size of the sigbus backend's process-wide table of regions (VR_SIGBUS_MAX_REGIONS in
+# _native/sigbus.c): its SIGBUS handler looks a faulting address up there, without locks.
+SIGBUS_MAX_REGIONS = 4096
+
+
+@sigbus_handler
+@pytest.mark.hang_timeout(120)
+def test_a_full_region_table_refuses_new_regions_clearly_and_closing_one_makes_room(
+        backend: str) -> None:
+    """Beyond the table's 4096 regions a new sigbus region is refused with a VRangeOSError (EMFILE)
+    that says why, leaving no descriptor or mapping behind; the regions already made keep working
+    (a purged page is refilled by the handler); closing one lets the next one in."""
+    result = run_python(f"""
+        import errno, resource
+        MAX_REGIONS = {SIGBUS_MAX_REGIONS}
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = MAX_REGIONS + 1024  # the memfd trap holds a descriptor per region
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            print("skip: RLIMIT_NOFILE hard limit", hard, flush=True)
+            sys.exit(0)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+        PAGE = mmap.PAGESIZE
+        def usage():
+            with open("/proc/self/maps") as maps:
+                return len(os.listdir("/proc/self/fd")), sum(1 for _ in maps)
+        def refused():
+            try:
+                vrange.Region(PAGE, sources.Zeros(), backend=SPEC)
+            except vrange.VRangeError as error:
+                return error
+            return None
+        def works(region, value):
+            region[0:1] = bytes([value])
+            if region[0] != value:
+                return False
+            region.mark_volatile()
+            if region.purge() != PAGE:
+                return False
+            return bytes(region[0:PAGE]) == bytes(PAGE) and region.mark_nonvolatile() is True
+        regions = []
+        error = None
+        while error is None and len(regions) <= MAX_REGIONS:
+            try:
+                regions.append(vrange.Region(PAGE, sources.Zeros(), backend=SPEC))
+            except vrange.VRangeError as caught:
+                error = caught
+        print("created", len(regions), flush=True)
+        print("refused", isinstance(error, vrange.VRangeOSError),
+              getattr(error, "errno", None) == errno.EMFILE,
+              "too many sigbus regions are open" in str(error), flush=True)
+        before = usage()
+        print("refused again", refused() is not None, usage() == before, flush=True)
+        print("the made ones work", all(works(regions[index], index % 251 + 1)
+                                         for index in (0, len(regions) // 2, len(regions) - 1)),
+              flush=True)
+        regions.pop().close()
+        regions.append(vrange.Region(PAGE, sources.Zeros(), backend=SPEC))
+        print("room after a close", works(regions[-1], 7), refused() is not None, flush=True)
+        for region in regions:
+            region.close()
+        with vrange.Region(PAGE, sources.Zeros(), backend=SPEC) as region:
+            print("all closed", works(region, 9), flush=True)
+    """, backend)
+    if result.stdout.startswith("skip: "):
+        pytest.skip(f"needs {SIGBUS_MAX_REGIONS + 1024} descriptors: {result.stdout.strip()}")
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert f"created {SIGBUS_MAX_REGIONS}\n" in result.stdout, result.stdout
+    for line in ("refused True True True", "refused again True True", "the made ones work True",
+                 "room after a close True True", "all closed True"):
+        assert line in result.stdout, (line, result.stdout, result.stderr[-2000:])

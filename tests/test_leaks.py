@@ -6,12 +6,15 @@ by ``close()``, or by dropping the last reference with the cycle collector disab
 counting alone must free a region). After a warm-up (the uffd handler and its workers, the sigbus
 trap descriptor and handler, the allocator's arenas), the process's descriptors, mappings, threads
 and resident memory must stay flat. Isolated sources, which start a helper process each, are made
-and dropped 20 times: no helper, descriptor or mapping may stay behind.
+and dropped 20 times: no helper, descriptor or mapping may stay behind. The paths that end in an
+error or take a detour (a failing regenerator, close() refused while exported, system calls on
+purged pages) are cycled 1,500 times and must stay flat too.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import tempfile
 import threading
@@ -193,3 +196,77 @@ def test_isolated_sources_leave_nothing_behind(backend: str) -> None:
     growth = after.growth_since(before)
     print(f"{backend}, Isolated: {ISOLATED_CYCLES} cycles, growth {growth}, now {after}")
     assert_flat(backend, growth, ISOLATED_CYCLES, before, after)
+
+
+FAILURE_CYCLES = 1_500  # 1 to 2 ms a cycle
+
+
+class Failing:
+    """A Python regenerator whose chunk 1 fails: a new one per region, freed with it."""
+
+    def __call__(self, offset: int, buf: memoryview) -> None:
+        if offset == CHUNK:
+            raise KeyError("the tile store is gone")
+        buf[:] = pattern(offset, len(buf))
+
+
+def _refused_pin(region: vrange.Region) -> None:
+    with pytest.raises(vrange.RegenerationError):
+        region.mark_nonvolatile()  # the exception (and its frames) die with this call
+
+
+def failure_cycles(backend: str, count: int, regenerators: weakref.WeakSet[object]) -> None:
+    """The ways a region is used that end in an error or take another path than a plain access:
+    a failing regenerator (RegenerationError, then on_error="zeros" on raw access), close() refused
+    while a memoryview exports the region, and system calls on purged pages (vrange.io: a worker on
+    the uffd backend, EFAULT and a retry on the sigbus backend)."""
+    read_end, write_end = os.pipe()
+    try:
+        for cycle in range(count):
+            failing = Failing()
+            regenerators.add(failing)
+            kind = cycle % 2
+            source: object = failing if kind == 0 else sources.Zeros()
+            region = vrange.Region(SIZE, source, backend=backend,  # type: ignore[arg-type]
+                                   on_error="zeros")
+            del source, failing
+            if kind == 0:
+                _refused_pin(region)
+                assert region[CHUNK:CHUNK + 8] == bytes(8)  # raw access: the policy's zeros
+            view = memoryview(region)
+            with pytest.raises(BufferError):
+                region.close()  # exported: refused, the region stays open
+            region.mark_volatile()
+            region.purge()
+            assert vrange.io.write(write_end, view[2 * CHUNK:2 * CHUNK + PAGE]) == PAGE
+            assert os.read(read_end, PAGE) == (pattern(2 * CHUNK, PAGE) if kind == 0 else bytes(PAGE))
+            view.release()
+            region.close()
+            del view, region
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_failures_and_refusals_leave_nothing_behind(backend: str) -> None:
+    regenerators: weakref.WeakSet[object] = weakref.WeakSet()
+    # Each failure is logged with its exception: a capturing handler would keep them all.
+    logger = logging.getLogger("vrange")
+    logger.disabled = True
+    try:
+        failure_cycles(backend, WARM_UP, regenerators)
+        gc.collect()
+        before = Usage.now()
+        started = time.monotonic()
+        failure_cycles(backend, FAILURE_CYCLES, regenerators)
+        elapsed = time.monotonic() - started
+        gc.collect()
+        after = settled_usage(before)
+    finally:
+        logger.disabled = False
+    assert live_regions() == 0, "a region outlived its last reference"
+    assert len(regenerators) == 0, "a regenerator outlived its region"
+    growth = after.growth_since(before)
+    print(f"{backend}, failures: {FAILURE_CYCLES} cycles in {elapsed:.1f} s, growth {growth}, "
+          f"now {after}")
+    assert_flat(backend, growth, FAILURE_CYCLES, before, after)

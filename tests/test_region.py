@@ -1042,6 +1042,48 @@ def test_fork_while_close_drains_leaves_the_child_a_working_region(backend: str)
 
 
 @pytest.mark.hang_timeout(120)
+def test_a_child_forked_while_another_thread_closes_a_region_leaves_its_address_alone(
+        backend: str) -> None:
+    """close() unmaps before the region leaves the registry of live regions (a managed region lets
+    the GIL go in between, detaching from the pressure monitor). A fork in that window, after
+    another mapping took the address: the child must not register, fence or trap that mapping as
+    the region (it read the closed region's regenerator's bytes in its own fresh mapping)."""
+    result = run_python("""
+        import mmap
+        SIZE = 16 * CHUNK
+        def regenerate(offset, buf):
+            buf[:] = b"\\xaa" * len(buf)
+        stop = threading.Event()
+        def churn():
+            while not stop.is_set():
+                region = vrange.Region(SIZE, regenerate, backend=BACKEND, managed=True)
+                region[0]
+                region.close()
+        thread = threading.Thread(target=churn)
+        thread.start()
+        codes = {}
+        for attempt in range(150):
+            foreign = mmap.mmap(-1, SIZE)  # often at the address of the region just unmapped
+            foreign[:SIZE // 2] = b"\\x55" * (SIZE // 2)  # the second half never touched
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    ok = foreign[:SIZE // 2] == b"\\x55" * (SIZE // 2) and \\
+                        foreign[SIZE // 2:] == bytes(SIZE // 2)
+                    os._exit(0 if ok else 1)
+                except BaseException:
+                    os._exit(2)
+            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            codes[code] = codes.get(code, 0) + 1
+            foreign.close()
+        stop.set()
+        thread.join()
+        print("codes", sorted(codes), flush=True)
+    """, backend)
+    assert "codes [0]" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.hang_timeout(120)
 def test_close_waits_for_a_gil_holder_that_waits_for_another_threads_refill(backend: str) -> None:
     """A thread slicing (GIL held) a chunk another thread is regenerating lets the GIL go while it
     waits; close() must not unmap under its statement meanwhile (SIGSEGV within dozens of rounds)."""

@@ -371,6 +371,13 @@ def _after_fork_in_child() -> None:
     """Once the backends work in the forked child: configure the child's monitor again and start
     its thread, and take on the regions the child's backends can no longer leave to the kernel (a
     sigbus region moved to the memfd trap)."""
+    for core in live_regions():
+        if not core.mapped():  # closed by another thread as the process forked: never purge it
+            core.managed = False
+            with _lock:
+                _managed.discard(core)
+            if _monitor is not None:  # before its thread starts again
+                _monitor.native.detach(core)
     if _monitor is not None:
         try:
             _monitor.apply()

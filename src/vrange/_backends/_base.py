@@ -321,6 +321,22 @@ class BackendRegion(abc.ABC):
                 f"close() waited {timeout_ms / 1000:.0f} s for a regenerator of this region to "
                 "finish (is close() called from inside it?); the region stays open")
 
+    def mapped(self) -> bool:
+        """Whether the region's mapping is still there: another thread that closes the region
+        unmaps it before the region leaves the registry (``owner`` is an ``mmap.mmap``, whose
+        ``closed`` turns True at the unmapping itself)."""
+        owner = self.owner()
+        return owner is not None and not getattr(owner, "closed", False)
+
+    def gone_in_child(self) -> None:
+        """In a forked child, instead of ``after_fork_in_child``: another thread was closing the
+        region when the process forked and had unmapped it already. Its address may be another
+        mapping's now: never register, fence, trap or purge it again; its reservation goes back."""
+        self.unusable = "it was closed by another thread when this process forked"
+        self.regeneration.retired = True
+        mapping_budget.release(self.mappings_reserved)
+        self.mappings_reserved = 0
+
     def after_fork_in_child(self) -> None:
         """Make the region work in a forked child (the registry calls it for every live region,
         after its backend's ``reset_after_fork``): threads that were inside it in the parent do not

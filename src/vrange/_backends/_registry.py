@@ -7,7 +7,9 @@ finds its region by address here. After ``fork()`` the child runs :func:`_after_
    the child): the registry's, then those registered with :func:`on_fork_reset_lock`;
 2. each backend class resets its process-wide state (``BackendRegion.reset_after_fork``: the uffd
    handler thread, the sigbus trap descriptor), in the order the backends were defined;
-3. each live region is made to work in the child (``BackendRegion.after_fork_in_child``);
+3. each live region is made to work in the child (``BackendRegion.after_fork_in_child``); a region
+   another thread had unmapped but not yet unregistered when the process forked (it was closing) is
+   given up instead (``BackendRegion.gone_in_child``): its address may be another mapping's by now;
 4. the listeners of layers above the backends run (:func:`on_fork_in_child`: the pressure policy,
    ``vrange.Region``'s own locks, the helpers of isolated regenerators), in registration order.
 """
@@ -31,7 +33,11 @@ class LiveRegion(Protocol):
     base: int
     size: int
 
+    def mapped(self) -> bool: ...
+
     def after_fork_in_child(self) -> None: ...
+
+    def gone_in_child(self) -> None: ...
 
 
 R = TypeVar("R")
@@ -90,7 +96,10 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     for reset in _lock_resets:
         reset()
-    regions = live_regions()
+    regions = [region for region in live_regions() if region.mapped()]
+    for region in live_regions():
+        if not region.mapped():
+            region.gone_in_child()
     for backend in _backend_classes:
         backend.reset_after_fork([region for region in regions if isinstance(region, backend)])
     for region in regions:

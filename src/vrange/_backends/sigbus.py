@@ -219,6 +219,14 @@ class SigbusRegion(BackendRegion):
         # replaced SIGBUS handler: the monitor's thread watches for that.
         return self.trap == "uffd"
 
+    def gone_in_child(self) -> None:
+        """Out of the SIGBUS handler's table: an access to whatever is mapped at its address now
+        is not vrange's."""
+        super().gone_in_child()
+        if self.pointer != ffi.NULL:
+            lib.vr_sigbus_after_fork(self.pointer)
+            lib.vr_sigbus_detach(self.pointer)  # close() releases it (detaching again is a no-op)
+
     def after_fork_in_child(self) -> None:
         """The child's copy of a uffd-trap region is not registered (a missing page would read as
         zeros): register it again with the child's own descriptor, or hand it over to the memfd

@@ -19,8 +19,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "clock.h"
 #include "isolated.h"
-#include "region.h"
 
 struct vr_isolated {
     size_t slot_size;
@@ -70,7 +70,7 @@ int vr_isolated_new(int memfd, size_t slot_size, int timeout_ms, vr_isolated **o
  * up after the timeout). */
 int vr_isolated_claim_all(vr_isolated *isolated, int timeout_ms)
 {
-    int64_t deadline = vr_monotonic_ns() + (int64_t)timeout_ms * 1000000;
+    int64_t deadline = vr_deadline_ns(timeout_ms);
     for (int slot = 0; slot < VR_ISOLATED_SLOTS; slot++) {
         while (__atomic_exchange_n(&isolated->busy[slot], 1, __ATOMIC_ACQUIRE)) {
             if (vr_monotonic_ns() > deadline) {
@@ -163,7 +163,7 @@ int vr_isolated_fill(vr_isolated *isolated, uint64_t offset, char *buffer, size_
         return -EINVAL;
     /* Waiting for a free slot is not the helper's fault: each slot is busy for at most one timeout,
      * so a slot frees up within that (plus the time of a kill), and nobody is killed for queueing. */
-    int64_t slot_deadline = vr_monotonic_ns() + 2 * (int64_t)isolated->timeout_ms * 1000000;
+    int64_t slot_deadline = vr_deadline_ns(2 * (int64_t)isolated->timeout_ms);
     int slot = -1;
     while (slot < 0) {
         if (__atomic_load_n(&isolated->dead, __ATOMIC_ACQUIRE))
@@ -179,7 +179,7 @@ int vr_isolated_fill(vr_isolated *isolated, uint64_t offset, char *buffer, size_
     }
     /* The timeout is the helper's answer time for this request alone (it serves every slot at
      * once, one thread each). */
-    int64_t deadline = vr_monotonic_ns() + (int64_t)isolated->timeout_ms * 1000000;
+    int64_t deadline = vr_deadline_ns(isolated->timeout_ms);
     int rc = 0;
     int fd = isolated->fds[slot];
     struct request request = { .offset = offset, .length = length };

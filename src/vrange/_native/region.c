@@ -7,7 +7,6 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "isolated.h"
@@ -162,19 +161,6 @@ void vr_abort_for_policy(void)
     abort();
 }
 
-void vr_pause_briefly(void)
-{
-    struct timespec step = { .tv_sec = 0, .tv_nsec = 50000 };
-    nanosleep(&step, NULL);
-}
-
-int64_t vr_monotonic_ns(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now); /* async-signal-safe; cannot fail for this clock */
-    return (int64_t)now.tv_sec * 1000000000 + now.tv_nsec;
-}
-
 /* Before unmapping: stop starting regenerations of this region and wait until none is running,
  * so nothing is ever written at this address once the mapping is gone (another mapping may take
  * the address at once). Called with the GIL released. -ETIMEDOUT: one is still running (it may be
@@ -185,7 +171,7 @@ int vr_region_quiesce(vr_region *region, int timeout_ms)
     /* Pairs with the fence after a fault handler claims a chunk: either we see its IN_FLIGHT, or
      * it sees CLOSING and backs off (a store-then-load on both sides needs a full fence). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    int64_t deadline = vr_monotonic_ns() + (int64_t)timeout_ms * 1000000;
+    int64_t deadline = vr_deadline_ns(timeout_ms);
     for (size_t chunk = 0; chunk < region->chunk_count;) {
         if (!(vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)) {
             chunk++;

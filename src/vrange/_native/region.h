@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "clock.h"
 #include "common.h"
 
 enum vr_source_kind { VR_SOURCE_ZEROS = 0, VR_SOURCE_FILE = 1, VR_SOURCE_PYTHON = 2,
@@ -183,8 +184,6 @@ void vr_region_unref(vr_region *region);
 size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_abort_for_policy(void) __attribute__((noreturn));
-void vr_pause_briefly(void);
-int64_t vr_monotonic_ns(void);
 void vr_region_keep_volatile(vr_region *region, size_t chunk_index);
 void vr_region_note_discard_found(vr_region *region, size_t chunk_index);
 int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason);

@@ -30,8 +30,6 @@
 #define SIGNAL_PICKUP_TIMEOUT_MS 1000
 #define VERDICT_POLL_MS 100
 
-static int64_t monotonic_ms(void) { return vr_monotonic_ns() / 1000000; }
-
 int vr_handler_new(int signal_number, vr_handler **out)
 {
     vr_handler *handler = calloc(1, sizeof *handler);
@@ -269,7 +267,7 @@ static void *worker_main(void *arg)
 static void queue_for_worker(vr_handler *handler, vr_job *job)
 {
     job->next = NULL;
-    job->queued_at_ms = monotonic_ms();
+    job->queued_at_ms = vr_monotonic_ms();
     if (job->watched) {
         job->waiting_next = handler->gil_waiting;
         handler->gil_waiting = job;
@@ -312,7 +310,7 @@ static void queue_for_worker(vr_handler *handler, vr_job *job)
  * when it gets the GIL at last. */
 static void cancel_gil_deadlocks(vr_handler *handler)
 {
-    int64_t now = monotonic_ms();
+    int64_t now = vr_monotonic_ms();
     for (vr_job *job = handler->gil_waiting; job; job = job->waiting_next) {
         char wchan[64];
         if (__atomic_load_n(&job->state, __ATOMIC_ACQUIRE) != VR_JOB_QUEUED ||
@@ -338,7 +336,7 @@ static void cancel_gil_deadlocks(vr_handler *handler)
  * regeneration whose signal was never picked up. */
 static void collect_verdicts(vr_handler *handler)
 {
-    int64_t now = monotonic_ms();
+    int64_t now = vr_monotonic_ms();
     pthread_mutex_lock(&handler->lock);
     cancel_gil_deadlocks(handler);
     vr_job **link = &handler->signalled;
@@ -421,7 +419,7 @@ static int signal_job(vr_handler *handler, vr_job *job)
 {
     job->next = handler->signalled;
     handler->signalled = job;
-    job->signalled_at_ms = monotonic_ms();
+    job->signalled_at_ms = vr_monotonic_ms();
     siginfo_t info;
     memset(&info, 0, sizeof info);
     info.si_signo = handler->signal_number;

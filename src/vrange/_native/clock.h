@@ -1,0 +1,20 @@
+/* Time and short waits, for every file of the native core (clock.c).
+ *
+ * All three are async-signal-safe (clock_gettime and nanosleep are), so the fault paths (signal
+ * handlers, the uffd handler thread and workers) use them as freely as library calls do. */
+#ifndef VRANGE_CLOCK_H
+#define VRANGE_CLOCK_H
+
+#include <stdint.h>
+
+/* CLOCK_MONOTONIC in nanoseconds, and in milliseconds. */
+int64_t vr_monotonic_ns(void);
+int64_t vr_monotonic_ms(void);
+
+/* The monotonic time, in nanoseconds, `timeout_ms` milliseconds from now (for a deadline loop). */
+int64_t vr_deadline_ns(int64_t timeout_ms);
+
+/* Sleep 50 us: the step of every loop that waits for another thread to let go of something. */
+void vr_pause_briefly(void);
+
+#endif /* VRANGE_CLOCK_H */

@@ -21,6 +21,7 @@ from cffi import FFI
 NATIVE_DIR = Path(__file__).resolve().parent
 C_SOURCES = [
     "clock.c",
+    "signal_chain.c",
     "uffd_fd.c",
     "probe.c",
     "seccomp.c",

@@ -22,12 +22,12 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include "signal_chain.h"
 #include "uffd_backend.h"
 
 /* The action vrange's replaced when it took the signal back from other code, to pass that code's own
- * signals on to it. Process-wide because a signal disposition is; double-buffered like sigbus.c's. */
-static struct sigaction previous_actions[2];
-static int previous_index;
+ * signals on to it. Process-wide because a signal disposition is. */
+static struct vr_previous_action previous_action;
 
 /* How deep this thread is in chain_to_previous: a replacement that chains back to vrange (e.g.
  * faulthandler.register(chain=True), which saved vrange's handler as its own previous) must not make
@@ -39,8 +39,7 @@ static void chain_to_previous(int signal_number, siginfo_t *info, void *context)
     if (chain_depth > 0)
         return; /* back from the replacement: its signal has been handled */
     chain_depth++;
-    const struct sigaction *previous =
-        &previous_actions[__atomic_load_n(&previous_index, __ATOMIC_ACQUIRE)];
+    const struct sigaction *previous = vr_previous_action(&previous_action);
     if (previous->sa_flags & SA_SIGINFO) {
         if (previous->sa_sigaction)
             previous->sa_sigaction(signal_number, info, context);
@@ -108,35 +107,14 @@ static void fault_signal_handler(int signal_number, siginfo_t *info, void *conte
 
 int vr_fault_signal_is_ours(int signal_number)
 {
-    struct sigaction current;
-    if (sigaction(signal_number, NULL, &current) < 0)
-        return -errno;
-    return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == fault_signal_handler;
+    return vr_signal_handler_installed(signal_number, fault_signal_handler);
 }
 
 /* Install once per process. Refuses (EBUSY) if someone else already handles this signal, unless
  * `force` (vrange's own handler was replaced after it was installed: take the signal back, and pass
- * the replacement's own signals on to it). */
+ * the replacement's own signals on to it). SA_NODEFER: see the top of this file. */
 int vr_fault_signal_install(int signal_number, int force)
 {
-    struct sigaction current;
-    if (sigaction(signal_number, NULL, &current) < 0)
-        return -errno;
-    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == fault_signal_handler)
-        return 0;
-    int taken = (current.sa_flags & SA_SIGINFO) ||
-                (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN);
-    if (taken && !force)
-        return -EBUSY;
-    int next = 1 - __atomic_load_n(&previous_index, __ATOMIC_ACQUIRE);
-    previous_actions[next] = current;
-    __atomic_store_n(&previous_index, next, __ATOMIC_RELEASE);
-    struct sigaction action;
-    memset(&action, 0, sizeof action);
-    action.sa_sigaction = fault_signal_handler;
-    action.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
-    sigemptyset(&action.sa_mask);
-    if (sigaction(signal_number, &action, NULL) < 0)
-        return -errno;
-    return 0;
+    return vr_signal_install(signal_number, fault_signal_handler,
+                             SA_SIGINFO | SA_NODEFER | SA_RESTART, !force, &previous_action);
 }

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "sigbus_backend.h"
+#include "signal_chain.h"
 
 #define VR_SIGBUS_MAX_REGIONS 4096
 #define GRACE_PERIOD_TIMEOUT_NS (5LL * 1000 * 1000 * 1000)
@@ -32,10 +33,8 @@ static int regions_high_water;
 /* Handlers between reading the table and taking a reference on the region they found. */
 static int lookups_running;
 static int python_finalized;
-/* The action replaced by ours, double-buffered: a re-install writes the other slot and then flips
- * the index, so a handler running meanwhile never reads a half-written struct. */
-static struct sigaction previous_actions[2];
-static int previous_index;
+/* The action replaced by ours, to chain to. */
+static struct vr_previous_action previous_action;
 
 static pid_t current_tid(void) { return (pid_t)syscall(SYS_gettid); }
 
@@ -201,8 +200,7 @@ static void chain_to_previous(int signal_number, siginfo_t *info, void *context)
         take_default_action(signal_number, info);
         return;
     }
-    const struct sigaction *previous =
-        &previous_actions[__atomic_load_n(&previous_index, __ATOMIC_ACQUIRE)];
+    const struct sigaction *previous = vr_previous_action(&previous_action);
     chain_depth++;
     if (previous->sa_flags & SA_SIGINFO)
         previous->sa_sigaction(signal_number, info, context);
@@ -240,33 +238,15 @@ static void sigbus_handler(int signal_number, siginfo_t *info, void *context)
  * replaced our handler: we go back in front and chain to the replacement. */
 int vr_sigbus_install(void)
 {
-    struct sigaction current;
-    if (sigaction(SIGBUS, NULL, &current) < 0)
-        return -errno;
-    if ((current.sa_flags & SA_SIGINFO) && current.sa_sigaction == sigbus_handler)
-        return 0;
-    struct sigaction action;
-    memset(&action, 0, sizeof action);
-    action.sa_sigaction = sigbus_handler;
     /* SA_NODEFER: a regenerator that touches another purged chunk takes a nested SIGBUS. No
      * SA_ONSTACK: a Python regenerator needs the thread's real stack, not a small alternate one. */
-    action.sa_flags = SA_SIGINFO | SA_NODEFER;
-    sigemptyset(&action.sa_mask);
-    int next = 1 - __atomic_load_n(&previous_index, __ATOMIC_ACQUIRE);
-    previous_actions[next] = current;
-    __atomic_store_n(&previous_index, next, __ATOMIC_RELEASE);
-    if (sigaction(SIGBUS, &action, NULL) < 0)
-        return -errno;
-    return 0;
+    return vr_signal_install(SIGBUS, sigbus_handler, SA_SIGINFO | SA_NODEFER, 0, &previous_action);
 }
 
 /* 1: our handler is in place; 0: someone replaced it since (purged chunks would then crash). */
 int vr_sigbus_handler_is_ours(void)
 {
-    struct sigaction current;
-    if (sigaction(SIGBUS, NULL, &current) < 0)
-        return -errno;
-    return (current.sa_flags & SA_SIGINFO) && current.sa_sigaction == sigbus_handler;
+    return vr_signal_handler_installed(SIGBUS, sigbus_handler);
 }
 
 /* The watchdog, called by the pressure monitor's thread at every wake-up: while sigbus regions are

@@ -22,6 +22,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include "python_regenerator.h"
 #include "signal_chain.h"
 #include "uffd_backend.h"
 

@@ -32,7 +32,7 @@
 #include <pthread.h>
 #endif
 
-#include "region.h"
+#include "python_regenerator.h"
 
 #define HELD_SWITCH_INTERVAL_US 1000000UL
 

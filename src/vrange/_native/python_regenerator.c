@@ -18,7 +18,7 @@
 #include <errno.h>
 #include <unistd.h>
 
-#include "region.h"
+#include "python_regenerator.h"
 
 /* Return codes of the Python callback (vrange._regeneration.vr_python_regenerate). RETRY: an
  * interrupt hit vrange's own Python code around the regenerator (a signal's Python handler runs at

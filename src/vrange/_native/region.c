@@ -19,6 +19,16 @@ size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index)
     return rest < region->chunk_size ? rest : region->chunk_size;
 }
 
+void vr_region_span(const vr_region *region, size_t first_chunk, size_t end_chunk,
+                    uintptr_t *start_out, size_t *length_out)
+{
+    size_t end = end_chunk * region->chunk_size;
+    if (end > region->size)
+        end = region->size;
+    *start_out = vr_chunk_address(region, first_chunk);
+    *length_out = end - first_chunk * region->chunk_size;
+}
+
 void vr_region_ref(vr_region *region)
 {
     __atomic_fetch_add(&region->refcount, 1, __ATOMIC_RELAXED);
@@ -242,15 +252,6 @@ void vr_region_stats(vr_region *region, struct vr_stats *out)
 
 /* --- volatility shared by the uffd backend and the sigbus userfaultfd trap ----------------------- */
 
-static void chunk_span(const vr_region *region, size_t first_chunk, size_t end_chunk,
-                       uintptr_t *start_out, size_t *length_out)
-{
-    size_t end = end_chunk * region->chunk_size;
-    if (end > region->size)
-        end = region->size;
-    *start_out = region->base + first_chunk * region->chunk_size;
-    *length_out = end - first_chunk * region->chunk_size;
-}
 
 /* Volatile = MADV_FREE: the kernel discards these pages by itself under pressure. */
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
@@ -258,7 +259,7 @@ int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_ch
     vr_region_set_volatile(region, first_chunk, end_chunk);
     uintptr_t start;
     size_t length;
-    chunk_span(region, first_chunk, end_chunk, &start, &length);
+    vr_region_span(region, first_chunk, end_chunk, &start, &length);
     if (madvise((void *)start, length, MADV_FREE) < 0)
         return -errno;
     return 0;
@@ -287,7 +288,7 @@ void vr_region_keep_volatile(vr_region *region, size_t chunk_index)
         return;
     uintptr_t start;
     size_t length;
-    chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
+    vr_region_span(region, chunk_index, chunk_index + 1, &start, &length);
     /* A failure leaves the chunk pinned (still correct, only not reclaimable): nothing to report
      * from a fault handler. */
     if (madvise((void *)start, length, MADV_FREE) == 0)
@@ -363,7 +364,7 @@ int vr_region_discard_pages(vr_region *region, size_t chunk_index)
 {
     uintptr_t start;
     size_t length;
-    chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
+    vr_region_span(region, chunk_index, chunk_index + 1, &start, &length);
     return madvise((void *)start, length, MADV_DONTNEED) < 0 ? -errno : 0;
 }
 
@@ -390,7 +391,7 @@ int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason)
         !__atomic_load_n(&region->holds[chunk_index], __ATOMIC_SEQ_CST)) {
         uintptr_t start;
         size_t length;
-        chunk_span(region, chunk_index, chunk_index + 1, &start, &length);
+        vr_region_span(region, chunk_index, chunk_index + 1, &start, &length);
         /* Count what is really given back: pages already discarded by the kernel are not. */
         int64_t present = vr_region_resident_pages(region, start, length);
         if (present > 0) {
@@ -533,7 +534,7 @@ int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, i
             continue;
         uintptr_t start;
         size_t length;
-        chunk_span(region, chunk, chunk + 1, &start, &length);
+        vr_region_span(region, chunk, chunk + 1, &start, &length);
         if (madvise((void *)start, length, MADV_DONTNEED) < 0)
             return -errno;
         vr_chunk_clear(region, chunk, VR_CHUNK_POISONED | VR_CHUNK_FAILED);
@@ -554,44 +555,4 @@ int vr_region_count_failed(vr_region *region, size_t first_chunk, size_t end_chu
 int vr_pageout(uintptr_t address, size_t length)
 {
     return madvise((void *)address, length, MADV_PAGEOUT) < 0 ? -errno : 0;
-}
-
-/* --- scratch buffers for faults served on the faulting thread ---------------------------------- */
-
-/* A chunk-sized buffer for one fault; `*slot_out` is -1 when it was mapped for this fault alone.
- * NULL if no memory can be mapped. Async-signal-safe (atomics and mmap). */
-char *vr_region_take_scratch(vr_region *region, int *slot_out)
-{
-    for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++) {
-        if (__atomic_exchange_n(&region->scratch_busy[slot], 1, __ATOMIC_ACQUIRE))
-            continue;
-        char *buffer = __atomic_load_n(&region->scratch[slot], __ATOMIC_ACQUIRE);
-        if (!buffer) {
-            buffer = mmap(NULL, region->chunk_size, PROT_READ | PROT_WRITE,
-                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-            if (buffer == MAP_FAILED) {
-                __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
-                return NULL;
-            }
-            __atomic_store_n(&region->scratch[slot], buffer, __ATOMIC_RELEASE);
-        }
-        *slot_out = slot;
-        return buffer;
-    }
-    char *buffer = mmap(NULL, region->chunk_size, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    *slot_out = -1;
-    return buffer == MAP_FAILED ? NULL : buffer;
-}
-
-/* Return a scratch buffer. Its pages are made lazy-free, so an idle region's scratch costs the
- * process nothing under pressure (reusing a lazy-free page that was not reclaimed costs no fault). */
-void vr_region_give_scratch(vr_region *region, char *scratch, int slot)
-{
-    if (slot < 0) {
-        munmap(scratch, region->chunk_size);
-        return;
-    }
-    (void)madvise(scratch, region->chunk_size, MADV_FREE); /* only an optimisation */
-    __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
 }

@@ -105,26 +105,6 @@ struct vr_region {
 
 enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
 
-/* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
- * offset. Takes the GIL itself (a no-op when the calling thread holds it). Call it only through
- * vr_run_python_regenerator (python_regenerator.c). `flags`: VR_CALLBACK_* below. */
-int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len, int flags);
-void vr_wait_for_chunk(vr_region *region, size_t chunk);
-enum {
-    VR_CALLBACK_AT_UNSAFE_POINT = 1, /* the thread faulted while holding the GIL */
-    VR_CALLBACK_OUTERMOST = 2        /* no other regenerator callback runs on this thread */
-};
-/* Run the region's Python regenerator; 0 or -1. `at_unsafe_point`: the calling thread faulted while
- * holding the GIL (no other Python thread may run until the faulting operation completes). */
-int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
-                              int at_unsafe_point);
-void vr_hold_gil_switches(void);    /* gil_switching.c: GIL held */
-void vr_release_gil_switches(void);
-/* The same for a worker whose job may be cancelled while it waits for the GIL: takes the GIL, then
- * moves *state from 0 (queued) to 1 (running); -ECANCELED if it was cancelled meanwhile. */
-int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,
-                                               size_t length, int *state);
-
 static inline uint8_t vr_chunk_load(const vr_region *region, size_t chunk)
 {
     return __atomic_load_n(&region->chunk_state[chunk], __ATOMIC_ACQUIRE);
@@ -140,6 +120,12 @@ static inline void vr_chunk_clear(vr_region *region, size_t chunk, uint8_t bits)
     __atomic_fetch_and(&region->chunk_state[chunk], (uint8_t)~bits, __ATOMIC_ACQ_REL);
 }
 
+/* Where a chunk starts in memory. */
+static inline uintptr_t vr_chunk_address(const vr_region *region, size_t chunk)
+{
+    return region->base + chunk * region->chunk_size;
+}
+
 static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
 {
     __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);
@@ -147,7 +133,6 @@ static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
 
 /* region.c */
 /* cffi: begin (exported to Python; build.py reads these blocks) */
-int vr_gil_switches_can_be_held(void);
 int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out);
@@ -182,6 +167,9 @@ uint8_t *vr_region_chunk_state_array(vr_region *region);
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);
 size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
+/* The address range of chunks [first_chunk, end_chunk): the last chunk may be short. */
+void vr_region_span(const vr_region *region, size_t first_chunk, size_t end_chunk,
+                    uintptr_t *start_out, size_t *length_out);
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_abort_for_policy(void) __attribute__((noreturn));
 void vr_region_keep_volatile(vr_region *region, size_t chunk_index);
@@ -190,7 +178,5 @@ int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason)
 int vr_region_discard_pages(vr_region *region, size_t chunk_index);
 int vr_region_page_present(const vr_region *region, uintptr_t address);
 int64_t vr_region_resident_pages(const vr_region *region, uintptr_t start, size_t length);
-char *vr_region_take_scratch(vr_region *region, int *slot_out);
-void vr_region_give_scratch(vr_region *region, char *scratch, int slot);
 
 #endif /* VRANGE_REGION_H */

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "python_regenerator.h"
 #include "sigbus_backend.h"
 #include "signal_chain.h"
 

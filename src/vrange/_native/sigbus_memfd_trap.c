@@ -20,11 +20,9 @@
 
 static int map_trap(vr_region *region, size_t first_chunk, size_t end_chunk)
 {
-    uintptr_t start = region->base + first_chunk * region->chunk_size;
-    size_t end = end_chunk * region->chunk_size;
-    if (end > region->size)
-        end = region->size;
-    size_t length = end - first_chunk * region->chunk_size;
+    uintptr_t start;
+    size_t length;
+    vr_region_span(region, first_chunk, end_chunk, &start, &length);
     /* TRAPPED first: a fork between the two steps must not leave a child whose chunk is trapped but
      * not marked (its faults would restart for ever). Marked but not yet trapped is harmless: the
      * data is still there, and a refill just replaces it. */
@@ -55,7 +53,7 @@ static int map_failure(vr_region *region, int error_number)
 static int install_chunk(vr_region *region, size_t chunk, int zeros)
 {
     size_t length = vr_region_chunk_length(region, chunk);
-    uintptr_t start = region->base + chunk * region->chunk_size;
+    uintptr_t start = vr_chunk_address(region, chunk);
     vr_monitor_note_refill(region, length, 1); /* memory the kernel cannot take back */
     char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -122,7 +120,7 @@ int vr_sigbus_memfd_take_over(vr_region *region)
         rc = -errno;
     for (size_t chunk = 0; rc == 0 && chunk < region->chunk_count; chunk++) {
         size_t length = vr_region_chunk_length(region, chunk);
-        int64_t present = vr_region_resident_pages(region, region->base + chunk * region->chunk_size,
+        int64_t present = vr_region_resident_pages(region, vr_chunk_address(region, chunk),
                                                    length);
         if ((vr_chunk_load(region, chunk) & VR_CHUNK_VOLATILE) || present < 0 ||
             (size_t)present * region->page_size < length)

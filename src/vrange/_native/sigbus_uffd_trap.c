@@ -115,12 +115,52 @@ int vr_sigbus_uffd_rebind(vr_region *region, int trap_uffd)
     return vr_sigbus_uffd_attach(region, trap_uffd);
 }
 
+/* --- scratch buffers for faults served on the faulting thread ---------------------------------- */
+
+/* A chunk-sized buffer for one fault; `*slot_out` is -1 when it was mapped for this fault alone.
+ * NULL if no memory can be mapped. Async-signal-safe (atomics and mmap). */
+static char *take_scratch(vr_region *region, int *slot_out)
+{
+    for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++) {
+        if (__atomic_exchange_n(&region->scratch_busy[slot], 1, __ATOMIC_ACQUIRE))
+            continue;
+        char *buffer = __atomic_load_n(&region->scratch[slot], __ATOMIC_ACQUIRE);
+        if (!buffer) {
+            buffer = mmap(NULL, region->chunk_size, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (buffer == MAP_FAILED) {
+                __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
+                return NULL;
+            }
+            __atomic_store_n(&region->scratch[slot], buffer, __ATOMIC_RELEASE);
+        }
+        *slot_out = slot;
+        return buffer;
+    }
+    char *buffer = mmap(NULL, region->chunk_size, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    *slot_out = -1;
+    return buffer == MAP_FAILED ? NULL : buffer;
+}
+
+/* Return a scratch buffer. Its pages are made lazy-free, so an idle region's scratch costs the
+ * process nothing under pressure (reusing a lazy-free page that was not reclaimed costs no fault). */
+static void give_scratch(vr_region *region, char *scratch, int slot)
+{
+    if (slot < 0) {
+        munmap(scratch, region->chunk_size);
+        return;
+    }
+    (void)madvise(scratch, region->chunk_size, MADV_FREE); /* only an optimisation */
+    __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
+}
+
 /* Fill the missing pages of a chunk the caller holds (IN_FLIGHT): regenerated, or zeros for the
  * explicit on_error="zeros" policy. */
 static int refill_chunk(vr_region *region, size_t chunk, int zeros)
 {
     size_t length = vr_region_chunk_length(region, chunk);
-    uintptr_t start = region->base + chunk * region->chunk_size;
+    uintptr_t start = vr_chunk_address(region, chunk);
     int rc;
     if (zeros) {
         rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, NULL,
@@ -128,7 +168,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
     } else {
         vr_monitor_note_refill(region, length, 1);
         int slot;
-        char *scratch = vr_region_take_scratch(region, &slot);
+        char *scratch = take_scratch(region, &slot);
         if (!scratch)
             return -ENOMEM;
         if (region->source_kind == VR_SOURCE_PYTHON)
@@ -137,7 +177,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
         if (rc == 0)
             rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, scratch,
                                       VR_FILL_COPY);
-        vr_region_give_scratch(region, scratch, slot);
+        give_scratch(region, scratch, slot);
     }
     if (rc != 0)
         return rc;
@@ -151,7 +191,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
 static int chunk_missing_pages(vr_region *region, size_t chunk)
 {
     size_t length = vr_region_chunk_length(region, chunk);
-    int64_t present = vr_region_resident_pages(region, region->base + chunk * region->chunk_size,
+    int64_t present = vr_region_resident_pages(region, vr_chunk_address(region, chunk),
                                                length);
     return present < 0 || (size_t)present * region->page_size < length;
 }
@@ -173,7 +213,7 @@ const struct vr_sigbus_trap vr_sigbus_uffd_trap = {
 static int dirty_chunk(vr_region *region, size_t chunk)
 {
     size_t length = vr_region_chunk_length(region, chunk);
-    uintptr_t start = region->base + chunk * region->chunk_size;
+    uintptr_t start = vr_chunk_address(region, chunk);
     for (;;) {
         if (madvise((void *)start, length, MADV_POPULATE_WRITE) == 0)
             return 0;

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "python_regenerator.h"
 #include "uffd_backend.h"
 
 #define EVENT_BATCH 16

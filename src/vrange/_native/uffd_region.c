@@ -89,7 +89,7 @@ static void wake_range(int uffd, uintptr_t start, size_t length)
  * chunk was left asleep; wake it, so it faults again and is served. */
 static void wake_after_purge(vr_region *region, size_t chunk)
 {
-    wake_range(region->handler->uffd, region->base + chunk * region->chunk_size,
+    wake_range(region->handler->uffd, vr_chunk_address(region, chunk),
                vr_region_chunk_length(region, chunk));
 }
 
@@ -129,7 +129,7 @@ static void apply_error_policy(vr_region *region, uintptr_t start, size_t length
 int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source)
 {
     size_t length = vr_region_chunk_length(region, chunk_index);
-    uintptr_t start = region->base + chunk_index * region->chunk_size;
+    uintptr_t start = vr_chunk_address(region, chunk_index);
     /* The handler thread and workers never wait for the monitor: other faults depend on them. */
     vr_monitor_note_refill(region, length, 0);
     int rc = fill_missing_pages(region, start, length, source, VR_FILL_COPY);
@@ -187,7 +187,7 @@ void vr_fail_page(vr_region *region, uintptr_t address)
 int vr_fail_chunk(vr_region *region, size_t chunk_index)
 {
     size_t length = vr_region_chunk_length(region, chunk_index);
-    uintptr_t start = region->base + chunk_index * region->chunk_size;
+    uintptr_t start = vr_chunk_address(region, chunk_index);
     apply_error_policy(region, start, length, chunk_index);
     region->gil_free_waiters[chunk_index] = 0;
     vr_chunk_clear(region, chunk_index, VR_CHUNK_IN_FLIGHT);
@@ -200,11 +200,9 @@ int vr_fail_chunk(vr_region *region, size_t chunk_index)
  * Python regenerators can run on a worker while this waits. */
 static int populate_range(vr_region *region, size_t first_chunk, size_t end_chunk, int advice)
 {
-    uintptr_t start = region->base + first_chunk * region->chunk_size;
-    size_t end = end_chunk * region->chunk_size;
-    if (end > region->size)
-        end = region->size;
-    size_t length = end - first_chunk * region->chunk_size;
+    uintptr_t start;
+    size_t length;
+    vr_region_span(region, first_chunk, end_chunk, &start, &length);
     while (madvise((void *)start, length, advice) < 0) {
         if (errno != EINTR && errno != EAGAIN)
             return -errno;

@@ -1,0 +1,41 @@
+/* Running a region's Python regenerator from native code, and the GIL around it
+ * (python_regenerator.c, gil_switching.c). The only files of the core that touch Python. */
+#ifndef VRANGE_PYTHON_REGENERATOR_H
+#define VRANGE_PYTHON_REGENERATOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "region.h"
+
+/* cffi: begin (exported to Python; build.py reads these blocks) */
+int vr_gil_switches_can_be_held(void);
+/* cffi: end */
+
+/* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
+ * offset. Takes the GIL itself (a no-op when the calling thread holds it). Call it only through
+ * vr_run_python_regenerator. `flags`: VR_CALLBACK_* below. */
+int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len, int flags);
+enum {
+    VR_CALLBACK_AT_UNSAFE_POINT = 1, /* the thread faulted while holding the GIL */
+    VR_CALLBACK_OUTERMOST = 2        /* no other regenerator callback runs on this thread */
+};
+
+/* Run the region's Python regenerator; 0 or -1. `at_unsafe_point`: the calling thread faulted while
+ * holding the GIL (no other Python thread may run until the faulting operation completes). */
+int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                              int at_unsafe_point);
+/* The same for a worker whose job may be cancelled while it waits for the GIL: takes the GIL, then
+ * moves *state from 0 (queued) to 1 (running); -ECANCELED if it was cancelled meanwhile. */
+int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,
+                                               size_t length, int *state);
+
+/* A thread faulted on a chunk another thread is regenerating: wait until it is done, with the GIL
+ * released meanwhile if this thread holds it. */
+void vr_wait_for_chunk(vr_region *region, size_t chunk);
+
+/* gil_switching.c: no forced GIL switch between hold and release (called with the GIL held). */
+void vr_hold_gil_switches(void);
+void vr_release_gil_switches(void);
+
+#endif /* VRANGE_PYTHON_REGENERATOR_H */

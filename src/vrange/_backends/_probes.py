@@ -88,11 +88,11 @@ def _open_userfaultfd(method: str) -> tuple[int, int | None]:
     fd_out = ffi.new("int *", -1)
     flags = lib.O_CLOEXEC | lib.O_NONBLOCK
     if method == "syscall":
-        result = lib.vr_uffd_open_syscall(flags, fd_out)
+        result = lib.vr_userfaultfd_open_syscall(flags, fd_out)
     elif method == "dev":
-        result = lib.vr_uffd_open_dev(flags, fd_out)
+        result = lib.vr_userfaultfd_open_dev(flags, fd_out)
     else:
-        result = lib.vr_uffd_open_syscall(flags | lib.UFFD_USER_MODE_ONLY, fd_out)
+        result = lib.vr_userfaultfd_open_syscall(flags | lib.UFFD_USER_MODE_ONLY, fd_out)
     return result, (fd_out[0] if result == 0 else None)
 
 
@@ -177,7 +177,7 @@ def _probe_userfaultfd(run: _ProbeRun) -> UserfaultfdReport:
             fd = descriptors[probed]
             features_out = ffi.new("uint64_t *")
             ioctls_out = ffi.new("uint64_t *")
-            api_result = lib.vr_uffd_api(fd, 0, features_out, ioctls_out)
+            api_result = lib.vr_userfaultfd_api(fd, 0, features_out, ioctls_out)
             if api_result < 0:
                 run.errors.append(f"userfaultfd: UFFDIO_API failed with {describe_errno(-api_result)}")
             else:

@@ -22,11 +22,13 @@
 int vr_native_version(void);
 long vr_page_size(void);
 
-/* uffd_fd.c: obtaining and handshaking a userfaultfd. */
-int vr_uffd_open_syscall(int flags, int *fd_out);
-int vr_uffd_open_dev(int flags, int *fd_out);
-int vr_uffd_api(int fd, uint64_t requested_features, uint64_t *features_out, uint64_t *ioctls_out);
 int vr_close(int fd);
+
+/* userfaultfd.c: obtaining and handshaking a userfaultfd. */
+int vr_userfaultfd_open_syscall(int flags, int *fd_out);
+int vr_userfaultfd_open_dev(int flags, int *fd_out);
+int vr_userfaultfd_api(int fd, uint64_t requested_features, uint64_t *features_out,
+                       uint64_t *ioctls_out);
 
 /* probe.c: behaviour probes on scratch memory. */
 int vr_probe_madvise(int advice);

@@ -28,7 +28,7 @@
 
 #include "pressure.h"
 #include "sigbus_backend.h"
-#include "uffd_fill.h"
+#include "userfaultfd.h"
 
 #define PIN_RETRIES 1000 /* reclaim racing a pin: each retry refills what was taken meanwhile */
 
@@ -39,14 +39,14 @@ int vr_sigbus_uffd_trap_open(int *fd_out)
 {
     int fd = -1;
     int flags = O_CLOEXEC | O_NONBLOCK;
-    int rc = vr_uffd_open_syscall(flags | UFFD_USER_MODE_ONLY, &fd);
+    int rc = vr_userfaultfd_open_syscall(flags | UFFD_USER_MODE_ONLY, &fd);
     if (rc == -EINVAL)
-        rc = vr_uffd_open_syscall(flags, &fd);
-    if (rc < 0 && vr_uffd_open_dev(flags | UFFD_USER_MODE_ONLY, &fd) < 0 &&
-        vr_uffd_open_dev(flags, &fd) < 0)
+        rc = vr_userfaultfd_open_syscall(flags, &fd);
+    if (rc < 0 && vr_userfaultfd_open_dev(flags | UFFD_USER_MODE_ONLY, &fd) < 0 &&
+        vr_userfaultfd_open_dev(flags, &fd) < 0)
         return rc;
     uint64_t features = 0, ioctls = 0;
-    rc = vr_uffd_api(fd, UFFD_FEATURE_SIGBUS, &features, &ioctls);
+    rc = vr_userfaultfd_api(fd, UFFD_FEATURE_SIGBUS, &features, &ioctls);
     if (rc == 0 && !(features & UFFD_FEATURE_SIGBUS))
         rc = -EOPNOTSUPP;
     if (rc < 0) {
@@ -57,13 +57,14 @@ int vr_sigbus_uffd_trap_open(int *fd_out)
     return 0;
 }
 
+/* Register in MISSING mode a range the trap can fill (UFFDIO_COPY and UFFDIO_ZEROPAGE allowed). */
 static int register_range(int uffd, uintptr_t start, size_t length)
 {
-    struct uffdio_register reg = { .range = { .start = start, .len = length },
-                                   .mode = UFFDIO_REGISTER_MODE_MISSING };
-    if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
-        return -errno;
-    if (!(reg.ioctls & (1ULL << _UFFDIO_COPY)) || !(reg.ioctls & (1ULL << _UFFDIO_ZEROPAGE)))
+    uint64_t ioctls = 0;
+    int rc = vr_userfaultfd_register_missing(uffd, start, length, &ioctls);
+    if (rc < 0)
+        return rc;
+    if (!(ioctls & (1ULL << _UFFDIO_COPY)) || !(ioctls & (1ULL << _UFFDIO_ZEROPAGE)))
         return -EOPNOTSUPP;
     return 0;
 }
@@ -84,7 +85,7 @@ int vr_sigbus_uffd_trap_probe(int uffd)
         rc = -errno;
     if (rc == 0) {
         memcpy(copy_source, source, sizeof source);
-        rc = vr_uffd_fill_missing(uffd, page_size, (uintptr_t)page, page_size, copy_source,
+        rc = vr_userfaultfd_fill_missing(uffd, page_size, (uintptr_t)page, page_size, copy_source,
                                   VR_FILL_COPY);
         if (rc == 0 && memcmp(page, source, sizeof source) != 0)
             rc = -EIO;
@@ -163,7 +164,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
     uintptr_t start = vr_chunk_address(region, chunk);
     int rc;
     if (zeros) {
-        rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, NULL,
+        rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size, start, length, NULL,
                                   VR_FILL_ZEROPAGE);
     } else {
         vr_monitor_note_refill(region, length, 1);
@@ -175,7 +176,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
             memset(scratch, 0, length); /* a reused buffer: never hand out another chunk's bytes */
         rc = vr_sigbus_regenerate(region, chunk, scratch);
         if (rc == 0)
-            rc = vr_uffd_fill_missing(region->trap_uffd, region->page_size, start, length, scratch,
+            rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size, start, length, scratch,
                                       VR_FILL_COPY);
         give_scratch(region, scratch, slot);
     }

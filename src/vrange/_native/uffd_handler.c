@@ -38,13 +38,13 @@ int vr_handler_new(int signal_number, vr_handler **out)
         return -ENOMEM;
     handler->uffd = handler->wake_fd = -1;
     handler->signal_number = signal_number;
-    int rc = vr_uffd_open_syscall(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
+    int rc = vr_userfaultfd_open_syscall(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
     if (rc < 0)
-        rc = vr_uffd_open_dev(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
+        rc = vr_userfaultfd_open_dev(O_CLOEXEC | O_NONBLOCK, &handler->uffd);
     if (rc < 0)
         goto fail;
     uint64_t ioctls;
-    rc = vr_uffd_api(handler->uffd, UFFD_FEATURE_THREAD_ID, &handler->features, &ioctls);
+    rc = vr_userfaultfd_api(handler->uffd, UFFD_FEATURE_THREAD_ID, &handler->features, &ioctls);
     if (rc < 0)
         goto fail;
     handler->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

@@ -13,7 +13,7 @@
 
 #include "uffd_backend.h"
 #include "pressure.h"
-#include "uffd_fill.h"
+#include "userfaultfd.h"
 
 static int table_add(vr_handler *handler, vr_region *region)
 {
@@ -50,15 +50,6 @@ static void table_remove(vr_handler *handler, vr_region *region)
         vr_region_unref(region);
 }
 
-static int uffd_register_range(int uffd, uintptr_t base, size_t size)
-{
-    struct uffdio_register reg = {
-        .range = { .start = base, .len = size },
-        .mode = UFFDIO_REGISTER_MODE_MISSING,
-    };
-    return ioctl(uffd, UFFDIO_REGISTER, &reg) < 0 ? -errno : 0;
-}
-
 static void wake_after_purge(vr_region *region, size_t chunk);
 
 int vr_region_register(vr_region *region)
@@ -69,7 +60,7 @@ int vr_region_register(vr_region *region)
     int rc = table_add(region->handler, region);
     if (rc < 0)
         return rc;
-    rc = uffd_register_range(region->handler->uffd, region->base, region->size);
+    rc = vr_userfaultfd_register_missing(region->handler->uffd, region->base, region->size, NULL);
     if (rc < 0) {
         table_remove(region->handler, region);
         return rc;
@@ -80,9 +71,7 @@ int vr_region_register(vr_region *region)
 
 static void wake_range(int uffd, uintptr_t start, size_t length)
 {
-    struct uffdio_range range = { .start = start, .len = length };
-    /* Nothing to do if this fails: the range is gone (closed), and so are its waiters' mappings. */
-    (void)ioctl(uffd, UFFDIO_WAKE, &range);
+    vr_userfaultfd_wake(uffd, start, length);
 }
 
 /* After vrange purged a chunk (vr_region_purge_chunk): a fault that arrived while the purge held the
@@ -121,7 +110,7 @@ int vr_region_resume(vr_region *region)
 static int fill_missing_pages(const vr_region *region, uintptr_t start, size_t length,
                               const char *source, enum vr_fill_kind kind)
 {
-    return vr_uffd_fill_missing(region->handler->uffd, region->page_size, start, length, source, kind);
+    return vr_userfaultfd_fill_missing(region->handler->uffd, region->page_size, start, length, source, kind);
 }
 
 static void apply_error_policy(vr_region *region, uintptr_t start, size_t length, size_t chunk);

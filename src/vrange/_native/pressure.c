@@ -21,7 +21,6 @@
 #include <unistd.h>
 
 #include "pressure.h"
-#include "sigbus_backend.h"
 
 #define THROTTLE_LIMIT_NS (250LL * 1000 * 1000) /* a fault never waits longer for the monitor */
 #define DEFAULT_POKE_BYTES (16ULL << 20)
@@ -392,6 +391,14 @@ static void rearm(const struct vr_signal *signal)
         (void)!pread(signal->fd, buffer, sizeof buffer, 0); /* kernfs re-arms poll on read */
 }
 
+/* See vr_monitor_set_watchdog. */
+static vr_monitor_watchdog registered_watchdog;
+
+void vr_monitor_set_watchdog(vr_monitor_watchdog watchdog)
+{
+    __atomic_store_n(&registered_watchdog, watchdog, __ATOMIC_RELEASE);
+}
+
 static void *monitor_main(void *arg)
 {
     vr_monitor *monitor = arg;
@@ -439,7 +446,8 @@ static void *monitor_main(void *arg)
         }
         check_locked(monitor);
         pthread_mutex_unlock(&monitor->lock);
-        if (vr_sigbus_reinstall_if_replaced() == 1)
+        vr_monitor_watchdog watchdog = __atomic_load_n(&registered_watchdog, __ATOMIC_ACQUIRE);
+        if (watchdog && watchdog() == 1)
             vr_stat_add(&monitor->stats.handler_reinstalls, 1);
     }
     return NULL;

@@ -53,4 +53,12 @@ void vr_monitor_after_fork(vr_monitor *monitor);
  * while the monitor purges above the high-water mark. Async-signal-safe. */
 void vr_monitor_note_refill(vr_region *region, size_t bytes, int may_wait);
 
+/* The watchdog the monitor's thread runs at every wake-up: 1 if it had something to put right (the
+ * monitor counts it in handler_reinstalls), 0 if not, or -errno. The sigbus backend registers its
+ * handler check here when it attaches a region (vr_sigbus_reinstall_if_replaced): the pressure
+ * monitor sits below the backends and calls them only through this pointer. Process-wide, like the
+ * signal disposition it guards; registering again replaces it. */
+typedef int (*vr_monitor_watchdog)(void);
+void vr_monitor_set_watchdog(vr_monitor_watchdog watchdog);
+
 #endif /* VRANGE_PRESSURE_H */

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "pressure.h"
 #include "python_regenerator.h"
 #include "sigbus_backend.h"
 #include "signal_chain.h"
@@ -83,7 +84,7 @@ static void release_chunk(vr_region *region, size_t chunk)
 /* Fill `buffer` with the chunk's bytes: a Python regenerator (through cffi, which takes the GIL if
  * this thread does not hold it) or a native source. 0, -EIO (the regenerator raised), -ESHUTDOWN
  * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. */
-int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer)
+static int regenerate(vr_region *region, size_t chunk, char *buffer)
 {
     if (region->source_kind != VR_SOURCE_PYTHON)
         return vr_fill_native(region, chunk, buffer);
@@ -97,7 +98,17 @@ int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer)
     return 0;
 }
 
-int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_sigbus_trap *trap)
+/* A refill is about to start on a chunk this thread claimed: if it was filled before, the kernel or a
+ * purge discarded it (counted as such), and this is a fault served on the faulting thread. */
+static void count_refill(vr_region *region, size_t chunk)
+{
+    vr_region_note_discard_found(region, chunk);
+    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+}
+
+/* Serve a SIGBUS on a missing page: 1 if the access may restart, 0 to chain to the previous
+ * handler. Called with the region entered (`active` raised). */
+static int serve_chunk(vr_region *region, uintptr_t address, const struct vr_sigbus_trap *trap)
 {
     size_t chunk = (address - region->base) / region->chunk_size;
     if (vr_chunk_load(region, chunk) & VR_CHUNK_POISONED)
@@ -115,14 +126,13 @@ int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_
         release_chunk(region, chunk); /* closing, or filled meanwhile: restart the access */
         return 1;
     }
-    vr_region_note_discard_found(region, chunk);
-    vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+    count_refill(region, chunk);
     int handled = 1;
-    if (trap->refill(region, chunk, 0) != 0) {
+    if (trap->refill(region, chunk, regenerate) != 0) {
         vr_stat_add(&region->stats.regeneration_errors, 1);
         switch (region->on_error) {
         case VR_ON_ERROR_ZEROS:
-            handled = trap->refill(region, chunk, 1) == 0;
+            handled = trap->refill(region, chunk, NULL) == 0;
             vr_chunk_set(region, chunk, VR_CHUNK_FAILED); /* zeros, not the region's bytes */
             break;
         case VR_ON_ERROR_POISON:
@@ -137,7 +147,9 @@ int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_
     return handled;
 }
 
-int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
+/* Populate path (a library call, GIL released): regenerate the chunk on this thread if it has
+ * missing pages. 0, 1 (another thread held it: look again), or -errno (the regeneration failed). */
+static int populate_chunk(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
 {
     if (!trap->chunk_missing(region, chunk))
         return 0;
@@ -147,14 +159,57 @@ int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_si
     }
     int rc = 0;
     if (trap->chunk_missing(region, chunk)) {
-        vr_region_note_discard_found(region, chunk);
-        vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
-        rc = trap->refill(region, chunk, 0);
+        count_refill(region, chunk);
+        rc = trap->refill(region, chunk, regenerate);
         if (rc != 0)
             vr_stat_add(&region->stats.regeneration_errors, 1);
     }
     release_chunk(region, chunk);
     return rc;
+}
+
+#define PIN_RETRIES 1000 /* reclaim racing a pin: each retry refills what was taken meanwhile */
+
+/* Regenerate every missing chunk of the range on this thread (memfd trap; called with the GIL
+ * released). Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after
+ * trying every chunk; failed chunks stay missing. */
+int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        int rc;
+        while ((rc = populate_chunk(region, chunk, &vr_sigbus_memfd_trap)) == 1)
+            ;
+        if (rc < 0 && !first_error)
+            first_error = rc;
+    }
+    return first_error;
+}
+
+/* Make every page of the range present (regenerating chunks with missing pages on this thread) and,
+ * with `dirty`, no longer discardable (mark_nonvolatile; the chunks' VOLATILE bits are already
+ * cleared). Userfaultfd trap; called with the GIL released. Returns 0, or the first failure's -errno
+ * after trying every chunk; a chunk whose regeneration failed keeps its missing pages. */
+int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty)
+{
+    const struct vr_sigbus_trap *trap = &vr_sigbus_uffd_trap;
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        int rc = 0;
+        for (int attempt = 0; attempt < PIN_RETRIES; attempt++) {
+            rc = populate_chunk(region, chunk, trap);
+            if (rc == 1)
+                continue; /* another thread was filling it */
+            if (rc < 0)
+                break;
+            rc = dirty ? trap->dirty(region, chunk) : 0;
+            if (rc != -EFAULT)
+                break; /* -EFAULT: a lazy-free page was reclaimed before it was dirtied */
+        }
+        if (rc != 0 && !first_error)
+            first_error = rc;
+    }
+    return first_error;
 }
 
 /* 1: the access may restart; 0: this SIGBUS must go to the previous handler (the process dies
@@ -172,9 +227,8 @@ static int serve_fault(vr_region *region, uintptr_t address)
             vr_pause_briefly();
         return 1;
     }
-    return vr_sigbus_serve_chunk(region, address, region->trap_kind == VR_TRAP_UFFD
-                                                      ? &vr_sigbus_uffd_trap
-                                                      : &vr_sigbus_memfd_trap);
+    return serve_chunk(region, address, region->trap_kind == VR_TRAP_UFFD ? &vr_sigbus_uffd_trap
+                                                                          : &vr_sigbus_memfd_trap);
 }
 
 /* The default action: restore it and let the fault happen again (a sent signal is raised again
@@ -269,16 +323,17 @@ void vr_sigbus_python_finalized(void) { __atomic_store_n(&python_finalized, 1, _
 
 int vr_sigbus_attach(vr_region *region, int trap_kind, int trap_uffd)
 {
-    int rc;
-    if (trap_kind == VR_TRAP_UFFD)
-        rc = vr_sigbus_uffd_attach(region, trap_uffd);
-    else if (trap_kind == VR_TRAP_MEMFD)
-        rc = vr_sigbus_memfd_attach(region);
-    else
-        rc = -EINVAL;
+    const struct vr_sigbus_trap *trap = trap_kind == VR_TRAP_UFFD    ? &vr_sigbus_uffd_trap
+                                        : trap_kind == VR_TRAP_MEMFD ? &vr_sigbus_memfd_trap
+                                                                     : NULL;
+    if (!trap)
+        return -EINVAL;
+    int rc = trap->attach(region, trap_uffd);
     if (rc < 0)
         return rc;
     region->trap_kind = trap_kind;
+    /* The pressure monitor's thread runs the watchdog at every wake-up from now on. */
+    vr_monitor_set_watchdog(vr_sigbus_reinstall_if_replaced);
     for (int i = 0; i < VR_SIGBUS_MAX_REGIONS; i++) {
         vr_region *expected = NULL;
         if (__atomic_compare_exchange_n(&regions[i], &expected, region, 0, __ATOMIC_ACQ_REL,

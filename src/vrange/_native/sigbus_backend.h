@@ -6,8 +6,9 @@
  *   - the memfd trap (sigbus_memfd_trap.c): an empty memfd is mapped over missing chunks; only
  *     vrange itself purges (where no userfaultfd can be opened at all, e.g. under a container's
  *     default seccomp profile).
- * sigbus.c holds what both share: the handler, chaining to the previous one, the region table and
- * the per-chunk claim/wait helpers. */
+ * sigbus.c holds the fault path and what both share: the handler, chaining to the previous one, the
+ * region table, claiming and refilling chunks, populating; it reaches a trap only through its
+ * struct vr_sigbus_trap. */
 #ifndef VRANGE_SIGBUS_BACKEND_H
 #define VRANGE_SIGBUS_BACKEND_H
 
@@ -37,30 +38,30 @@ int vr_sigbus_uffd_rebind(vr_region *region, int trap_uffd);
 int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty);
 /* cffi: end */
 
-/* What a trap tells the shared fault path (sigbus.c). Every function is async-signal-safe. */
+/* Fill `buffer` (one chunk) with the chunk's bytes; 0 or -errno. The fault path (sigbus.c) hands its
+ * regenerator to a trap's refill, so a trap never needs to know about Python. */
+typedef int (*vr_sigbus_regenerator)(vr_region *region, size_t chunk, char *buffer);
+
+/* A trap: how an access to a missing page becomes a SIGBUS, and how a chunk is refilled. The shared
+ * fault path (sigbus.c) calls these; a trap calls only code below it (region.c, pressure.c,
+ * userfaultfd.c). Every function is async-signal-safe. */
 struct vr_sigbus_trap {
     /* Is the page at `address` (in `chunk`) still missing? Called with the chunk held. */
     int (*page_missing)(vr_region *region, size_t chunk, uintptr_t address);
     /* Does the chunk have any missing page? */
     int (*chunk_missing)(vr_region *region, size_t chunk);
-    /* Fill the chunk's missing pages, regenerated (`zeros` 0) or with zeros (the explicit
-     * on_error="zeros" policy); the caller holds the chunk (IN_FLIGHT). 0 or -errno. */
-    int (*refill)(vr_region *region, size_t chunk, int zeros);
+    /* Fill the chunk's missing pages with what `regenerate` writes, or with zeros when it is NULL
+     * (the explicit on_error="zeros" policy); the caller holds the chunk (IN_FLIGHT). 0 or -errno. */
+    int (*refill)(vr_region *region, size_t chunk, vr_sigbus_regenerator regenerate);
+    /* Dirty every page of a filled chunk so the kernel may no longer discard it (mark_nonvolatile);
+     * 0, -EFAULT when a page was reclaimed meanwhile, or another -errno. NULL: the trap's pages are
+     * never discarded by the kernel. */
+    int (*dirty)(vr_region *region, size_t chunk);
+    /* Set the region up for this trap (attach). 0 or -errno. */
+    int (*attach)(vr_region *region, int trap_uffd);
 };
 
 extern const struct vr_sigbus_trap vr_sigbus_memfd_trap;
 extern const struct vr_sigbus_trap vr_sigbus_uffd_trap;
-
-/* Shared by the two traps (sigbus.c). */
-int vr_sigbus_regenerate(vr_region *region, size_t chunk, char *buffer);
-/* Serve a SIGBUS on a missing page: 1 if the access may restart, 0 to chain to the previous
- * handler. Called with the region entered (`active` raised). */
-int vr_sigbus_serve_chunk(vr_region *region, uintptr_t address, const struct vr_sigbus_trap *trap);
-/* Populate path (a library call, GIL released): regenerate the chunk on this thread if it has
- * missing pages. 0, 1 (another thread held it: look again), or -errno (the regeneration failed). */
-int vr_sigbus_populate_chunk(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap);
-
-int vr_sigbus_memfd_attach(vr_region *region);
-int vr_sigbus_uffd_attach(vr_region *region, int trap_uffd);
 
 #endif /* VRANGE_SIGBUS_BACKEND_H */

@@ -49,8 +49,8 @@ static int map_failure(vr_region *region, int error_number)
 }
 
 /* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
- * `zeros` 0: regenerate; 1: install zeros (the explicit on_error="zeros" policy). */
-static int install_chunk(vr_region *region, size_t chunk, int zeros)
+ * `regenerate` NULL: install zeros (the explicit on_error="zeros" policy; fresh memory is zeros). */
+static int install_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator regenerate)
 {
     size_t length = vr_region_chunk_length(region, chunk);
     uintptr_t start = vr_chunk_address(region, chunk);
@@ -59,7 +59,7 @@ static int install_chunk(vr_region *region, size_t chunk, int zeros)
                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (scratch == MAP_FAILED)
         return map_failure(region, errno);
-    int rc = zeros ? 0 : vr_sigbus_regenerate(region, chunk, scratch);
+    int rc = regenerate ? regenerate(region, chunk, scratch) : 0;
     /* ENOMEM here is the process's mapping count at vm.max_map_count (the chunk splits the trap's
      * mapping), or no memory for the kernel's own structures. */
     if (rc == 0 && mremap(scratch, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)start) ==
@@ -86,17 +86,12 @@ static int page_trapped(vr_region *region, size_t chunk, uintptr_t address)
     return chunk_trapped(region, chunk);
 }
 
-const struct vr_sigbus_trap vr_sigbus_memfd_trap = {
-    .page_missing = page_trapped,
-    .chunk_missing = chunk_trapped,
-    .refill = install_chunk,
-};
-
 /* The purge of a memfd-trap chunk (vr_region_purge_chunk): map the trap over it. */
 static int trap_one_chunk(vr_region *region, size_t chunk) { return map_trap(region, chunk, chunk + 1); }
 
-int vr_sigbus_memfd_attach(vr_region *region)
+static int attach(vr_region *region, int trap_uffd)
 {
+    (void)trap_uffd; /* the memfd trap makes its own descriptor */
     region->trap_fd = (int)syscall(SYS_memfd_create, "vrange-trap", MFD_CLOEXEC);
     if (region->trap_fd < 0)
         return -errno;
@@ -153,18 +148,10 @@ int vr_sigbus_memfd_discard(vr_region *region, size_t first_chunk, size_t end_ch
     return 0;
 }
 
-/* Regenerate every missing chunk of the range on this thread (called with the GIL released).
- * Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after trying every
- * chunk; failed chunks stay missing. */
-int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    int first_error = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        int rc;
-        while ((rc = vr_sigbus_populate_chunk(region, chunk, &vr_sigbus_memfd_trap)) == 1)
-            ;
-        if (rc < 0 && !first_error)
-            first_error = rc;
-    }
-    return first_error;
-}
+const struct vr_sigbus_trap vr_sigbus_memfd_trap = {
+    .page_missing = page_trapped,
+    .chunk_missing = chunk_trapped,
+    .refill = install_chunk,
+    .dirty = NULL, /* the kernel never discards these pages: filled is pinned */
+    .attach = attach,
+};

@@ -30,8 +30,6 @@
 #include "sigbus_backend.h"
 #include "userfaultfd.h"
 
-#define PIN_RETRIES 1000 /* reclaim racing a pin: each retry refills what was taken meanwhile */
-
 /* Open the process's trap descriptor: user-mode-only first (least privilege, and all an
  * unprivileged process may have), then a full one (kernels before 5.11 reject the flag), then
  * /dev/userfaultfd. The first refusal is the one reported. */
@@ -97,7 +95,7 @@ int vr_sigbus_uffd_trap_probe(int uffd)
     return rc;
 }
 
-int vr_sigbus_uffd_attach(vr_region *region, int trap_uffd)
+static int attach(vr_region *region, int trap_uffd)
 {
     int rc = register_range(trap_uffd, region->base, region->size);
     if (rc == 0) {
@@ -113,7 +111,7 @@ int vr_sigbus_uffd_attach(vr_region *region, int trap_uffd)
 int vr_sigbus_uffd_rebind(vr_region *region, int trap_uffd)
 {
     region->trap_uffd = -1;
-    return vr_sigbus_uffd_attach(region, trap_uffd);
+    return attach(region, trap_uffd);
 }
 
 /* --- scratch buffers for faults served on the faulting thread ---------------------------------- */
@@ -157,13 +155,13 @@ static void give_scratch(vr_region *region, char *scratch, int slot)
 }
 
 /* Fill the missing pages of a chunk the caller holds (IN_FLIGHT): regenerated, or zeros for the
- * explicit on_error="zeros" policy. */
-static int refill_chunk(vr_region *region, size_t chunk, int zeros)
+ * explicit on_error="zeros" policy (`regenerate` NULL). */
+static int refill_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator regenerate)
 {
     size_t length = vr_region_chunk_length(region, chunk);
     uintptr_t start = vr_chunk_address(region, chunk);
     int rc;
-    if (zeros) {
+    if (!regenerate) {
         rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size, start, length, NULL,
                                   VR_FILL_ZEROPAGE);
     } else {
@@ -174,7 +172,7 @@ static int refill_chunk(vr_region *region, size_t chunk, int zeros)
             return -ENOMEM;
         if (region->source_kind == VR_SOURCE_PYTHON)
             memset(scratch, 0, length); /* a reused buffer: never hand out another chunk's bytes */
-        rc = vr_sigbus_regenerate(region, chunk, scratch);
+        rc = regenerate(region, chunk, scratch);
         if (rc == 0)
             rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size, start, length, scratch,
                                       VR_FILL_COPY);
@@ -203,12 +201,6 @@ static int page_missing(vr_region *region, size_t chunk, uintptr_t address)
     return !vr_region_page_present(region, address);
 }
 
-const struct vr_sigbus_trap vr_sigbus_uffd_trap = {
-    .page_missing = page_missing,
-    .chunk_missing = chunk_missing_pages,
-    .refill = refill_chunk,
-};
-
 /* Dirty every page of a chunk, so the kernel may no longer discard it; 0, -EFAULT when a page was
  * reclaimed meanwhile (the caller refills and tries again), or another -errno. */
 static int dirty_chunk(vr_region *region, size_t chunk)
@@ -232,27 +224,10 @@ static int dirty_chunk(vr_region *region, size_t chunk)
     return 0;
 }
 
-/* Make every page of the range present (regenerating chunks with missing pages on this thread) and,
- * with `dirty`, no longer discardable (mark_nonvolatile; the chunks' VOLATILE bits are already
- * cleared). Called with the GIL released. Returns 0, or the first failure's -errno after trying
- * every chunk; a chunk whose regeneration failed keeps its missing pages. */
-int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty)
-{
-    int first_error = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        int rc = 0;
-        for (int attempt = 0; attempt < PIN_RETRIES; attempt++) {
-            rc = vr_sigbus_populate_chunk(region, chunk, &vr_sigbus_uffd_trap);
-            if (rc == 1)
-                continue; /* another thread was filling it */
-            if (rc < 0)
-                break;
-            rc = dirty ? dirty_chunk(region, chunk) : 0;
-            if (rc != -EFAULT)
-                break; /* -EFAULT: a lazy-free page was reclaimed before it was dirtied */
-        }
-        if (rc != 0 && !first_error)
-            first_error = rc;
-    }
-    return first_error;
-}
+const struct vr_sigbus_trap vr_sigbus_uffd_trap = {
+    .page_missing = page_missing,
+    .chunk_missing = chunk_missing_pages,
+    .refill = refill_chunk,
+    .dirty = dirty_chunk,
+    .attach = attach,
+};

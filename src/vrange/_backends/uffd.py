@@ -24,23 +24,23 @@ class _Handler:
     It lives as long as the process (a forked child makes its own)."""
 
     def __init__(self) -> None:
-        out = ffi.new("vr_handler **")
-        check(lib.vr_handler_new(FAULT_SIGNAL, out), "open a userfaultfd for the fault handler")
+        out = ffi.new("vr_uffd_handler **")
+        check(lib.vr_uffd_handler_new(FAULT_SIGNAL, out), "open a userfaultfd for the fault handler")
         self.pointer = out[0]
-        result = lib.vr_handler_start(self.pointer)
+        result = lib.vr_uffd_handler_start(self.pointer)
         if result < 0:
-            lib.vr_handler_free(self.pointer)
+            lib.vr_uffd_handler_free(self.pointer)
             check(result, f"install the fault signal (SIGRTMIN+6) and start the handler thread "
                           f"(is signal {FAULT_SIGNAL} used by other code in this process?)")
         self.pid = os.getpid()
 
     def ensure_signal(self) -> None:
         """Take the fault signal back if other code replaced vrange's handler since."""
-        if lib.vr_handler_signal_is_ours(self.pointer) == 1:
+        if lib.vr_uffd_handler_signal_is_ours(self.pointer) == 1:
             return
         logger.warning("vrange: the handler of signal %d (SIGRTMIN+6) was replaced; "
                        "re-installing vrange's", FAULT_SIGNAL)
-        check(lib.vr_fault_signal_install(FAULT_SIGNAL, 1), "re-install the fault signal handler")
+        check(lib.vr_uffd_fault_signal_install(FAULT_SIGNAL, 1), "re-install the fault signal handler")
 
 
 _handler: _Handler | None = None
@@ -129,7 +129,7 @@ class UffdRegion(BackendRegion):
         super().__init__(owner, base, size, plan, source, on_error, variant, regeneration)
         handler = _get_handler()
         self.new_native_region(handler.pointer)
-        result = lib.vr_region_register(self.pointer)
+        result = lib.vr_uffd_register(self.pointer)
         if result < 0:
             lib.vr_region_release(self.pointer)
             self.pointer = ffi.NULL
@@ -147,7 +147,7 @@ class UffdRegion(BackendRegion):
             self.fence_in_child("this forked child cannot open a userfaultfd of its own "
                                 f"({_child_handler_error})")
             return
-        result = lib.vr_region_rebind_after_fork(self.pointer, _handler.pointer)
+        result = lib.vr_uffd_rebind_after_fork(self.pointer, _handler.pointer)
         if result < 0:
             self.fence_in_child("this forked child could not register it with its userfaultfd "
                                 f"({os.strerror(-result)})")
@@ -160,19 +160,19 @@ class UffdRegion(BackendRegion):
               "drop failed pages (MADV_DONTNEED)")
 
     def populate(self, first_chunk: int, end_chunk: int) -> int:
-        return int(lib.vr_region_populate(self.pointer, first_chunk, end_chunk))
+        return int(lib.vr_uffd_populate(self.pointer, first_chunk, end_chunk))
 
     def prefault(self, first_chunk: int, end_chunk: int) -> int:
-        return int(lib.vr_region_prefault(self.pointer, first_chunk, end_chunk))
+        return int(lib.vr_uffd_prefault(self.pointer, first_chunk, end_chunk))
 
     def resume(self) -> None:
-        lib.vr_region_resume(self.pointer)
+        lib.vr_uffd_resume(self.pointer)
 
     def close_native(self) -> None:
         if self.unusable:  # its handler is the parent's (whose lock a fork may have caught held)
             self.pointer = ffi.NULL  # the native state stays allocated: it is this child's leak
             return
-        lib.vr_region_close(self.pointer)
+        lib.vr_uffd_close(self.pointer)
         with _retired_lock:
             _retired.append(self)
         _sweep_retired()

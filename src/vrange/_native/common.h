@@ -3,9 +3,15 @@
  * Conventions for every function exported to Python:
  *   - return 0 (or a non-negative count) on success and -errno on failure; Python turns a negative
  *     result into an exception in one place (vrange.errors.check);
- *   - no global mutable state: a function works on what it is handed, so two regions (or two probes)
- *     never share anything behind the caller's back;
- *   - cffi releases the GIL around every call, so nothing here may touch Python objects. */
+ *   - state lives in what a function is handed (a region, a handler, a monitor), so two regions (or
+ *     two probes) never share anything behind the caller's back. The exceptions are process-wide by
+ *     nature, and each says why where it is defined: what a signal handler needs, since a signal
+ *     disposition belongs to the process and a handler is handed only an address (the previous
+ *     actions in sigbus.c and uffd_fault.c, the sigbus region table), the pressure monitor's watchdog
+ *     (pressure.c), and the GIL-switch hold (gil_switching.c, only touched with the GIL held);
+ *   - cffi releases the GIL around every call, so an exported function never touches Python objects.
+ *     Python is entered only through python_regenerator.h (a regenerator, the GIL around a wait),
+ *     from the fault paths (uffd_fault.c, sigbus.c) and the uffd workers. */
 #ifndef VRANGE_COMMON_H
 #define VRANGE_COMMON_H
 

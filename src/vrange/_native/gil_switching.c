@@ -15,7 +15,7 @@
  * vrange only detects and warns (see vrange/_regeneration.py). Must be called with the GIL held.
  *
  * Called in a signal handler (the faulting thread's): taking the GIL's mutex there is safe because
- * the handler interrupted an access to vrange memory (fault_signal.c checks the exact pc; a SIGBUS
+ * the handler interrupted an access to vrange memory (uffd_fault.c checks the exact pc; a SIGBUS
  * is raised by that access), never code inside take_gil/drop_gil, the only holders of that mutex. */
 #include <patchlevel.h> /* PY_VERSION_HEX, before Python.h: the internal headers need a define first */
 

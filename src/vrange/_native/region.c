@@ -49,7 +49,7 @@ void vr_region_unref(vr_region *region)
     }
 }
 
-int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
+int vr_region_new(vr_uffd_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out)
 {

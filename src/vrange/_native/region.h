@@ -53,7 +53,7 @@ struct vr_stats {
     uint64_t bytes_purged_by_reason[4]; /* bytes vrange gave back (the kernel's are not known) */
 };
 
-typedef struct vr_handler vr_handler; /* uffd backend only */
+typedef struct vr_uffd_handler vr_uffd_handler; /* uffd backend only */
 typedef struct vr_region vr_region;
 typedef struct vr_monitor vr_monitor; /* the pressure monitor and budget policy (pressure.c) */
 /* cffi: end */
@@ -75,7 +75,7 @@ struct vr_region {
     struct vr_stats stats;
     int refcount; /* Python, the backend's table and every fault in flight hold one */
     int registered;
-    vr_handler *handler; /* uffd backend */
+    vr_uffd_handler *handler; /* uffd backend */
     int trap_kind;       /* sigbus backend: VR_TRAP_MEMFD or VR_TRAP_UFFD */
     int trap_fd;         /* sigbus memfd trap: the empty memfd mapped over missing chunks */
     int trap_uffd;       /* sigbus userfaultfd trap: the process's SIGBUS-mode userfaultfd */
@@ -133,7 +133,7 @@ static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
 
 /* region.c */
 /* cffi: begin (exported to Python; build.py reads these blocks) */
-int vr_region_new(vr_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
+int vr_region_new(vr_uffd_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out);
 int vr_region_references(vr_region *region);

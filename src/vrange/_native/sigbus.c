@@ -9,7 +9,7 @@
  *
  * Async-signal-safety: the handler uses syscalls, atomics and the region's own memory. It runs a
  * Python regenerator through cffi (which takes the GIL if this thread does not hold it); see
- * fault_signal.c for why calling into Python here is tolerable and when it is not. */
+ * uffd_fault.c for why calling into Python here is tolerable and when it is not. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 

@@ -1,25 +1,25 @@
-/* The userfaultfd backend: regions, the fault handler, and the jobs that carry a fault to whoever
- * can regenerate it.
+/* The userfaultfd backend: regions registered with one userfaultfd, whose events a handler thread
+ * serves.
  *
  * One handler per process (created by Python, passed to every call: no C global holds it) owns one
  * userfaultfd and one C thread that reads its events. A fault on a region with a native source is
- * served on that thread without the GIL. A fault on a region with a Python regenerator becomes a job:
- *   - the faulting thread is in a user-mode access (/proc/self/task/<tid>/syscall says -1): the
- *     handler sends it a real-time signal carrying the job; the signal handler runs on the faulting
- *     thread and, if that thread holds the GIL, runs the regenerator right there (fault_signal.c);
- *     otherwise it answers "not mine";
- *   - otherwise (a fault inside a syscall, a "not mine", a thread with the signal blocked) the job
- *     goes to a pool of C worker threads that take the GIL to run the regenerator. Every queued job
- *     gets a worker of its own (up to VR_MAX_WORKERS), so a regenerator that itself makes a syscall
- *     touching another region (which needs a second worker) cannot deadlock;
- *   - a fault on a chunk already being regenerated waits for that job; a thread that may hold the
- *     GIL waits in its signal handler with the GIL released (a WAIT job) instead of in the kernel.
- * The handler thread itself never takes the GIL and never blocks on anything but poll(), so it
- * always keeps reading events (a thread holding the GIL and faulting is served by the signal). */
+ * served on that thread without the GIL; a fault on a region with a Python regenerator becomes a job,
+ * carried by the fault signal to the faulting thread (if it holds the GIL) or to a pool of C worker
+ * threads that take the GIL. Every queued job gets a worker of its own (up to VR_MAX_WORKERS), so a
+ * regenerator that itself makes a syscall touching another region (which needs a second worker)
+ * cannot deadlock. The handler thread itself never takes the GIL and never blocks on anything but
+ * poll(), so it always keeps reading events (a thread holding the GIL and faulting is served by the
+ * signal).
+ *
+ * Files, from the top: uffd_handler.c (the handler's lifetime and event loop, the region table,
+ * library calls), uffd_fault.c (the fault path, one file from event to resolved fault, with the
+ * fault signal's handler), uffd_workers.c (jobs and the worker pool, which runs a job through
+ * handler->run_job and never calls up). */
 #ifndef VRANGE_UFFD_BACKEND_H
 #define VRANGE_UFFD_BACKEND_H
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -71,10 +71,11 @@ enum vr_job_state { VR_JOB_QUEUED = 0, VR_JOB_RUNNING = 1, VR_JOB_CANCELLED = 2 
  * deadlock (it cannot be told apart from outside the interpreter), short enough not to look hung. */
 #define VR_GIL_WAIT_LIMIT_MS 10000
 
-struct vr_handler {
+struct vr_uffd_handler {
     int uffd;
     int wake_fd; /* eventfd: signal verdicts and shutdown */
     int signal_number;
+    size_t page_size;
     pthread_t thread;
     pthread_mutex_t lock; /* regions, jobs, queue, worker counts */
     vr_region **regions;
@@ -83,6 +84,9 @@ struct vr_handler {
     vr_job *queue_head, *queue_tail; /* jobs for the workers */
     pthread_cond_t work_ready;
     int workers_total, workers_idle, wakeups;
+    /* How a worker runs a job (vr_uffd_run_job_on_worker): the pool below the fault path calls it
+     * through this pointer instead of naming it. */
+    void (*run_job)(vr_job *job);
     char *staging; /* handler thread only: native fills */
     size_t staging_size;
     uint64_t features;
@@ -91,28 +95,41 @@ struct vr_handler {
     int gil_wait_limit_ms;
 };
 
-/* uffd_handler.c, uffd_region.c, fault_signal.c */
 /* cffi: begin (exported to Python; build.py reads these blocks) */
-int vr_handler_new(int signal_number, vr_handler **out);
-int vr_handler_start(vr_handler *handler);
-void vr_handler_free(vr_handler *handler);
-int vr_handler_signal_is_ours(vr_handler *handler);
-int vr_fault_signal_install(int signal_number, int force);
-int vr_region_register(vr_region *region);
-int vr_region_close(vr_region *region);
-int vr_region_resume(vr_region *region);
-int vr_region_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
-int vr_region_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
-int vr_region_rebind_after_fork(vr_region *region, vr_handler *handler);
+int vr_uffd_handler_new(int signal_number, vr_uffd_handler **out);
+int vr_uffd_handler_start(vr_uffd_handler *handler);
+void vr_uffd_handler_free(vr_uffd_handler *handler);
+int vr_uffd_handler_signal_is_ours(vr_uffd_handler *handler);
+int vr_uffd_fault_signal_install(int signal_number, int force);
+int vr_uffd_register(vr_region *region);
+int vr_uffd_close(vr_region *region);
+int vr_uffd_resume(vr_region *region);
+int vr_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_uffd_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
+int vr_uffd_rebind_after_fork(vr_region *region, vr_uffd_handler *handler);
 /* cffi: end */
 
-/* internal to the backend */
-void vr_handler_notify_verdict(vr_handler *handler);
-int vr_resolve_chunk(vr_region *region, size_t chunk_index, const char *source);
-int vr_fail_chunk(vr_region *region, size_t chunk_index);
-void vr_fail_page(vr_region *region, uintptr_t address);
-void vr_run_python_job(vr_job *job, int on_faulting_thread);
+/* uffd_fault.c: the fault path. Called by the handler thread (lock not held). */
+void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t tid);
+void vr_uffd_collect_verdicts(vr_uffd_handler *handler);
+void vr_uffd_run_job_on_worker(vr_job *job);
+/* 1 if the fault signal reaches vrange's handler, 0 if other code replaced it, or -errno. */
+int vr_uffd_fault_signal_is_ours(int signal_number);
 
-int vr_fault_signal_is_ours(int signal_number);
+/* uffd_workers.c: jobs and the worker pool. */
+vr_job *vr_uffd_job_new(vr_region *region, size_t chunk_index, pid_t tid, int kind);
+void vr_uffd_job_free(vr_job *job);
+/* Lock held: queue a job for a worker; -1 if no worker can ever take it (then not queued). */
+int vr_uffd_queue_job(vr_uffd_handler *handler, vr_job *job);
+
+/* Block or unblock the fault signal in the calling thread: the handler thread never runs its handler
+ * (it is never a faulting thread); a worker must (its regenerator may fault while holding the GIL). */
+static inline void vr_uffd_set_fault_signal_mask(const vr_uffd_handler *handler, int how)
+{
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, handler->signal_number);
+    pthread_sigmask(how, &mask, NULL);
+}
 
 #endif /* VRANGE_UFFD_BACKEND_H */

@@ -43,7 +43,7 @@ C_SOURCES = [
 # The functions and types exported to Python are declared once, in the headers, between
 # "cffi: begin" and "cffi: end" markers; cffi cannot read the headers themselves (macros, system
 # types, inline functions), so only those blocks are handed to it.
-EXPORTING_HEADERS = ["common.h", "isolated.h", "region.h", "python_regenerator.h", "uffd_backend.h",
+EXPORTING_HEADERS = ["common.h", "isolated.h", "region.h", "gil_switching.h", "uffd_backend.h",
                      "sigbus_backend.h", "pressure.h"]
 EXPORTED_BLOCK = re.compile(r"/\* cffi: begin[^*]*\*/(.*?)/\* cffi: end \*/", re.S)
 
@@ -128,7 +128,7 @@ for declarations in (exported_declarations(), CDEF_CALLBACK, CDEF_CONSTANTS):
 
 ffibuilder.set_source(
     "vrange._vrange_native",
-    '#define _GNU_SOURCE\n#include "uffd_backend.h"\n#include "sigbus_backend.h"\n#include "pressure.h"\n#include "isolated.h"\n#include "python_regenerator.h"\n',
+    '#define _GNU_SOURCE\n#include "uffd_backend.h"\n#include "sigbus_backend.h"\n#include "pressure.h"\n#include "isolated.h"\n#include "gil_switching.h"\n',
     sources=[_relative(NATIVE_DIR / name) for name in C_SOURCES],
     include_dirs=[_relative(NATIVE_DIR)],
     depends=[_relative(path) for path in sorted(NATIVE_DIR.glob("*.h"))],

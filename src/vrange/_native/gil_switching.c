@@ -32,7 +32,7 @@
 #include <pthread.h>
 #endif
 
-#include "python_regenerator.h"
+#include "gil_switching.h"
 
 #define HELD_SWITCH_INTERVAL_US 1000000UL
 

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <unistd.h>
 
+#include "gil_switching.h"
 #include "python_regenerator.h"
 
 /* Return codes of the Python callback (vrange._regeneration.vr_python_regenerate). RETRY: an

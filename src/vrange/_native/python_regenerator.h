@@ -1,5 +1,5 @@
 /* Running a region's Python regenerator from native code, and the GIL around it
- * (python_regenerator.c, gil_switching.c). The only files of the core that touch Python. */
+ * (python_regenerator.c; it keeps other threads out with gil_switching.h). */
 #ifndef VRANGE_PYTHON_REGENERATOR_H
 #define VRANGE_PYTHON_REGENERATOR_H
 
@@ -7,10 +7,6 @@
 #include <stdint.h>
 
 #include "region.h"
-
-/* cffi: begin (exported to Python; build.py reads these blocks) */
-int vr_gil_switches_can_be_held(void);
-/* cffi: end */
 
 /* Python callback (defined by cffi, extern "Python+C"): fill buf with len bytes of the region at
  * offset. Takes the GIL itself (a no-op when the calling thread holds it). Call it only through
@@ -33,9 +29,5 @@ int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offse
 /* A thread faulted on a chunk another thread is regenerating: wait until it is done, with the GIL
  * released meanwhile if this thread holds it. */
 void vr_wait_for_chunk(vr_region *region, size_t chunk);
-
-/* gil_switching.c: no forced GIL switch between hold and release (called with the GIL held). */
-void vr_hold_gil_switches(void);
-void vr_release_gil_switches(void);
 
 #endif /* VRANGE_PYTHON_REGENERATOR_H */

@@ -1,6 +1,8 @@
-/* The sigbus backend's shared half: the SIGBUS handler on the faulting thread, chaining to the
- * previous handler, the table of sigbus regions, and the per-chunk helpers both traps use. Each trap's
- * own fault path is in sigbus_uffd_trap.c or sigbus_memfd_trap.c (see sigbus_backend.h).
+/* The sigbus backend: the SIGBUS handler on the faulting thread and the whole fault path (serve_fault,
+ * serve_chunk, regenerate), chaining to the previous handler, the table of sigbus regions, and the
+ * library calls that populate chunks. A trap (sigbus_uffd_trap.c, sigbus_memfd_trap.c) is reached
+ * only through its struct vr_sigbus_trap (see sigbus_backend.h): it says whether a page is missing
+ * and refills a chunk with the regenerator this file hands it.
  *
  * Process-wide state, and why it cannot be per region: a signal disposition belongs to the process,
  * so the previous SIGBUS action (for chaining) and the table the handler searches by address are
@@ -166,50 +168,6 @@ static int populate_chunk(vr_region *region, size_t chunk, const struct vr_sigbu
     }
     release_chunk(region, chunk);
     return rc;
-}
-
-#define PIN_RETRIES 1000 /* reclaim racing a pin: each retry refills what was taken meanwhile */
-
-/* Regenerate every missing chunk of the range on this thread (memfd trap; called with the GIL
- * released). Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after
- * trying every chunk; failed chunks stay missing. */
-int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
-{
-    int first_error = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        int rc;
-        while ((rc = populate_chunk(region, chunk, &vr_sigbus_memfd_trap)) == 1)
-            ;
-        if (rc < 0 && !first_error)
-            first_error = rc;
-    }
-    return first_error;
-}
-
-/* Make every page of the range present (regenerating chunks with missing pages on this thread) and,
- * with `dirty`, no longer discardable (mark_nonvolatile; the chunks' VOLATILE bits are already
- * cleared). Userfaultfd trap; called with the GIL released. Returns 0, or the first failure's -errno
- * after trying every chunk; a chunk whose regeneration failed keeps its missing pages. */
-int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty)
-{
-    const struct vr_sigbus_trap *trap = &vr_sigbus_uffd_trap;
-    int first_error = 0;
-    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        int rc = 0;
-        for (int attempt = 0; attempt < PIN_RETRIES; attempt++) {
-            rc = populate_chunk(region, chunk, trap);
-            if (rc == 1)
-                continue; /* another thread was filling it */
-            if (rc < 0)
-                break;
-            rc = dirty ? trap->dirty(region, chunk) : 0;
-            if (rc != -EFAULT)
-                break; /* -EFAULT: a lazy-free page was reclaimed before it was dirtied */
-        }
-        if (rc != 0 && !first_error)
-            first_error = rc;
-    }
-    return first_error;
 }
 
 /* 1: the access may restart; 0: this SIGBUS must go to the previous handler (the process dies
@@ -408,4 +366,50 @@ void vr_sigbus_after_fork(vr_region *region)
             release_chunk(region, chunk);
     for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++)
         __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
+}
+
+/* --- populating (library calls, GIL released) ---------------------------------------------------- */
+
+#define PIN_RETRIES 1000 /* reclaim racing a pin: each retry refills what was taken meanwhile */
+
+/* Regenerate every missing chunk of the range on this thread (memfd trap; called with the GIL
+ * released). Returns 0, or the first failure's -errno (-EIO: a Python regenerator raised) after
+ * trying every chunk; failed chunks stay missing. */
+int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_chunk)
+{
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        int rc;
+        while ((rc = populate_chunk(region, chunk, &vr_sigbus_memfd_trap)) == 1)
+            ;
+        if (rc < 0 && !first_error)
+            first_error = rc;
+    }
+    return first_error;
+}
+
+/* Make every page of the range present (regenerating chunks with missing pages on this thread) and,
+ * with `dirty`, no longer discardable (mark_nonvolatile; the chunks' VOLATILE bits are already
+ * cleared). Userfaultfd trap; called with the GIL released. Returns 0, or the first failure's -errno
+ * after trying every chunk; a chunk whose regeneration failed keeps its missing pages. */
+int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty)
+{
+    const struct vr_sigbus_trap *trap = &vr_sigbus_uffd_trap;
+    int first_error = 0;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        int rc = 0;
+        for (int attempt = 0; attempt < PIN_RETRIES; attempt++) {
+            rc = populate_chunk(region, chunk, trap);
+            if (rc == 1)
+                continue; /* another thread was filling it */
+            if (rc < 0)
+                break;
+            rc = dirty ? trap->dirty(region, chunk) : 0;
+            if (rc != -EFAULT)
+                break; /* -EFAULT: a lazy-free page was reclaimed before it was dirtied */
+        }
+        if (rc != 0 && !first_error)
+            first_error = rc;
+    }
+    return first_error;
 }

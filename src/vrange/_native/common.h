@@ -22,7 +22,7 @@
 #include "kernel_defs.h"
 
 /* Bumped whenever the exported C interface changes; checked by vrange._native at import. */
-#define VR_NATIVE_VERSION 1
+#define VR_NATIVE_VERSION 2
 
 /* cffi: begin (exported to Python; build.py reads these blocks) */
 int vr_native_version(void);

@@ -155,34 +155,18 @@ int vr_monitor_set_budget(vr_monitor *monitor, int group, int64_t bytes)
 int vr_monitor_attach(vr_monitor *monitor, vr_region *region)
 {
     pthread_mutex_lock(&monitor->lock);
-    if (monitor->region_count == monitor->region_capacity) {
-        size_t capacity = monitor->region_capacity ? 2 * monitor->region_capacity : 8;
-        vr_region **grown = realloc(monitor->regions, capacity * sizeof *grown);
-        if (!grown) {
-            pthread_mutex_unlock(&monitor->lock);
-            return -ENOMEM;
-        }
-        monitor->regions = grown;
-        monitor->region_capacity = capacity;
-    }
-    vr_region_ref(region);
-    monitor->regions[monitor->region_count++] = region;
-    __atomic_store_n(&region->monitor, monitor, __ATOMIC_RELEASE);
+    int rc = vr_region_list_append(&monitor->regions, &monitor->region_count,
+                                   &monitor->region_capacity, region);
+    if (rc == 0)
+        __atomic_store_n(&region->monitor, monitor, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&monitor->lock);
-    return 0;
+    return rc;
 }
 
 void vr_monitor_detach(vr_monitor *monitor, vr_region *region)
 {
-    int found = 0;
     pthread_mutex_lock(&monitor->lock); /* waits for a purge in progress */
-    for (size_t i = 0; i < monitor->region_count; i++) {
-        if (monitor->regions[i] == region) {
-            monitor->regions[i] = monitor->regions[--monitor->region_count];
-            found = 1;
-            break;
-        }
-    }
+    int found = vr_region_list_remove(monitor->regions, &monitor->region_count, region);
     __atomic_store_n(&region->monitor, NULL, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&monitor->lock);
     if (found)

@@ -49,6 +49,32 @@ void vr_region_unref(vr_region *region)
     }
 }
 
+int vr_region_list_append(vr_region ***regions, size_t *count, size_t *capacity, vr_region *region)
+{
+    if (*count == *capacity) {
+        size_t grown_capacity = *capacity ? 2 * *capacity : 8;
+        vr_region **grown = realloc(*regions, grown_capacity * sizeof *grown);
+        if (!grown)
+            return -ENOMEM;
+        *regions = grown;
+        *capacity = grown_capacity;
+    }
+    vr_region_ref(region);
+    (*regions)[(*count)++] = region;
+    return 0;
+}
+
+int vr_region_list_remove(vr_region **regions, size_t *count, vr_region *region)
+{
+    for (size_t i = 0; i < *count; i++) {
+        if (regions[i] == region) {
+            regions[i] = regions[--*count];
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int vr_region_new(vr_uffd_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out)

@@ -166,6 +166,12 @@ uint8_t *vr_region_chunk_state_array(vr_region *region);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
 void vr_region_unref(vr_region *region);
+/* A growable array of regions, each listed with a reference (the uffd handler's table, the pressure
+ * monitor's list); the caller holds the lock that guards it. Append: 0 or -ENOMEM. Remove: 1 if the
+ * region was listed; the caller then drops its reference (vr_region_unref) after letting go of its
+ * lock, since that may free the region. */
+int vr_region_list_append(vr_region ***regions, size_t *count, size_t *capacity, vr_region *region);
+int vr_region_list_remove(vr_region **regions, size_t *count, vr_region *region);
 size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index);
 /* The address range of chunks [first_chunk, end_chunk): the last chunk may be short. */
 void vr_region_span(const vr_region *region, size_t first_chunk, size_t end_chunk,

@@ -135,33 +135,16 @@ void vr_uffd_handler_free(vr_uffd_handler *handler)
 static int table_add(vr_uffd_handler *handler, vr_region *region)
 {
     pthread_mutex_lock(&handler->lock);
-    if (handler->region_count == handler->region_capacity) {
-        size_t capacity = handler->region_capacity ? 2 * handler->region_capacity : 8;
-        vr_region **grown = realloc(handler->regions, capacity * sizeof *grown);
-        if (!grown) {
-            pthread_mutex_unlock(&handler->lock);
-            return -ENOMEM;
-        }
-        handler->regions = grown;
-        handler->region_capacity = capacity;
-    }
-    vr_region_ref(region);
-    handler->regions[handler->region_count++] = region;
+    int rc = vr_region_list_append(&handler->regions, &handler->region_count,
+                                   &handler->region_capacity, region);
     pthread_mutex_unlock(&handler->lock);
-    return 0;
+    return rc;
 }
 
 static void table_remove(vr_uffd_handler *handler, vr_region *region)
 {
-    int found = 0;
     pthread_mutex_lock(&handler->lock);
-    for (size_t i = 0; i < handler->region_count; i++) {
-        if (handler->regions[i] == region) {
-            handler->regions[i] = handler->regions[--handler->region_count];
-            found = 1;
-            break;
-        }
-    }
+    int found = vr_region_list_remove(handler->regions, &handler->region_count, region);
     pthread_mutex_unlock(&handler->lock);
     if (found)
         vr_region_unref(region);

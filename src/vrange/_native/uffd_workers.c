@@ -2,8 +2,8 @@
  *
  * The pool sits below the fault path (uffd_fault.c): it queues what it is handed and runs each job
  * through handler->run_job, never calling up into the file that made the job. A worker takes the GIL
- * only inside that call (to run a Python regenerator); the pool itself never does. Everything here
- * runs under the handler's lock except the job itself. */
+ * only inside that call (to run a Python regenerator); the pool itself never does. The queue, the
+ * worker counts and the watched list are guarded by the handler's lock. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>

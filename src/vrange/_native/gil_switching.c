@@ -12,7 +12,7 @@
  *
  * This needs CPython's internal GIL state, whose layout is version-specific: implemented for CPython
  * 3.11 (the version this build targets is checked at compile time); elsewhere it does nothing and
- * vrange only detects and warns (see vrange/_regeneration.py). Must be called with the GIL held.
+ * vrange only detects and warns (see vrange/_backends/_regeneration.py). Must be called with the GIL held.
  *
  * Called in a signal handler (the faulting thread's): taking the GIL's mutex there is safe because
  * the handler interrupted an access to vrange memory (uffd_fault.c checks the exact pc; a SIGBUS

@@ -1,5 +1,5 @@
 /* The one way native code runs a Python regenerator (vr_python_regenerate, defined by cffi as an
- * extern "Python+C" callback into vrange._regeneration), and what happens around it.
+ * extern "Python+C" callback into vrange._backends._regeneration), and what happens around it.
  *
  * GIL: cffi's wrapper takes the GIL if the calling thread does not hold it (a uffd worker, a sigbus
  * handler on a thread that released it) and gives it back afterwards; a thread that faulted while
@@ -21,7 +21,7 @@
 #include "gil_switching.h"
 #include "python_regenerator.h"
 
-/* Return codes of the Python callback (vrange._regeneration.vr_python_regenerate). RETRY: an
+/* Return codes of the Python callback (vrange._backends._regeneration.vr_python_regenerate). RETRY: an
  * interrupt hit vrange's own Python code around the regenerator (a signal's Python handler runs at
  * whatever bytecode comes next): call again, the faulting access must still complete. */
 enum { CALLBACK_FAILED = -1, CALLBACK_OK = 0, CALLBACK_OK_INTERRUPTED = 1,

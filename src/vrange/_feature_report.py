@@ -19,6 +19,7 @@ __all__ = [
     "AdviceSupport",
     "BackendSupport",
     "CgroupReport",
+    "Fallback",
     "Features",
     "OpenAttempt",
     "PressurePlan",
@@ -215,6 +216,19 @@ class BackendSupport:
 
 
 @dataclass(frozen=True)
+class Fallback:
+    """A kernel feature vrange would use and this kernel (or process) lacks, and what vrange does
+    instead."""
+
+    name: str
+    """The missing feature, e.g. ``"MADV_POPULATE_WRITE"``, ``"UFFDIO_POISON"``."""
+    missing: str
+    """How it was found missing (the probe's answer)."""
+    fallback: str
+    """What vrange does instead, or what stops working."""
+
+
+@dataclass(frozen=True)
 class Features:
     """What this kernel and this process may use. Made by :func:`features`."""
 
@@ -235,6 +249,8 @@ class Features:
     auto_reason: str
     probe_errors: tuple[str, ...]
     probe_seconds: float
+    fallbacks: tuple[Fallback, ...] = ()
+    """Features vrange would use that are missing here, each with what vrange does instead."""
 
     def mappings(self) -> MappingUse:
         """The process's memory mappings and vrange's share of them, now (not cached): the
@@ -256,6 +272,14 @@ class Features:
                 return support
         raise KeyError(f"unknown trap {name!r}; known: {[t.name for t in self.sigbus_traps]}")
 
+    def fallback(self, name: str) -> Fallback | None:
+        """The fallback entry of the missing feature ``name`` (e.g. ``"MADV_POPULATE_WRITE"``),
+        or None when the feature is there (or was never probed)."""
+        for entry in self.fallbacks:
+            if entry.name == name:
+                return entry
+        return None
+
     def backend(self, name: str) -> BackendSupport:
         """The support entry of backend ``name`` (``"uffd"`` or ``"sigbus"``)."""
         for support in self.backends:
@@ -275,7 +299,7 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {field.name: _plain(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, tuple):
-        if value and all(isinstance(item, (AdviceSupport, BackendSupport, TrapSupport))
+        if value and all(isinstance(item, (AdviceSupport, BackendSupport, TrapSupport, Fallback))
                          for item in value):
             return {item.name: _plain(item) for item in value}
         return [_plain(item) for item in value]

@@ -107,6 +107,11 @@ def format_report(report: Features) -> str:
         row(support.name + trap_note, ("usable:" + reclaim + " " if support.usable else "not usable: ")
             + support.reason)
     row("auto", report.auto_reason)
+    heading("Fallbacks (features missing here, and what vrange does instead)")
+    if not report.fallbacks:
+        row("-", "none: every kernel feature vrange uses is here")
+    for fallback in report.fallbacks:
+        row(fallback.name, f"{fallback.missing}. {fallback.fallback}")
     if report.probe_errors:
         heading("Probe errors")
         for error in report.probe_errors:

@@ -134,6 +134,9 @@ class Region(mmap.mmap):
         choice = resolve_backend(backend)
         error_policy = cast(ErrorPolicy, choice.default_error_policy(features())
                             if on_error is None else on_error)
+        problem = choice.error_policy_problem(error_policy, features())
+        if problem is not None:
+            raise ValueError(problem)
         size = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
         plan = choice.backend.plan(size, chunk, choice.trap)  # may reserve mappings (VRangeError)
         try:

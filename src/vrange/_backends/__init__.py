@@ -45,6 +45,9 @@ class BackendChoice(NamedTuple):
     def default_error_policy(self, report: Features) -> str:
         return self.backend.default_error_policy(report)
 
+    def error_policy_problem(self, policy: str, report: Features) -> str | None:
+        return self.backend.error_policy_problem(policy, report)
+
 
 def available_backends() -> tuple[str, ...]:
     """Names of the backends that can run in this process, best first."""

@@ -199,6 +199,11 @@ class BackendRegion(abc.ABC):
         return "poison"
 
     @classmethod
+    def error_policy_problem(cls, policy: str, report: Features) -> str | None:
+        """Why this backend cannot honour the ``on_error`` policy ``policy`` here (None: it can)."""
+        return None
+
+    @classmethod
     def plan(cls, size: int, chunk_size: int, variant: str | None) -> Plan:
         """The geometry of a new region (may enlarge ``chunk_size``), with its mapping reservation
         taken (VRangeError when the process-wide budget cannot hold it)."""

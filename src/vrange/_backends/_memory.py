@@ -1,5 +1,5 @@
 """Memory helpers over the native core for the public modules: the address of a buffer, timing
-page touches from C (``vrange.bench``), and the seccomp filter of ``vrange.testing``."""
+page touches from C (``vrange.bench``), and the seccomp filters of ``vrange.testing``."""
 
 from __future__ import annotations
 
@@ -32,4 +32,21 @@ def deny_userfaultfd(error_number: int, include_dev: bool) -> None:
     feature report (what this process may use has changed)."""
     check(lib.vr_seccomp_deny_userfaultfd(error_number, int(include_dev)),
           "install a seccomp filter denying userfaultfd")
+    invalidate()
+
+
+KERNEL_PROFILE_CODES = {
+    "no-populate-write": lib.VR_KERNEL_NO_POPULATE_WRITE,
+    "no-pageout": lib.VR_KERNEL_NO_PAGEOUT,
+    "no-poison": lib.VR_KERNEL_NO_POISON,
+    "no-uffd-thread-id-sigbus": lib.VR_KERNEL_NO_UFFD_THREAD_ID_SIGBUS,
+}
+"""The older-kernel profiles the native core can simulate (``vrange.testing.KERNEL_PROFILES``)."""
+
+
+def simulate_kernel(name: str) -> None:
+    """Install the seccomp filter (and the userfaultfd answers) of an older-kernel profile, and
+    forget the feature report."""
+    check(lib.vr_seccomp_simulate_kernel(KERNEL_PROFILE_CODES[name]),
+          f"install the seccomp filter of the kernel profile {name!r}")
     invalidate()

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from .._feature_report import (
     PROBED_ADVICE, UFFD_FEATURE_NAMES, UFFD_IOCTL_NAMES, AdviceSupport, BackendSupport,
-    CgroupReport, Features, OpenAttempt, ProbeOutcome, PressurePlan, PsiReport, TrapSupport,
+    CgroupReport, Fallback, Features, OpenAttempt, ProbeOutcome, PressurePlan, PsiReport, TrapSupport,
     UserfaultfdAccess, UserfaultfdReport, decode_bits, describe_errno)
 from .._native import ffi, lib
 from . import _registry
@@ -390,6 +390,59 @@ def _plan_pressure(cgroup: CgroupReport, psi: PsiReport) -> PressurePlan:
         "meminfo", high, low, 1000)
 
 
+def _fallbacks(uffd: UserfaultfdReport, madvise: tuple[AdviceSupport, ...],
+               backends: tuple[BackendSupport, ...], auto_backend: str | None) -> tuple[Fallback, ...]:
+    """The features vrange would use that are missing here, and what it does instead (one entry
+    per feature; older kernels lack them: see vrange.testing.KERNEL_PROFILES)."""
+    refused = {advice.name: advice.outcome for advice in madvise if not advice.outcome.ok}
+    by_name = {support.name: support for support in backends}
+    entries: list[Fallback] = []
+
+    def advice_missing(name: str, before: str) -> str:
+        return f"madvise rejects MADV_{name}: {refused[name].error} (Linux < {before})"
+
+    if "POPULATE_WRITE" in refused:
+        entries.append(Fallback(
+            "MADV_POPULATE_WRITE", advice_missing("POPULATE_WRITE", "5.14"),
+            "MADV_POPULATE_WRITE is refused: pinning (mark_nonvolatile) faults each missing page in "
+            "through a system call and dirties each present lazy-free page with an atomic no-op "
+            "write, so the kernel can no longer discard it (uffd backend and sigbus uffd trap)"))
+    if "POPULATE_READ" in refused:
+        entries.append(Fallback(
+            "MADV_POPULATE_READ", advice_missing("POPULATE_READ", "5.14"),
+            "MADV_POPULATE_READ is refused: prefault (and vrange.io's retries) fault each missing "
+            "page in through a system call, one page at a time; present pages keep their "
+            "volatility (uffd backend)"))
+    if "PAGEOUT" in refused:
+        entries.append(Fallback(
+            "MADV_PAGEOUT", advice_missing("PAGEOUT", "5.4"),
+            "MADV_PAGEOUT is missing: vrange.testing.page_out raises VRangeError naming it (tests "
+            "cannot make the kernel reclaim on demand; use region.purge()); nothing else in vrange "
+            "uses it, and the kernel still reclaims volatile pages by itself under pressure"))
+    handshake_answered = bool(uffd.api_ioctls)
+    if uffd.range_ioctls and "POISON" not in uffd.range_ioctls:
+        entries.append(Fallback(
+            "UFFDIO_POISON", "UFFDIO_REGISTER does not offer the UFFDIO_POISON ioctl (Linux < 6.6)",
+            "UFFDIO_POISON is missing: the uffd backend's default on_error is 'abort' (a refill "
+            "that fails on a raw access prints why and aborts; 'zeros' is the opt-in "
+            "alternative, 'poison' is refused); the sigbus backend's 'poison' needs no "
+            "UFFDIO_POISON"))
+    if handshake_answered and "THREAD_ID" not in uffd.api_features:
+        entries.append(Fallback(
+            "UFFD_FEATURE_THREAD_ID", "the UFFDIO_API handshake does not offer it (Linux < 4.14)",
+            "UFFD_FEATURE_THREAD_ID is missing: the uffd backend cannot run (its handler must know "
+            f"which thread faulted); auto picks {auto_backend or 'no backend'}"))
+    if handshake_answered and "SIGBUS" not in uffd.api_features:
+        sigbus = by_name.get("sigbus")
+        trap = (f"the {sigbus.trap} trap is used" if sigbus is not None and sigbus.usable
+                else "the sigbus backend cannot run")
+        entries.append(Fallback(
+            "UFFD_FEATURE_SIGBUS", "the UFFDIO_API handshake does not offer it (Linux < 4.14)",
+            "UFFD_FEATURE_SIGBUS is missing: the sigbus backend's userfaultfd trap cannot run; "
+            f"{trap} (only vrange purges those pages: the kernel cannot reclaim them)"))
+    return tuple(entries)
+
+
 _UNKNOWN_UFFD = UserfaultfdReport(
     access="none", serves_syscalls=None, reason="userfaultfd probe failed (see probe_errors)",
     attempts=(), api_features=(), api_features_mask=0, api_ioctls=(), range_ioctls=(),
@@ -426,6 +479,8 @@ def _compute() -> Features:
         trap_list.extend(variants)
     backends, traps = tuple(supports), tuple(trap_list)
     auto_backend, auto_reason = _choose_auto(backends)
+    fallbacks = run.section("fallbacks",
+                            lambda: _fallbacks(uffd, madvise, backends, auto_backend), ())
     return Features(
         kernel_release=uname.release,
         machine=uname.machine,
@@ -444,6 +499,7 @@ def _compute() -> Features:
         auto_reason=auto_reason,
         probe_errors=tuple(run.errors),
         probe_seconds=time.perf_counter() - started,
+        fallbacks=fallbacks,
     )
 
 

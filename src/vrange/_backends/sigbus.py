@@ -108,6 +108,12 @@ def _probe_uffd_trap(facts: ProbedFacts) -> TrapSupport:
     does, register a scratch page and fill it with UFFDIO_COPY."""
     fd_out = ffi.new("int *", -1)
     result = lib.vr_sigbus_uffd_trap_open(fd_out)
+    if result in (-errno.EINVAL, -errno.EOPNOTSUPP):
+        # A descriptor opens (the open's refusals are EPERM, ENOSYS, ...): the handshake refused
+        # the feature (a kernel that does not know it answers EINVAL) or did not grant it.
+        return TrapSupport("uffd", False, False, "the UFFDIO_API handshake refuses or does not "
+                           "grant UFFD_FEATURE_SIGBUS (Linux < 4.14): "
+                           f"{describe_errno(-result)}")
     if result == 0:
         try:
             result = lib.vr_sigbus_uffd_trap_probe(fd_out[0])

@@ -90,13 +90,16 @@ class UffdRegion(BackendRegion):
             missing.append(uffd.reason)
         if uffd.full and "THREAD_ID" not in uffd.api_features:
             missing.append("the kernel lacks UFFD_FEATURE_THREAD_ID")
-        missing += [f"madvise rejects MADV_{name}" for name in ("FREE", "POPULATE_WRITE")
-                    if name not in facts.madvise_accepted]
+        if "FREE" not in facts.madvise_accepted:
+            missing.append("madvise rejects MADV_FREE")
         if missing:
             return BackendSupport(cls.name, False, "; ".join(missing), kernel_reclaims=True), ()
+        # Without MADV_POPULATE_WRITE (Linux < 5.14) pinning touches every page instead
+        # (features().fallbacks says so).
+        pinning = ("MADV_POPULATE_WRITE pins" if "POPULATE_WRITE" in facts.madvise_accepted
+                   else "pinning touches each page (no MADV_POPULATE_WRITE)")
         return BackendSupport(cls.name, True, "userfaultfd serves faults inside syscalls; "
-                              "MADV_FREE and MADV_POPULATE_WRITE are accepted",
-                              kernel_reclaims=True), ()
+                              f"MADV_FREE is accepted; {pinning}", kernel_reclaims=True), ()
 
     @classmethod
     def why_chosen(cls, support: BackendSupport) -> str:
@@ -107,6 +110,14 @@ class UffdRegion(BackendRegion):
     def default_error_policy(cls, report: Features) -> str:
         # Without UFFDIO_POISON a failed chunk cannot be made to fail the access that waits on it.
         return "poison" if "POISON" in report.userfaultfd.range_ioctls else "abort"
+
+    @classmethod
+    def error_policy_problem(cls, policy: str, report: Features) -> str | None:
+        if policy == "poison" and "POISON" not in report.userfaultfd.range_ioctls:
+            return ("on_error='poison' needs UFFDIO_POISON (Linux 6.6+) on the uffd backend, and "
+                    "this kernel lacks it: use 'abort' (the default here) or 'zeros', or the "
+                    "sigbus backend (its poison needs no UFFDIO_POISON)")
+        return None
 
     @classmethod
     def reset_after_fork(cls, regions: list[BackendRegion]) -> None:

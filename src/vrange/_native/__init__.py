@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import VRangeError
 
-EXPECTED_NATIVE_VERSION = 2
+EXPECTED_NATIVE_VERSION = 3
 
 try:
     from .._vrange_native import ffi as _ffi, lib as _lib

@@ -22,7 +22,13 @@
 #include "kernel_defs.h"
 
 /* Bumped whenever the exported C interface changes; checked by vrange._native at import. */
-#define VR_NATIVE_VERSION 2
+#define VR_NATIVE_VERSION 3
+
+/* Older-kernel profiles of vr_seccomp_simulate_kernel (vrange.testing.KERNEL_PROFILES). */
+#define VR_KERNEL_NO_POPULATE_WRITE 1
+#define VR_KERNEL_NO_PAGEOUT 2
+#define VR_KERNEL_NO_POISON 3
+#define VR_KERNEL_NO_UFFD_THREAD_ID_SIGBUS 4
 
 /* cffi: begin (exported to Python; build.py reads these blocks) */
 int vr_native_version(void);
@@ -47,6 +53,7 @@ int vr_touch_pages(uintptr_t address, size_t length, size_t stride, int write, u
 
 /* seccomp.c: filters for tests and compatibility profiles. */
 int vr_seccomp_deny_userfaultfd(int error_number, int also_dev_ioctl);
+int vr_seccomp_simulate_kernel(int profile);
 /* cffi: end */
 
 #endif /* VRANGE_COMMON_H */

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "userfaultfd.h"
 
 int vr_probe_madvise(int advice)
 {
@@ -102,7 +103,7 @@ int vr_probe_uffd_kernel_fault(int uffd, int timeout_ms, uint64_t *range_ioctls_
         goto out;
     }
     registered = 1;
-    *range_ioctls_out = reg.ioctls;
+    *range_ioctls_out = vr_userfaultfd_visible_ioctls(reg.ioctls);
 
     if (pipe2(pipe_fds, O_CLOEXEC) < 0 || pipe2(done_fds, O_CLOEXEC) < 0) {
         rc = -errno;

@@ -126,6 +126,17 @@ static inline uintptr_t vr_chunk_address(const vr_region *region, size_t chunk)
     return region->base + chunk * region->chunk_size;
 }
 
+/* Dirty the page at `address` (page-aligned) without changing it: an atomic no-op write, so a
+ * concurrent write by another thread is never lost. A lazy-free (MADV_FREE) page that is written is no
+ * longer discarded by reclaim: the write sets the PTE's dirty bit atomically, and reclaim checks that
+ * bit after clearing the PTE (it keeps a dirty page). If reclaim took the page first, the write faults
+ * like any access to a missing page and is served. How pinning works where the kernel lacks
+ * MADV_POPULATE_WRITE (Linux < 5.14). */
+static inline void vr_dirty_page(uintptr_t address)
+{
+    __atomic_fetch_add((uint64_t *)address, 0, __ATOMIC_RELAXED);
+}
+
 static inline void vr_stat_add(uint64_t *counter, uint64_t amount)
 {
     __atomic_fetch_add(counter, amount, __ATOMIC_RELAXED);

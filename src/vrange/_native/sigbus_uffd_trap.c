@@ -217,10 +217,11 @@ static int dirty_chunk(vr_region *region, size_t chunk)
         break;
     }
     /* No MADV_POPULATE_WRITE (Linux < 5.14): an atomic no-op write dirties each page without
-     * changing it, whatever another thread writes at the same time. A page reclaimed meanwhile
-     * raises SIGBUS on this thread, which the handler serves like any fault. */
+     * changing it, whatever another thread writes at the same time (vr_dirty_page). A page reclaimed
+     * between the refill and this write raises SIGBUS on this thread, which the handler serves like
+     * any fault (and, should that refill fail, passes on like a failed raw access). */
     for (size_t offset = 0; offset < length; offset += region->page_size)
-        __atomic_fetch_or((volatile uint8_t *)(start + offset), 0, __ATOMIC_RELAXED);
+        vr_dirty_page(start + offset);
     return 0;
 }
 

@@ -84,7 +84,10 @@ static void apply_error_policy(vr_region *region, uintptr_t start, size_t length
         break;
     case VR_ON_ERROR_POISON:
         vr_chunk_set(region, chunk, VR_CHUNK_POISONED);
-        (void)fill_missing_pages(region, start, length, NULL, VR_FILL_POISON);
+        /* Without UFFDIO_POISON (Linux < 6.6: EINVAL) the access would fault again for ever; the
+         * Region refuses 'poison' there, so this is a kernel that lost it (a seccomp profile). */
+        if (fill_missing_pages(region, start, length, NULL, VR_FILL_POISON) == -EINVAL)
+            vr_abort_for_policy();
         break;
     default:
         vr_abort_for_policy();

@@ -200,15 +200,93 @@ int vr_uffd_resume(vr_region *region)
     return 0;
 }
 
-/* Make every page of the range present and dirty (so no longer discardable): lazy-free pages are
- * re-dirtied, missing ones fault through the handler. The caller does not hold the GIL (cffi), so
- * Python regenerators can run on a worker while this waits. */
+#define MINCORE_PAGES 256 /* pages per mincore call: a bounded stack whatever the range */
+
+/* Fault the page at `address` in from inside a system call: one byte of it goes through a pipe. The
+ * handler sees a fault inside a syscall and never signals this thread; a chunk whose refill failed
+ * by the poison policy makes the write fail with EFAULT instead of raising SIGBUS here. */
+static int fault_in_from_syscall(const int pipe_fds[2], uintptr_t address)
+{
+    for (;;) {
+        ssize_t written = write(pipe_fds[1], (const void *)address, 1);
+        if (written == 1) {
+            char sink;
+            while (read(pipe_fds[0], &sink, 1) < 0 && errno == EINTR)
+                ;
+            return 0;
+        }
+        if (written < 0 && errno == EINTR)
+            continue;
+        return written < 0 ? -errno : -EIO;
+    }
+}
+
+/* Linux < 5.14 has no MADV_POPULATE_READ/WRITE: do what they do, page by page.
+ *
+ * 1. Every page mincore reports missing is faulted in from inside a system call
+ *    (fault_in_from_syscall): the handler resolves the fault as for any syscall (a worker takes the
+ *    GIL for a Python regenerator; the caller released it, cffi), resolving the whole chunk at once.
+ *    A failed refill comes back as -EFAULT (poison policy; 'abort' aborts, as it does under
+ *    MADV_POPULATE_WRITE), and then nothing is dirtied.
+ * 2. With `dirty`, every page is dirtied with an atomic no-op write (vr_dirty_page): a page refilled
+ *    in step 1 is dirty already (UFFDIO_COPY installs dirty pages, and the chunks being pinned are no
+ *    longer VOLATILE, so no refill makes them lazy-free again: vr_region_keep_volatile); a present
+ *    lazy-free page becomes dirty and reclaim keeps it from then on.
+ *
+ * The race: reclaim may take a present lazy-free page between step 1's mincore and step 2's write.
+ * The write then faults in user mode, on this thread, without the GIL: the handler signals it, the
+ * signal handler finds the GIL not held and answers "not mine", and a worker (or the handler thread,
+ * for a native source) refills the chunk; the write restarts on the refilled page. Only if that
+ * refill fails is the outcome a failed raw access (the region's on_error policy: SIGBUS under
+ * 'poison') instead of an error returned: the same regenerator succeeded for that chunk earlier. */
+static int populate_by_touching(vr_region *region, uintptr_t start, size_t length, int dirty)
+{
+    int pipe_fds[2];
+    if (pipe2(pipe_fds, O_CLOEXEC) < 0)
+        return -errno;
+    unsigned char vector[MINCORE_PAGES];
+    size_t batch_bytes = MINCORE_PAGES * region->page_size;
+    int rc = 0;
+    for (size_t done = 0; done < length && rc == 0; done += batch_bytes) {
+        size_t part = length - done < batch_bytes ? length - done : batch_bytes;
+        if (mincore((void *)(start + done), part, vector) < 0) {
+            rc = -errno;
+            break;
+        }
+        for (size_t page = 0; page < part / region->page_size && rc == 0; page++) {
+            uintptr_t address = start + done + page * region->page_size;
+            /* A page of a chunk another page of which was just refilled is present by now: the
+             * handler fills the whole chunk. */
+            if (!(vector[page] & 1) && !vr_region_page_present(region, address))
+                rc = fault_in_from_syscall(pipe_fds, address);
+        }
+    }
+    close(pipe_fds[0]);
+    close(pipe_fds[1]);
+    if (rc < 0 || !dirty)
+        return rc;
+    size_t first_chunk = (start - region->base) / region->chunk_size;
+    size_t end_chunk = (start + length - region->base + region->chunk_size - 1) / region->chunk_size;
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++)
+        if (vr_chunk_load(region, chunk) & (VR_CHUNK_POISONED | VR_CHUNK_FAILED))
+            return -EFAULT; /* a poison marker would raise SIGBUS on the write below */
+    for (size_t offset = 0; offset < length; offset += region->page_size)
+        vr_dirty_page(start + offset);
+    return 0;
+}
+
+/* Make every page of the range present, and with MADV_POPULATE_WRITE dirty too (so no longer
+ * discardable): lazy-free pages are re-dirtied, missing ones fault through the handler. The caller
+ * does not hold the GIL (cffi), so Python regenerators can run on a worker while this waits. Where
+ * the kernel rejects the advice (EINVAL: Linux < 5.14), the pages are touched instead. */
 static int populate_range(vr_region *region, size_t first_chunk, size_t end_chunk, int advice)
 {
     uintptr_t start;
     size_t length;
     vr_region_span(region, first_chunk, end_chunk, &start, &length);
     while (madvise((void *)start, length, advice) < 0) {
+        if (errno == EINVAL)
+            return populate_by_touching(region, start, length, advice == MADV_POPULATE_WRITE);
         if (errno != EINTR && errno != EAGAIN)
             return -errno;
     }

@@ -46,15 +46,38 @@ int vr_userfaultfd_open_dev(int flags, int *fd_out)
     return 0;
 }
 
+/* What a simulated older kernel lacks (vrange.testing.simulate_kernel; never cleared). A seccomp
+ * filter cannot read or rewrite the memory an ioctl is handed, so the answers of the two ioctls that
+ * describe the kernel are made here, in the one place vrange reads them, to look like that kernel's:
+ * a handshake requesting a hidden feature fails with EINVAL (what a kernel that does not know the bit
+ * answers), and hidden features and ioctls never appear in an answer. Written once, before any
+ * thread can use them (the seccomp filter is installed first); process-wide by nature, like the
+ * filter it completes. */
+static uint64_t hidden_features, hidden_ioctls;
+
+void vr_userfaultfd_hide(uint64_t features, uint64_t ioctls)
+{
+    __atomic_fetch_or(&hidden_features, features, __ATOMIC_SEQ_CST);
+    __atomic_fetch_or(&hidden_ioctls, ioctls, __ATOMIC_SEQ_CST);
+}
+
+uint64_t vr_userfaultfd_visible_ioctls(uint64_t ioctls)
+{
+    return ioctls & ~__atomic_load_n(&hidden_ioctls, __ATOMIC_RELAXED);
+}
+
 /* The handshake can be done once per descriptor: the kernel answers with every feature and ioctl it
  * supports, and enables only the requested features on this descriptor. */
 int vr_userfaultfd_api(int fd, uint64_t requested_features, uint64_t *features_out, uint64_t *ioctls_out)
 {
+    uint64_t hidden = __atomic_load_n(&hidden_features, __ATOMIC_RELAXED);
+    if (requested_features & hidden)
+        return -EINVAL; /* a simulated kernel that does not know these features */
     struct uffdio_api api = { .api = UFFD_API, .features = requested_features };
     if (ioctl(fd, UFFDIO_API, &api) < 0)
         return -errno;
-    *features_out = api.features;
-    *ioctls_out = api.ioctls;
+    *features_out = api.features & ~hidden;
+    *ioctls_out = vr_userfaultfd_visible_ioctls(api.ioctls);
     return 0;
 }
 
@@ -65,7 +88,7 @@ int vr_userfaultfd_register_missing(int uffd, uintptr_t start, size_t length, ui
     if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0)
         return -errno;
     if (ioctls_out)
-        *ioctls_out = reg.ioctls;
+        *ioctls_out = vr_userfaultfd_visible_ioctls(reg.ioctls);
     return 0;
 }
 

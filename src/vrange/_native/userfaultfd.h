@@ -12,6 +12,14 @@
  * kernel allows on it. 0 or -errno. */
 int vr_userfaultfd_register_missing(int uffd, uintptr_t start, size_t length, uint64_t *ioctls_out);
 
+/* A simulated older kernel (seccomp.c): hide these features and ioctls from every answer of
+ * vr_userfaultfd_api and the register calls, and refuse a handshake that requests such a feature
+ * (EINVAL). Irreversible. */
+void vr_userfaultfd_hide(uint64_t features, uint64_t ioctls);
+
+/* `ioctls` without the hidden ones (for callers that issue UFFDIO_REGISTER themselves). */
+uint64_t vr_userfaultfd_visible_ioctls(uint64_t ioctls);
+
 enum vr_fill_kind { VR_FILL_COPY, VR_FILL_ZEROPAGE, VR_FILL_POISON };
 
 /* Fill the missing pages of [start, start + length) from `source` (COPY), with zeros (ZEROPAGE) or

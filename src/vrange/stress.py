@@ -51,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ._backends import usable_specs
+from ._backends import features, usable_specs
 
 logger = logging.getLogger("vrange.stress")
 
@@ -487,8 +487,10 @@ class Stress:
         self.kernel_reclaims = spec in ("uffd", "sigbus:uffd") or spec == "sigbus" and \
             self._auto_trap() == "uffd"
         self.chunk_atomic = False
+        # page_out needs MADV_PAGEOUT (Linux 5.4+) as well as a region the kernel reclaims.
+        self.can_page_out = self.kernel_reclaims and features().madvise_accepted("PAGEOUT")
         self.operations = [name for name in OPERATIONS
-                           if name != "page_out" or self.kernel_reclaims]
+                           if name != "page_out" or self.can_page_out]
         self.weights = [OPERATION_WEIGHTS[name] for name in self.operations]
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""``python -m vrange``: features, demo, bench, stress."""
+"""``python -m vrange``: features, demo, bench, stress, compat."""
 
 from __future__ import annotations
 
@@ -180,6 +180,12 @@ def _command_stress(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _command_compat(args: argparse.Namespace) -> int:
+    from .compat.runner import main as run_compat
+
+    return run_compat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vrange", description=__doc__)
     parser.add_argument("--version", action="version", version=f"vrange {__version__}")
@@ -202,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stress_arguments(stress_parser)
     stress_parser.set_defaults(handler=_command_stress)
+    compat_parser = commands.add_parser(
+        "compat", help="the scenario matrix: every backend under every process and kernel profile",
+        description="Run the same scenarios on every backend under every profile (each profile in "
+                    "a process of its own, each cell in a forked child with an alarm) and print "
+                    "the matrix. Exit status 1 if any cell failed, 2 for a bad option.")
+    from .compat.runner import add_arguments as add_compat_arguments
+
+    add_compat_arguments(compat_parser)
+    compat_parser.set_defaults(handler=_command_compat)
     return parser
 
 

@@ -500,8 +500,13 @@ def _remove_cgroup(path: Path) -> None:
 def memory_pressure(spec: str) -> str:
     version, parent = _memory_cgroup_parent()
     for stale in parent.glob("vrange-compat-*"):  # left by a cell killed by its alarm
-        if not (stale / "cgroup.procs").read_text().strip():
-            _remove_cgroup(stale)
+        owner = stale.name.rpartition("-")[2]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):  # not another run's
+            try:
+                if not (stale / "cgroup.procs").read_text().strip():
+                    _remove_cgroup(stale)
+            except OSError:
+                pass
     path = parent / f"vrange-compat-{os.getpid()}"
     path.mkdir()
     try:

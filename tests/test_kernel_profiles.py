@@ -305,3 +305,56 @@ def test_failing_regenerator_while_pinning_without_populate_write(spec: str) -> 
         failing["on"] = False
         assert region.mark_nonvolatile() is True
         assert_pages_match(region, pattern(0, SIZE))
+
+
+# --- 'abort': library calls raise, they do not abort -------------------------------------------------
+
+
+@pytest.mark.forked
+@pytest.mark.hang_timeout(60)
+@pytest.mark.requires("uffd_backend", "(the uffd backend's 'abort' default without UFFDIO_POISON)")
+@pytest.mark.parametrize("profile", [None, "no-poison"], ids=["explicit-abort", "no-poison-default"])
+@pytest.mark.parametrize("source", ["python", "file"])
+def test_under_abort_a_failing_regenerator_raises_from_library_calls(
+        profile: str | None, source: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """'abort' is for raw accesses no call can raise from: mark_nonvolatile and prefault raise
+    RegenerationError (the process lives), leave the chunk missing, and succeed once the source
+    recovers; the other chunks keep their bytes."""
+    if profile:
+        simulate_kernel(profile)
+    failing = {"on": False}
+
+    def regenerate(offset: int, buffer: memoryview) -> None:
+        if failing["on"] and offset == 0:
+            raise RuntimeError("the source is gone")
+        buffer[:] = pattern(offset, len(buffer))
+
+    if source == "file":
+        path = tmp_path / "data"
+        path.write_bytes(pattern(0, SIZE))
+        regenerator: object = vrange.sources.File(str(path))
+    else:
+        regenerator = regenerate
+    region = vrange.Region(SIZE, regenerator, backend="uffd",  # type: ignore[arg-type]
+                           on_error=None if profile else "abort")
+    if profile:  # the default where UFFDIO_POISON is missing
+        assert "'abort'" in vrange.features().fallback("UFFDIO_POISON").fallback
+    with region:
+        assert bytes(region[:]) == pattern(0, SIZE)
+        for call in (region.mark_nonvolatile, region.prefault):
+            region.mark_volatile()
+            region.purge()
+            if source == "file":
+                os.truncate(path, CHUNK // 2)  # the file shrank: its first chunk cannot be read
+            else:
+                failing["on"] = True
+            with pytest.raises(vrange.RegenerationError):
+                call()
+            assert not resident_pages(region, 0, CHUNK)[0], "the failed chunk was left present"
+            if source == "file":
+                path.write_bytes(pattern(0, SIZE))
+            else:
+                failing["on"] = False
+            call()
+            assert bytes(region[:]) == pattern(0, SIZE)
+        assert region.stats().regeneration_errors == 2

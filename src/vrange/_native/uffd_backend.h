@@ -113,6 +113,7 @@ int vr_uffd_rebind_after_fork(vr_region *region, vr_uffd_handler *handler);
 void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t tid);
 void vr_uffd_collect_verdicts(vr_uffd_handler *handler);
 void vr_uffd_run_job_on_worker(vr_job *job);
+int vr_uffd_regenerate_for_call(vr_region *region, size_t chunk); /* uffd_fault.c: a library call's refill */
 /* 1 if the fault signal reaches vrange's handler, 0 if other code replaced it, or -errno. */
 int vr_uffd_fault_signal_is_ours(int signal_number);
 

@@ -126,6 +126,53 @@ static int resolve_chunk(vr_region *region, size_t chunk_index, const char *sour
     return rc;
 }
 
+/* A vrange library call (mark_nonvolatile, prefault) of a region whose policy is 'abort' regenerates
+ * a missing chunk on its own thread rather than faulting on it (uffd_handler.c, populate_range): a
+ * regeneration that fails inside a fault can only abort the process there (without UFFDIO_POISON
+ * nothing else answers the fault without wrong bytes), while the call can raise RegenerationError.
+ * The chunk is claimed (IN_FLIGHT) under the handler's lock as a fault claims it, so faults on it
+ * meanwhile wait for it (a GIL holder waits in its signal handler, without the GIL: WAIT jobs). The
+ * calling thread does not hold the GIL (cffi); a Python regenerator takes it.
+ * 1: refilled; 0: the chunk is in flight already (fault on it and wait); -errno: regeneration failed
+ * (the chunk is left missing and FAILED; threads that faulted on it meanwhile fault again). */
+int vr_uffd_regenerate_for_call(vr_region *region, size_t chunk)
+{
+    pthread_mutex_lock(&region->handler->lock);
+    uint8_t previous = vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
+    pthread_mutex_unlock(&region->handler->lock);
+    if (previous & VR_CHUNK_IN_FLIGHT)
+        return 0;
+    size_t length = vr_region_chunk_length(region, chunk);
+    uintptr_t start = vr_chunk_address(region, chunk);
+    char *buffer = malloc(region->chunk_size);
+    int rc = -ENOMEM;
+    if (buffer) {
+        vr_region_note_discard_found(region, chunk); /* filled before: the kernel or a purge took it */
+        region->owners[chunk] = (pid_t)syscall(SYS_gettid); /* its own faults on it fail, not wait */
+        if (region->source_kind == VR_SOURCE_PYTHON) {
+            vr_stat_add(&region->stats.faults_on_worker_thread, 1);
+            rc = vr_run_python_regenerator(region, (uint64_t)chunk * region->chunk_size, buffer,
+                                           length, 0);
+        } else {
+            vr_stat_add(&region->stats.faults_on_handler_thread, 1);
+            rc = vr_fill_native(region, chunk, buffer);
+        }
+        region->owners[chunk] = 0;
+    }
+    if (rc == 0) {
+        rc = resolve_chunk(region, chunk, buffer); /* lets the chunk go and wakes its waiters */
+        free(buffer);
+        return rc < 0 ? rc : 1;
+    }
+    free(buffer);
+    vr_stat_add(&region->stats.regeneration_errors, 1);
+    vr_chunk_set(region, chunk, VR_CHUNK_FAILED);
+    region->gil_free_waiters[chunk] = 0;
+    vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
+    wake_range(region, start, length);
+    return rc < 0 && rc != -1 ? rc : -EFAULT;
+}
+
 /* A regenerator touched the chunk it is regenerating: fail that one page by the region's policy
  * (its access then raises SIGBUS, or its syscall EFAULT) instead of letting it wait for itself. */
 static void fail_page(vr_region *region, uintptr_t address)

@@ -257,8 +257,19 @@ static int populate_by_touching(vr_region *region, uintptr_t start, size_t lengt
             uintptr_t address = start + done + page * region->page_size;
             /* A page of a chunk another page of which was just refilled is present by now: the
              * handler fills the whole chunk. */
-            if (!(vector[page] & 1) && !vr_region_page_present(region, address))
+            if ((vector[page] & 1) || vr_region_page_present(region, address))
+                continue;
+            if (region->on_error == VR_ON_ERROR_ABORT) {
+                /* Regenerate it here, so that a failure raises rather than aborts. */
+                rc = vr_uffd_regenerate_for_call(region, (address - region->base) /
+                                                             region->chunk_size);
+                if (rc != 0)
+                    rc = rc > 0 ? 0 : rc;
+                else /* in flight for another thread's fault: wait for it like a fault */
+                    rc = fault_in_from_syscall(pipe_fds, address);
+            } else {
                 rc = fault_in_from_syscall(pipe_fds, address);
+            }
         }
     }
     close(pipe_fds[0]);
@@ -284,6 +295,10 @@ static int populate_range(vr_region *region, size_t first_chunk, size_t end_chun
     uintptr_t start;
     size_t length;
     vr_region_span(region, first_chunk, end_chunk, &start, &length);
+    /* Under 'abort' a regeneration failing inside madvise could only abort the process: make the
+     * pages present page by page, regenerating missing chunks on this thread (so the call raises). */
+    if (region->on_error == VR_ON_ERROR_ABORT)
+        return populate_by_touching(region, start, length, advice == MADV_POPULATE_WRITE);
     while (madvise((void *)start, length, advice) < 0) {
         if (errno == EINVAL)
             return populate_by_touching(region, start, length, advice == MADV_POPULATE_WRITE);

@@ -1,7 +1,9 @@
-"""Helpers for testing code that uses vrange: simulate restricted environments.
+"""Helpers for testing code that uses vrange: inject purges, simulate restricted environments.
 
-Everything here changes the calling process for good (a seccomp filter cannot be removed): call these
-in a forked child or a subprocess, never in a process you want to keep.
+:func:`page_out`, :func:`inject_purge` and :func:`live_regions` can be called anywhere in a test.
+:func:`deny_userfaultfd` changes the calling process for good (a seccomp filter cannot be removed):
+call it in a forked child or a subprocess, never in a process you want to keep. The pytest plugin
+(:mod:`vrange.pytest_plugin`, ``--vrange-purge``) is built on these.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import errno as errno_module
 
 from ._backends._memory import KERNEL_PROFILE_CODES as _KERNEL_PROFILE_CODES
+from ._backends import any_regenerating_on_this_thread as _any_regenerating_on_this_thread
+from ._backends import live_regions as _live_backend_regions
 from ._backends._memory import deny_userfaultfd as _install_userfaultfd_filter
 from ._backends._memory import simulate_kernel as _install_kernel_profile
 from .errors import VRangeError, VRangeOSError
 from .region import Region
 
-__all__ = ["KERNEL_PROFILES", "deny_userfaultfd", "page_out", "simulate_kernel"]
+__all__ = ["KERNEL_PROFILES", "deny_userfaultfd", "inject_purge", "live_regions", "page_out",
+           "simulate_kernel"]
 
 KERNEL_PROFILES: dict[str, str] = {
     "no-populate-write": "MADV_POPULATE_WRITE/READ fail with EINVAL, as before Linux 5.14",
@@ -96,3 +101,60 @@ def page_out(region: Region, offset: int = 0, length: int | None = None) -> None
             "page_out needs MADV_PAGEOUT (Linux 5.4+), which this kernel rejects (EINVAL): it cannot "
             "make the kernel reclaim on demand here; use region.purge() to discard volatile "
             "chunks (the kernel still reclaims them by itself under memory pressure)") from error
+
+
+def live_regions() -> list[Region]:
+    """Every open :class:`vrange.Region` of this process (made by any code), by address."""
+    regions = []
+    for core in _live_backend_regions():
+        region = core.owner()
+        # A region another thread is still constructing has registered its core before its
+        # constructor stored it: it is not open yet.
+        if isinstance(region, Region) and not region._closed and \
+                getattr(region, "_core", None) is core:
+            regions.append(region)
+    return sorted(regions, key=lambda region: region._address)
+
+
+def inject_purge(region: Region | None = None, *, page_out: bool = False) -> int:
+    """Discard the volatile chunks of ``region`` (of every open region by default) now, as the
+    kernel or vrange's pressure monitor may at any moment; returns the bytes discarded.
+
+    Unlike :meth:`Region.purge` it may be called from anywhere (a profiler hook, a signal handler,
+    another thread) and never waits nor raises because of what a region is doing: it does nothing
+    when this thread is inside a regenerator (it is serving a fault, possibly in the middle of an
+    operation on another region), and it skips a region whose state lock is taken (one of its
+    methods runs on this or another thread, or it is closing) or that this thread is regenerating.
+    Pinned (non-volatile) chunks are never discarded, nor chunks a system call holds
+    (``vrange.io``): volatility is the program's promise that the bytes can be rebuilt.
+
+    With ``page_out=True`` the regions the kernel reclaims (``region.kernel_reclaims``) have their
+    volatile chunks paged out (MADV_PAGEOUT, see :func:`page_out`) instead of purged, so their next
+    access takes the kernel-reclaim path; the kernel may keep a few pages, so a chunk may come back
+    part kept, part regenerated. The bytes returned for those are the volatile bytes handed to the
+    kernel. Other regions are purged.
+    """
+    if _any_regenerating_on_this_thread():
+        return 0
+    regions = live_regions() if region is None else [region]
+    return sum(_inject_into(each, page_out) for each in regions)
+
+
+def _inject_into(region: Region, page_out: bool) -> int:
+    lock = region._state_lock
+    if not lock.acquire(blocking=False):
+        return 0  # held by a method of the region (maybe on this very thread) or by close()
+    try:
+        core = region._core
+        if region._closed or core.unusable or core.regenerating_on_this_thread():
+            return 0
+        if not (page_out and core.kernel_reclaims):
+            return core.purge(0, core.chunk_count)
+        chunk, size, paged_out = core.chunk_size, core.size, 0
+        for first, end in core.volatile_runs():
+            start, stop = first * chunk, min(end * chunk, size)
+            core.page_out(start, stop - start)
+            paged_out += stop - start
+        return paged_out
+    finally:
+        lock.release()

@@ -20,16 +20,17 @@ from ._base import (ERROR_POLICIES, PURGE_REASONS, BackendRegion, Plan, RegionSt
                     SourceSpec)
 from ._memory import buffer_address
 from ._probes import features, invalidate
-from ._regeneration import Regeneration
+from ._regeneration import Regeneration, any_regenerating_on_this_thread
 from ._registry import find as find_live_region
-from ._registry import on_fork_in_child, on_fork_reset_lock
+from ._registry import live_regions, on_fork_in_child, on_fork_reset_lock
 from ._table import AUTO_ORDER, BACKENDS, KNOWN_SPECS
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_ENVIRONMENT_VARIABLE", "ERROR_POLICIES", "KNOWN_SPECS",
     "PURGE_REASONS", "BackendChoice", "BackendRegion", "Plan", "Regeneration", "RegionStats",
-    "SourceSpec", "available_backends", "buffer_address", "features", "find_live_region", "invalidate",
-    "on_fork_in_child", "on_fork_reset_lock", "resolve_backend", "usable_specs",
+    "SourceSpec", "any_regenerating_on_this_thread", "available_backends", "buffer_address",
+    "features", "find_live_region", "invalidate", "live_regions", "on_fork_in_child",
+    "on_fork_reset_lock", "resolve_backend", "usable_specs",
 ]
 
 BACKEND_ENVIRONMENT_VARIABLE = "VRANGE_BACKEND"

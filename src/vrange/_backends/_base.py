@@ -8,6 +8,7 @@ import abc
 import logging
 import mmap
 import os
+import re
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,6 +26,8 @@ logger = logging.getLogger("vrange")
 _registry.on_fork_reset_lock(mapping_budget.new_lock_after_fork)
 
 _IN_FLIGHT_BITS = bytes(value & lib.VR_CHUNK_IN_FLIGHT for value in range(256))
+_VOLATILE_BITS = bytes(1 if value & lib.VR_CHUNK_VOLATILE else 0 for value in range(256))
+_VOLATILE_RUN = re.compile(b"\x01+")
 
 ERROR_POLICIES = {
     "poison": lib.VR_ON_ERROR_POISON,
@@ -379,6 +382,11 @@ class BackendRegion(abc.ABC):
         states = ffi.new("uint8_t[]", self.chunk_count)
         check(lib.vr_region_chunk_states(self.pointer, states), "read the chunk states")
         return bytes(ffi.buffer(states))
+
+    def volatile_runs(self) -> list[tuple[int, int]]:
+        """The volatile chunks now, as ``(first_chunk, end_chunk)`` runs (one native call)."""
+        states = self.chunk_states().translate(_VOLATILE_BITS)
+        return [match.span() for match in _VOLATILE_RUN.finditer(states)]
 
     def byte_states(self) -> dict[str, int]:
         """Bytes volatile, non-volatile, resident, and purged (filled once, missing now)."""

@@ -131,6 +131,12 @@ def is_regenerating(regeneration: Regeneration) -> bool:
     return any(entry is regeneration for entry in _regenerating.entries)
 
 
+def any_regenerating_on_this_thread() -> bool:
+    """Whether this thread is inside any region's regenerator (a test harness must not purge from
+    there: the thread may be serving a fault in the middle of another region's operation)."""
+    return bool(_regenerating.entries)
+
+
 _deferred_interrupts: collections.deque[BaseException] = collections.deque()
 _unsafe_lock = threading.Lock()
 _warned_about_other_threads = False

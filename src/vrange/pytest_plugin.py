@@ -1,8 +1,9 @@
 """pytest plugin: run your own tests with a forced backend, injected purges or a restricted profile.
 
 Installed with vrange and loaded by pytest through the ``pytest11`` entry point, it does nothing
-unless asked: without one of its options and without its fixtures, a pytest run is exactly what it
-would be without vrange installed (vrange itself is not even imported).
+unless asked: without one of its options and without its fixtures it adds only its options to
+``--help`` (loading it imports the ``vrange`` package, which starts no thread, installs no signal
+handler and probes nothing until a region is made).
 
 Options (docs/testing-with-vrange.md):
 

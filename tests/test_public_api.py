@@ -50,3 +50,24 @@ def test_the_submodules_list_their_public_names() -> None:
     for module in (vrange.sources, vrange.policy):
         for name in module.__all__:
             assert hasattr(module, name), name
+
+
+def test_the_testing_helpers_and_the_pytest_plugin_list_their_public_names() -> None:
+    import vrange.pytest_plugin
+    import vrange.testing
+
+    # vrange.testing may also have the simulated kernels (KERNEL_PROFILES, simulate_kernel).
+    assert {"deny_userfaultfd", "inject_purge", "live_regions", "page_out"} <= \
+        set(vrange.testing.__all__)
+    assert set(vrange.pytest_plugin.__all__) == {"PurgeSchedule", "vrange_backend",
+                                                 "vrange_purge", "vrange_region"}
+    for module in (vrange.testing, vrange.pytest_plugin):
+        for name in module.__all__:
+            assert hasattr(module, name), name
+
+
+def test_the_pytest_plugin_is_registered_under_its_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    (plugin,) = [entry for entry in entry_points(group="pytest11") if entry.name == "vrange"]
+    assert plugin.value == "vrange.pytest_plugin"

@@ -9,6 +9,7 @@ call it in a forked child or a subprocess, never in a process you want to keep. 
 from __future__ import annotations
 
 import errno as errno_module
+import mmap
 
 from ._backends._memory import KERNEL_PROFILE_CODES as _KERNEL_PROFILE_CODES
 from ._backends import any_regenerating_on_this_thread as _any_regenerating_on_this_thread
@@ -31,6 +32,8 @@ KERNEL_PROFILES: dict[str, str] = {
 }
 """The older kernels :func:`simulate_kernel` can make this process see: name → what it simulates."""
 assert set(KERNEL_PROFILES) == set(_KERNEL_PROFILE_CODES)
+
+_PAGE = mmap.PAGESIZE
 
 
 def deny_userfaultfd(error_number: int = errno_module.EPERM, *, include_dev: bool = True) -> None:
@@ -131,8 +134,8 @@ def inject_purge(region: Region | None = None, *, page_out: bool = False) -> int
     With ``page_out=True`` the regions the kernel reclaims (``region.kernel_reclaims``) have their
     volatile chunks paged out (MADV_PAGEOUT, see :func:`page_out`) instead of purged, so their next
     access takes the kernel-reclaim path; the kernel may keep a few pages, so a chunk may come back
-    part kept, part regenerated. The bytes returned for those are the volatile bytes handed to the
-    kernel. Other regions are purged.
+    part kept, part regenerated. The bytes returned for those are the resident volatile bytes
+    handed to the kernel. Other regions are purged.
     """
     if _any_regenerating_on_this_thread():
         return 0
@@ -150,11 +153,17 @@ def _inject_into(region: Region, page_out: bool) -> int:
             return 0
         if not (page_out and core.kernel_reclaims):
             return core.purge(0, core.chunk_count)
+        runs = core.volatile_runs()
+        if not runs:
+            return 0
+        residency = core.residency()  # one byte per page, bit 0: resident
         chunk, size, paged_out = core.chunk_size, core.size, 0
-        for first, end in core.volatile_runs():
+        for first, end in runs:
             start, stop = first * chunk, min(end * chunk, size)
-            core.page_out(start, stop - start)
-            paged_out += stop - start
+            resident = sum(byte & 1 for byte in residency[start // _PAGE:stop // _PAGE])
+            if resident:
+                core.page_out(start, stop - start)
+                paged_out += resident * _PAGE
         return paged_out
     finally:
         lock.release()

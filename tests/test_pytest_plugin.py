@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -162,7 +162,8 @@ def test_without_options_the_plugin_changes_nothing(pytester: pytest.Pytester) -
 
 
 def test_vrange_purge_discards_volatile_chunks_and_keeps_pinned_ones(
-        vrange_region, vrange_purge, vrange_backend: str) -> None:  # type: ignore[no-untyped-def]
+        vrange_region: Callable[..., vrange.Region], vrange_purge: Callable[..., int],
+        vrange_backend: str) -> None:
     regenerator = CountingRegenerator()
     region = vrange_region(8 * CHUNK, regenerator)
     assert vrange_backend == (os.environ.get("VRANGE_BACKEND") or "auto")
@@ -176,7 +177,8 @@ def test_vrange_purge_discards_volatile_chunks_and_keeps_pinned_ones(
     assert regenerator.total == 8 + 4
 
 
-def test_vrange_purge_does_nothing_inside_a_regenerator(vrange_region, vrange_purge) -> None:  # type: ignore[no-untyped-def]
+def test_vrange_purge_does_nothing_inside_a_regenerator(
+        vrange_region: Callable[..., vrange.Region], vrange_purge: Callable[..., int]) -> None:
     purged_inside: list[int] = []
 
     def regenerate(offset: int, buf: memoryview) -> None:

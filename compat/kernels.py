@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -333,7 +333,7 @@ def _is_elf(path: Path) -> bool:
 
 
 def build_image(python: dict[str, str], packages: Sequence[str], cache: Path,
-                log: callable = print) -> tuple[Path, Path]:
+                log: Callable[[str], None] = print) -> tuple[Path, Path]:
     """The initramfs (gzip) for this interpreter and checkout, and the site-packages it holds
     (this machine's column runs the same build); cached by a hash of their inputs."""
     folder = cache / "images" / image_key(python, packages)
@@ -453,7 +453,7 @@ def guest_command(python: dict[str, str], command: Sequence[str]) -> bytes:
 
 
 def boot(kernel: Kernel, image: Path, command: bytes, args: argparse.Namespace,
-         log: callable = print) -> tuple[list[dict[str, str]], float]:
+         log: Callable[[str], None] = print) -> tuple[list[dict[str, str]], float]:
     """Boot the kernel with the image; the rows the guest printed and the seconds it took."""
     runs = args.cache / "runs"
     runs.mkdir(parents=True, exist_ok=True)

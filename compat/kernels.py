@@ -6,7 +6,7 @@
 
 Each kernel is a Debian package (`--kernel 6.1` picks the newest `linux-image-6.1.<n>-<abi>-cloud-amd64`
 apt knows, `--kernel 6.12` the newest `linux-image-6.12.<n>+deb12-cloud-amd64`; a full package name works
-too), fetched with `apt-get download` and booted with software emulation (`qemu-system-x86_64 -accel tcg
+too), fetched with `apt-get download` and booted with software emulation (`qemu-system-x86_64 -accel tcg,thread=single
 -cpu max`: nested KVM stalls at boot on the machines this was written on). The cloud kernels have no 9p,
 so the guest's whole userland travels in an initramfs: busybox-static for /init, this interpreter with
 its standard library and the shared libraries `ldd` names, and vrange built from this checkout
@@ -70,6 +70,10 @@ class Skipped(Exception):
 
 class BootFailed(Exception):
     """The kernel booted (or tried to) but gave no results; the message says why."""
+
+
+class EarlyPanic(BootFailed):
+    """The kernel panicked before /init ran: worth one more boot (emulation races, seen once)."""
 
 
 # --- results: JSON Lines in, merged rows and a table out -----------------------------------------------
@@ -354,6 +358,7 @@ def build_image(python: dict[str, str], packages: Sequence[str], cache: Path,
         _copy_tree(Path(stdlib), _inside(root, stdlib), STDLIB_LEFT_OUT)
     site.mkdir(parents=True, exist_ok=True)
     subprocess.run([python["executable"], "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                    "--root-user-action=ignore",
                     "--no-warn-script-location", "--target", str(site), str(REPO), *packages], check=True)
     shutil.copytree(REPO / "compat", root / "opt" / "vrange-compat" / "compat",
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -465,7 +470,7 @@ def boot(kernel: Kernel, image: Path, command: bytes, args: argparse.Namespace,
             shutil.copyfileobj(cached, out)
     for path in (console, results):
         path.unlink(missing_ok=True)
-    qemu = [QEMU, "-accel", "tcg", "-cpu", "max", "-m", str(args.memory), "-smp", str(args.smp),
+    qemu = [QEMU, "-accel", f"tcg,thread={args.tcg_thread}", "-cpu", "max", "-m", str(args.memory), "-smp", str(args.smp),
             "-nodefaults", "-display", "none", "-no-reboot",
             "-serial", f"file:{console}", "-serial", f"file:{results}",
             "-kernel", str(kernel.vmlinuz), "-initrd", str(initrd),
@@ -485,6 +490,9 @@ def boot(kernel: Kernel, image: Path, command: bytes, args: argparse.Namespace,
     output = results.read_text(errors="replace").replace("\r", "") if results.exists() else ""
     body, marker, tail = output.partition(END_MARKER)
     if not marker:
+        log_text = console.read_text(errors="replace") if console.exists() else ""
+        if "Kernel panic" in log_text and "vrange-guest:" not in log_text:
+            raise EarlyPanic(f"the kernel panicked at boot after {seconds:.0f} s; see {console}")
         raise BootFailed(f"the guest wrote no results in {seconds:.0f} s; see {console}")
     rc = tail.split()[0] if tail.split() else "?"
     try:
@@ -537,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"default: {', '.join(DEFAULT_GUEST_PACKAGES)})")
     parser.add_argument("--memory", type=int, default=2048, help="guest MiB (default %(default)s)")
     parser.add_argument("--smp", type=int, default=2, help="guest CPUs (default %(default)s)")
+    parser.add_argument("--tcg-thread", choices=("single", "multi"), default="single",
+                        help="qemu's TCG threading (default %(default)s: with multi, the 6.12 kernel "
+                             "hit an int3 oops while patching its own code at boot)")
     parser.add_argument("--no-host", action="store_true", help="leave out this machine's column")
     parser.add_argument("--install", action="store_true",
                         help="apt-get install qemu-system-x86 and busybox-static first")
@@ -573,7 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             kernel = fetch_kernel(resolve_package(spec, args.cache), args.cache)
             log(f"{kernel.package} {kernel.version}: " +
                 ", ".join(f"{key}={value}" for key, value in kernel.config.items()))
-            rows, seconds = boot(kernel, image, guest_command(python, command), args, log)
+            try:
+                rows, seconds = boot(kernel, image, guest_command(python, command), args, log)
+            except EarlyPanic as panic:
+                log(f"{panic}: booting once more")
+                rows, seconds = boot(kernel, image, guest_command(python, command), args, log)
             log(f"{kernel.release}: {len(rows)} cells in {seconds:.0f} s (boot, run and power-off)")
             columns.append((kernel.release, rows))
         except Skipped as reason:

@@ -6,11 +6,11 @@
 
 Each kernel is a Debian package (`--kernel 6.1` picks the newest `linux-image-6.1.<n>-<abi>-cloud-amd64`
 apt knows, `--kernel 6.12` the newest `linux-image-6.12.<n>+deb12-cloud-amd64`; a full package name works
-too), fetched with `apt-get download` and booted with software emulation (`qemu-system-x86_64 -accel tcg,thread=single
--cpu max`: nested KVM stalls at boot on the machines this was written on). The cloud kernels have no 9p,
-so the guest's whole userland travels in an initramfs: busybox-static for /init, this interpreter with
-its standard library and the shared libraries `ldd` names, and vrange built from this checkout
-(`pip install --target`) with numpy. /init mounts proc, sysfs, devtmpfs (which holds /dev/userfaultfd on
+too), fetched with `apt-get download` and booted with software emulation (`qemu-system-x86_64 -accel
+tcg,thread=single -cpu max`: nested KVM stalls at boot on the machines this was written on). The cloud
+kernels have no 9p, so the guest's whole userland travels in an initramfs: busybox-static for /init,
+this interpreter with its standard library and the shared libraries `ldd` names, and vrange built from
+this checkout (`pip install --target`) with numpy. /init mounts proc, sysfs, devtmpfs (which holds /dev/userfaultfd on
 6.1+), a /tmp and cgroup2, runs `python <guest command>`, writes its standard output to the second
 serial port and powers off. Every boot is bounded by `--timeout`; the console log is kept in the cache.
 

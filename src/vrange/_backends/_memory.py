@@ -1,5 +1,6 @@
 """Memory helpers over the native core for the public modules: the address of a buffer, timing
-page touches from C (``vrange.bench``), and the seccomp filters of ``vrange.testing``."""
+page touches from C and the minimal userfaultfd handler (``vrange.bench``), and the seccomp
+filters of ``vrange.testing``."""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ def simulate_kernel(name: str) -> None:
     check(lib.vr_seccomp_simulate_kernel(KERNEL_PROFILE_CODES[name]),
           f"install the seccomp filter of the kernel profile {name!r}")
     invalidate()
+
+
+def touch_pages_each(address: int, length: int, stride: int, count: int) -> list[int]:
+    """Write one byte every ``stride`` bytes from C, timing each access on its own (at most
+    ``count`` of them); the nanoseconds of each."""
+    each = ffi.new("uint64_t[]", count)
+    done = lib.vr_touch_pages_each(address, length, stride, each, count)
+    check(done, "touch pages one by one")
+    return [int(each[index]) for index in range(done)]
+
+
+def uffd_floor(length: int, chunk_size: int) -> int:
+    """Nanoseconds to touch every page of a fresh ``length``-byte range served by a minimal C
+    userfaultfd handler (one UFFDIO_COPY of ``chunk_size`` zero bytes per fault): the cost of
+    userfaultfd with no library around it."""
+    elapsed = ffi.new("uint64_t *")
+    check(lib.vr_bench_uffd_floor(length, chunk_size, elapsed), "run the minimal userfaultfd handler")
+    return int(elapsed[0])

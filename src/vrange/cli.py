@@ -135,11 +135,9 @@ def _command_demo(args: argparse.Namespace) -> int:
 
 
 def _command_bench(args: argparse.Namespace) -> int:
-    from .bench import format_results, run
+    from .bench import command
 
-    results, probe_seconds = run(quick=args.quick)
-    print(format_results(results, probe_seconds))
-    return 0
+    return command(args)
 
 
 def _command_stress(args: argparse.Namespace) -> int:
@@ -199,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(demo_parser)
     demo_parser.set_defaults(handler=_command_demo)
-    bench_parser = commands.add_parser("bench", help="measure fault costs against a baseline")
-    bench_parser.add_argument("--quick", action="store_true", help="fewer pages, one run")
+    bench_parser = commands.add_parser(
+        "bench", help="what vrange costs, each figure next to a baseline from the same run")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench_parser)
     bench_parser.set_defaults(handler=_command_bench)
     stress_parser = commands.add_parser(
         "stress", help="threads × regions doing everything at once, every byte checked")

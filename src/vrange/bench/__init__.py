@@ -1,0 +1,84 @@
+"""``python -m vrange bench``: what vrange costs, each figure next to a baseline from the same run.
+
+Every row pairs a measured cost with a baseline (plain memory, an anonymous first-touch fault, the
+raw madvise calls, a minimal C userfaultfd handler, a dict of bytes), repeated in interleaved,
+alternating order; the report gives the median and p10-p90 spread of the per-repeat ratios and flags
+rows too noisy to trust. Compare ratios, not microseconds across runs: the machines are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ._rows import GROUPS, Row, all_rows
+from ._runner import (DEFAULT_REPEATS, QUICK_REPEATS, BenchRun, RowResult, format_run,
+                      progress_for, run, select)
+from ._stats import SPREAD_RULE, Sample, Summary, compare, percentile, summarize
+
+__all__ = ["BenchRun", "GROUPS", "Row", "RowResult", "SPREAD_RULE", "Sample", "Summary",
+           "add_arguments", "all_rows", "command", "compare", "format_run", "percentile", "run",
+           "select", "summarize"]
+
+INTERRUPTED_EXIT = 130
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few rows, small sizes, {QUICK_REPEATS} repeats (a few seconds)")
+    parser.add_argument("--rows", metavar="PATTERN", action="append",
+                        help="only the rows whose name matches (glob, or substring); repeatable; "
+                             "--list shows the names")
+    parser.add_argument("--repeats", type=int, metavar="N",
+                        help=f"repeats per row (default {DEFAULT_REPEATS}, --quick {QUICK_REPEATS})")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write every row with all its samples as JSON ('-': stdout)")
+    parser.add_argument("--plot", metavar="DIR",
+                        help="draw one chart per group into DIR (needs the [plot] extra)")
+    parser.add_argument("--progress", action="store_true",
+                        help="show progress on stderr even when it is not a terminal")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+
+
+def command(args: argparse.Namespace) -> int:
+    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    if repeats < 1:
+        print("python -m vrange bench: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    if args.plot:
+        from ._plot import PlotUnavailable, _pyplot
+
+        try:
+            _pyplot()  # fail before measuring, not after
+        except PlotUnavailable as error:
+            print(f"python -m vrange bench: {error}", file=sys.stderr)
+            return 2
+    rows = select(all_rows(), args.rows, args.quick)
+    if args.list:
+        for row in rows:
+            print(row.name + (f"  ({row.skip})" if row.skip else ""))
+        return 0
+    if not rows:
+        print("python -m vrange bench: no row matches" if args.rows
+              else "python -m vrange bench: no backend can run here", file=sys.stderr)
+        return 2
+    bench = run(rows, repeats, args.quick, progress_for(args.progress))
+    report = format_run(bench)
+    if args.json == "-":
+        print(report, file=sys.stderr)
+    else:
+        print(report, flush=True)
+    if args.json:
+        data = json.dumps(bench.as_dict(sys.argv), indent=2, ensure_ascii=False)
+        if args.json == "-":
+            print(data)
+        else:
+            with open(args.json, "w") as out:
+                out.write(data + "\n")
+    if args.plot and not bench.interrupted:
+        from ._plot import plot
+
+        for path in plot(bench, args.plot):
+            print(f"chart: {path}")
+    return INTERRUPTED_EXIT if bench.interrupted else 0

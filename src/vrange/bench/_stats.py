@@ -92,8 +92,13 @@ class Sample:
 
 
 def compare(measure: Callable[[], float], baseline: Callable[[], float], repeats: int,
-            after_each: Callable[[int], None] | None = None) -> list[Sample]:
-    """Run ``measure`` and ``baseline`` ``repeats`` times, interleaved in alternating order."""
+            after_each: Callable[[int], None] | None = None, warm_up: bool = True) -> list[Sample]:
+    """Run ``measure`` and ``baseline`` ``repeats`` times, interleaved in alternating order, after
+    one untimed run of each (``warm_up``: first-use costs such as faulting in a copy's target
+    buffer or starting a backend's threads belong to neither side)."""
+    if warm_up:
+        measure()
+        baseline()
     samples = []
     for index in range(repeats):
         if index % 2 == 0:

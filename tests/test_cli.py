@@ -111,15 +111,12 @@ def test_unknown_command_is_an_error() -> None:
     assert "invalid choice" in result.stderr
 
 
-def test_bench_quick_reports_every_case_against_a_baseline() -> None:
+def test_bench_quick_reports_rows_against_a_baseline() -> None:
     result = run_vrange("bench", "--quick")
     assert result.returncode == 0, result.stderr
     specs = usable_specs(vrange.features())
-    rows = [line for line in result.stdout.splitlines()
-            if any(f" {spec} " in line for spec in specs)]
-    assert len(rows) == 6 * len(specs)
-    assert {row.split()[2] for row in rows} == set(specs)
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  fault/")]
+    assert {row[0].split("/")[1] for row in rows} == set(specs)
     for row in rows:
-        *_, per_page, baseline, ratio = row.split()
-        assert float(per_page) > 0 and float(baseline) > 0 and float(ratio) > 0
-    assert "features() full probe" in result.stdout
+        measured, baseline, _unit, ratio = row[1:5]
+        assert float(measured) > 0 and float(baseline) > 0 and float(ratio) > 0

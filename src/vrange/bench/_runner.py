@@ -215,7 +215,7 @@ def format_run(bench: BenchRun) -> str:
             f"{target:<12}{summary.note}".rstrip())
     lines += ["", "Rows (what each measures, against which baseline):"]
     for result in bench.results:
-        lines.append(f"  {result.row.name}: {result.row.what}; baseline: {result.row.baseline}"
+        lines.append(f"  - {result.row.name}: {result.row.what}; baseline: {result.row.baseline}"
                      + (f"; target {result.row.target.text}" if result.row.target else ""))
     measured = sum(1 for result in bench.results if result.samples)
     lines += ["", f"{measured} row(s) measured in {bench.seconds:.1f} s"

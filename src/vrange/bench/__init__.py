@@ -24,6 +24,13 @@ __all__ = ["BenchRun", "GROUPS", "Row", "RowResult", "SPREAD_RULE", "Sample", "S
 INTERRUPTED_EXIT = 130
 
 
+def _command_line() -> list[str]:
+    """How this run was started, as a user would type it."""
+    if sys.argv and sys.argv[0].endswith("__main__.py"):
+        return ["python", "-m", "vrange", *sys.argv[1:]]
+    return list(sys.argv)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a few rows, small sizes, {QUICK_REPEATS} repeats (a few seconds)")
@@ -70,7 +77,7 @@ def command(args: argparse.Namespace) -> int:
     else:
         print(report, flush=True)
     if args.json:
-        data = json.dumps(bench.as_dict(sys.argv), indent=2, ensure_ascii=False)
+        data = json.dumps(bench.as_dict(_command_line()), indent=2, ensure_ascii=False)
         if args.json == "-":
             print(data)
         else:

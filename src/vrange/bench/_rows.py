@@ -130,6 +130,20 @@ def _populate(memory: mmap.mmap) -> None:
         touch_pages(buffer_address(memory), len(memory), PAGE, write=True)
 
 
+def _join(threads: list[threading.Thread]) -> None:
+    """Join every thread; a Ctrl-C while waiting still waits for them (they are touching memory the
+    caller is about to unmap) before it propagates."""
+    interrupted = None
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except KeyboardInterrupt as error:
+                interrupted = error
+    if interrupted is not None:
+        raise interrupted
+
+
 # --- fault contexts: each returns the seconds it took to touch every page once ----------------------
 
 def _touch_gil_held(buffer: Any, length: int, backend: str) -> float:
@@ -156,7 +170,7 @@ def _touch_other_thread(buffer: Any, length: int, backend: str) -> float:
 
     thread = threading.Thread(target=run, name="vrange-bench-toucher", daemon=True)
     thread.start()
-    thread.join()
+    _join([thread])
     if errors:
         raise errors[0]
     return elapsed[0] / 1e9
@@ -434,17 +448,24 @@ def _throughput_rows(specs: list[str]) -> list[Row]:
         barrier = threading.Barrier(threads + 1)
 
         def run(index: int) -> None:
-            barrier.wait()
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return
             touch_pages(address + index * part, part, PAGE, write=True)
 
         workers = [threading.Thread(target=run, args=(index,), daemon=True)
                    for index in range(threads)]
         for worker in workers:
             worker.start()
-        barrier.wait()
+        try:
+            barrier.wait()
+        except BaseException:
+            barrier.abort()  # the workers give up waiting (BrokenBarrierError) and end
+            _join(workers)
+            raise
         started = time.perf_counter()
-        for worker in workers:
-            worker.join()
+        _join(workers)
         return time.perf_counter() - started
 
     rows = []

@@ -3,13 +3,17 @@ report (text and JSON)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
+import functools
 import os
 import platform
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -134,40 +138,73 @@ class Progress:
             self.width = 0
 
 
+class StopRequested(Exception):
+    """Ctrl-C was pressed: stop after the repeat in progress."""
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """While running, the first Ctrl-C only asks to stop (checked between repeats), so no
+    KeyboardInterrupt lands in the middle of a fault, a region's creation or its close; a second
+    Ctrl-C raises KeyboardInterrupt at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def on_sigint(number: int, frame: object) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield requested.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(rows: list[Row], repeats: int, quick: bool, progress: Progress) -> BenchRun:
-    """Run ``rows``; on Ctrl-C stop at once (the current row is abandoned, everything it made is
-    released) and return what was measured, with ``interrupted`` set."""
+    """Run ``rows``; on Ctrl-C stop after the repeat in progress (the current row is abandoned,
+    everything it made is released) and return what was measured, with ``interrupted`` set."""
     scale: Scale = QUICK if quick else FULL
     bench = BenchRun([], repeats, quick, time.time())
     started = time.perf_counter()
     resources = Resources()
-    try:
-        for number, row in enumerate(rows, 1):
-            result = RowResult(row)
-            if row.skip:
-                result.skipped = row.skip
+    with _stop_on_ctrl_c() as stop_requested:
+
+        def after_repeat(prefix: str, done: int) -> None:
+            if stop_requested():
+                raise StopRequested
+            progress.show(f"{prefix} {done}/{repeats}", row_start=False)
+
+        try:
+            for number, row in enumerate(rows, 1):
+                if stop_requested():
+                    raise StopRequested
+                result = RowResult(row)
+                if row.skip:
+                    result.skipped = row.skip
+                    bench.results.append(result)
+                    continue
+                prefix = f"[{number}/{len(rows)}] {row.name}"
+                progress.show(f"{prefix} ...", row_start=True)
+                try:
+                    with row.setup(scale, resources) as (measure, baseline):
+                        result.samples = compare(measure, baseline, repeats,
+                                                 functools.partial(after_repeat, prefix))
+                except (StopRequested, KeyboardInterrupt):
+                    raise
+                except Exception as error:  # noqa: BLE001 - one failing row must not end the run
+                    result.samples = []
+                    result.error = f"{type(error).__name__}: {error}"
                 bench.results.append(result)
-                continue
-            prefix = f"[{number}/{len(rows)}] {row.name}"
-            progress.show(f"{prefix} ...", row_start=True)
-            try:
-                with row.setup(scale, resources) as (measure, baseline):
-                    result.samples = compare(
-                        measure, baseline, repeats,
-                        lambda done: progress.show(f"{prefix} {done}/{repeats}", row_start=False))
-            except KeyboardInterrupt:
-                bench.interrupted = True
-                break
-            except Exception as error:  # noqa: BLE001 - one failing row must not end the run
-                result.samples = []
-                result.error = f"{type(error).__name__}: {error}"
-            bench.results.append(result)
-    except KeyboardInterrupt:
-        bench.interrupted = True
-    finally:
-        progress.clear()
-        resources.close()
-        bench.seconds = time.perf_counter() - started
+        except (StopRequested, KeyboardInterrupt):
+            bench.interrupted = True
+        finally:
+            progress.clear()
+            resources.close()
+            bench.seconds = time.perf_counter() - started
     return bench
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from ._rows import GROUPS, Row, all_rows
-from ._runner import (DEFAULT_REPEATS, QUICK_REPEATS, BenchRun, RowResult, format_run,
-                      progress_for, run, select)
+from ._runner import (DEFAULT_REPEATS, QUICK_REPEATS, BenchRun, RowResult, ctrl_c_stops,
+                      format_run, progress_for, run, select)
 from ._stats import SPREAD_RULE, Sample, Summary, compare, percentile, summarize
 
 __all__ = ["BenchRun", "GROUPS", "Row", "RowResult", "SPREAD_RULE", "Sample", "Summary",
@@ -49,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    try:
+        return _command(args)
+    except KeyboardInterrupt:  # before the run started (probing, imports), or twice during it
+        print("python -m vrange bench: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
+
+
+def _command(args: argparse.Namespace) -> int:
     repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     if repeats < 1:
         print("python -m vrange bench: --repeats must be at least 1", file=sys.stderr)
@@ -70,7 +80,18 @@ def command(args: argparse.Namespace) -> int:
         print("python -m vrange bench: no row matches" if args.rows
               else "python -m vrange bench: no backend can run here", file=sys.stderr)
         return 2
-    bench = run(rows, repeats, args.quick, progress_for(args.progress))
+    with ctrl_c_stops() as ctrl_c:
+        bench = run(rows, repeats, args.quick, progress_for(args.progress), ctrl_c)
+        ctrl_c.finishing = True  # a Ctrl-C from here on is ignored: the report is short
+        code = _report(bench, args)
+    if bench.interrupted and threading.current_thread() is threading.main_thread():
+        # This command ends the process: the user's next Ctrl-C must not kill it during the
+        # interpreter's shutdown (where SIGINT is back to its default action).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+def _report(bench: BenchRun, args: argparse.Namespace) -> int:
     report = format_run(bench)
     if args.json == "-":
         print(report, file=sys.stderr)

@@ -130,16 +130,35 @@ def _populate(memory: mmap.mmap) -> None:
         touch_pages(buffer_address(memory), len(memory), PAGE, write=True)
 
 
-def _join(threads: list[threading.Thread]) -> None:
-    """Join every thread; a Ctrl-C while waiting still waits for them (they are touching memory the
-    caller is about to unmap) before it propagates."""
+def _run_in_threads(targets: list[Callable[[], None]]) -> None:
+    """Run each target in a thread of its own and wait until every one has returned, also when a
+    Ctrl-C interrupts the wait (the threads touch memory the caller unmaps next), then re-raise it.
+
+    The wait is on an Event each thread sets last, not on Thread.join: a KeyboardInterrupt inside
+    join can leave a running thread marked as stopped (CPython 3.11 releases its state lock)."""
+    finished = [threading.Event() for _ in targets]
+
+    def run(target: Callable[[], None], done: threading.Event) -> None:
+        try:
+            target()
+        finally:
+            done.set()
+
+    threads = [threading.Thread(target=run, args=(target, done), name="vrange-bench-toucher",
+                                daemon=True) for target, done in zip(targets, finished)]
+    started = []
     interrupted = None
-    for thread in threads:
-        while thread.is_alive():
-            try:
-                thread.join()
-            except KeyboardInterrupt as error:
-                interrupted = error
+    try:
+        for thread in threads:
+            thread.start()
+            started.append(thread)
+    finally:
+        for thread, done in zip(started, finished):
+            while not done.is_set():
+                try:
+                    done.wait()
+                except KeyboardInterrupt as error:
+                    interrupted = error
     if interrupted is not None:
         raise interrupted
 
@@ -168,9 +187,7 @@ def _touch_other_thread(buffer: Any, length: int, backend: str) -> float:
         except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(error)
 
-    thread = threading.Thread(target=run, name="vrange-bench-toucher", daemon=True)
-    thread.start()
-    _join([thread])
+    _run_in_threads([run])
     if errors:
         raise errors[0]
     return elapsed[0] / 1e9
@@ -443,30 +460,20 @@ def _write_rows(specs: list[str]) -> list[Row]:
 
 def _throughput_rows(specs: list[str]) -> list[Row]:
     def touch_in_threads(buffer: Any, size: int, threads: int) -> float:
+        """Wall time from the first thread's start to the last one's end."""
         address = buffer_address(buffer)
         part = size // threads
-        barrier = threading.Barrier(threads + 1)
+        ends: list[float] = []
 
-        def run(index: int) -> None:
-            try:
-                barrier.wait()
-            except threading.BrokenBarrierError:
-                return
-            touch_pages(address + index * part, part, PAGE, write=True)
+        def toucher(index: int) -> Callable[[], None]:
+            def run() -> None:
+                touch_pages(address + index * part, part, PAGE, write=True)
+                ends.append(time.perf_counter())
+            return run
 
-        workers = [threading.Thread(target=run, args=(index,), daemon=True)
-                   for index in range(threads)]
-        for worker in workers:
-            worker.start()
-        try:
-            barrier.wait()
-        except BaseException:
-            barrier.abort()  # the workers give up waiting (BrokenBarrierError) and end
-            _join(workers)
-            raise
         started = time.perf_counter()
-        _join(workers)
-        return time.perf_counter() - started
+        _run_in_threads([toucher(index) for index in range(threads)])
+        return max(ends) - started
 
     rows = []
     for spec in specs:

@@ -142,69 +142,78 @@ class StopRequested(Exception):
     """Ctrl-C was pressed: stop after the repeat in progress."""
 
 
-@contextlib.contextmanager
-def _stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
-    """While running, the first Ctrl-C only asks to stop (checked between repeats), so no
-    KeyboardInterrupt lands in the middle of a fault, a region's creation or its close; a second
-    Ctrl-C raises KeyboardInterrupt at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested.is_set
-        return
+class CtrlC:
+    """What Ctrl-C does during a run: the first press only asks to stop (checked between repeats),
+    so no KeyboardInterrupt lands in the middle of a fault, a region's creation or its close; a
+    second press raises KeyboardInterrupt at once, unless ``finishing`` (the report is being
+    printed: it is short, and the partial results are the point)."""
 
-    def on_sigint(number: int, frame: object) -> None:
-        if requested.is_set():
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.finishing = False
+
+    def on_sigint(self, number: int, frame: object) -> None:
+        if self.requested.is_set() and not self.finishing:
             raise KeyboardInterrupt
-        requested.set()
+        self.requested.set()
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+
+@contextlib.contextmanager
+def ctrl_c_stops() -> Iterator[CtrlC]:
+    """Install :class:`CtrlC` as the SIGINT handler (main thread only) for the block."""
+    state = CtrlC()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    previous = signal.signal(signal.SIGINT, state.on_sigint)
     try:
-        yield requested.is_set
+        yield state
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def run(rows: list[Row], repeats: int, quick: bool, progress: Progress) -> BenchRun:
-    """Run ``rows``; on Ctrl-C stop after the repeat in progress (the current row is abandoned,
-    everything it made is released) and return what was measured, with ``interrupted`` set."""
+def run(rows: list[Row], repeats: int, quick: bool, progress: Progress,
+        ctrl_c: CtrlC | None = None) -> BenchRun:
+    """Run ``rows``; once ``ctrl_c`` says stop, stop after the repeat in progress (the current row
+    is abandoned, everything it made is released) and return what was measured, with
+    ``interrupted`` set (as on a KeyboardInterrupt)."""
     scale: Scale = QUICK if quick else FULL
     bench = BenchRun([], repeats, quick, time.time())
     started = time.perf_counter()
     resources = Resources()
-    with _stop_on_ctrl_c() as stop_requested:
+    stop_requested = ctrl_c.requested.is_set if ctrl_c is not None else (lambda: False)
+    def after_repeat(prefix: str, done: int) -> None:
+        if stop_requested():
+            raise StopRequested
+        progress.show(f"{prefix} {done}/{repeats}", row_start=False)
 
-        def after_repeat(prefix: str, done: int) -> None:
+    try:
+        for number, row in enumerate(rows, 1):
             if stop_requested():
                 raise StopRequested
-            progress.show(f"{prefix} {done}/{repeats}", row_start=False)
-
-        try:
-            for number, row in enumerate(rows, 1):
-                if stop_requested():
-                    raise StopRequested
-                result = RowResult(row)
-                if row.skip:
-                    result.skipped = row.skip
-                    bench.results.append(result)
-                    continue
-                prefix = f"[{number}/{len(rows)}] {row.name}"
-                progress.show(f"{prefix} ...", row_start=True)
-                try:
-                    with row.setup(scale, resources) as (measure, baseline):
-                        result.samples = compare(measure, baseline, repeats,
-                                                 functools.partial(after_repeat, prefix))
-                except (StopRequested, KeyboardInterrupt):
-                    raise
-                except Exception as error:  # noqa: BLE001 - one failing row must not end the run
-                    result.samples = []
-                    result.error = f"{type(error).__name__}: {error}"
+            result = RowResult(row)
+            if row.skip:
+                result.skipped = row.skip
                 bench.results.append(result)
-        except (StopRequested, KeyboardInterrupt):
-            bench.interrupted = True
-        finally:
-            progress.clear()
-            resources.close()
-            bench.seconds = time.perf_counter() - started
+                continue
+            prefix = f"[{number}/{len(rows)}] {row.name}"
+            progress.show(f"{prefix} ...", row_start=True)
+            try:
+                with row.setup(scale, resources) as (measure, baseline):
+                    result.samples = compare(measure, baseline, repeats,
+                                             functools.partial(after_repeat, prefix))
+            except (StopRequested, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001 - one failing row must not end the run
+                result.samples = []
+                result.error = f"{type(error).__name__}: {error}"
+            bench.results.append(result)
+    except (StopRequested, KeyboardInterrupt):
+        bench.interrupted = True
+    finally:
+        progress.clear()
+        resources.close()
+        bench.seconds = time.perf_counter() - started
     return bench
 
 

@@ -325,6 +325,27 @@ def _floor_rows() -> list[Row]:
     return rows
 
 
+def _versus_floor_rows(specs: list[str]) -> list[Row]:
+    rows = []
+    for spec in specs:
+        for chunk in FULL.chunks:
+            @contextlib.contextmanager
+            def setup(scale: Scale, resources: Resources, spec: str = spec,
+                      chunk: int = chunk) -> Iterator[Pair]:
+                size = max(scale.fault_bytes, 2 * chunk)
+                yield (_fault_cost(spec, "zeros", chunk, "gil-released", size, resources),
+                       lambda: uffd_floor(size, chunk) / 1e3 / (size // PAGE))
+
+            rows.append(Row(
+                name=f"floor/{spec}/zeros/{_size(chunk)}", group="floor",
+                what=f"native Zeros, {_size(chunk)} chunks on {spec}: a C loop writes each page",
+                baseline=f"the minimal C userfaultfd handler, {_size(chunk)} per fault",
+                unit="µs/page", setup=setup, quick=chunk == DEFAULT_CHUNK and spec == specs[0],
+                params={"backend": spec, "regenerator": "zeros", "chunk": chunk,
+                        "context": "gil-released"}))
+    return rows
+
+
 def _latency_rows(specs: list[str]) -> list[Row]:
     rows = []
     for spec in specs:
@@ -737,7 +758,8 @@ def all_rows() -> list[Row]:
     specs = usable_specs()
     if not specs:
         return []
-    rows = (_hit_rows(specs) + _fault_rows(specs) + _floor_rows() + _latency_rows(specs)
+    rows = (_hit_rows(specs) + _fault_rows(specs) + _floor_rows() + _versus_floor_rows(specs)
+            + _latency_rows(specs)
             + _pin_rows(specs) + _write_rows(specs) + _throughput_rows(specs)
             + _alternative_rows(specs))
     try:

@@ -182,3 +182,18 @@ def test_plot_needs_matplotlib_or_draws(tmp_path: Path) -> None:
     else:
         assert result.returncode == 0, result.stderr
         assert (tmp_path / "charts" / "hit.png").stat().st_size > 0
+
+
+def test_rows_needing_numpy_say_so_when_it_is_missing() -> None:
+    result = run_python("""
+        import json, sys
+        sys.modules["numpy"] = None  # import numpy now raises ImportError
+        from vrange.cli import main
+        sys.exit(main(["bench", "--quick", "--rows", "hit/*", "--repeats", "1", "--json", "-"]))
+    """)
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)["rows"]}
+    numpy_rows = [row for name, row in rows.items() if "numpy" in name]
+    assert numpy_rows and all(row["skipped"] == "skipped: numpy not installed" and not row["samples"]
+                              for row in numpy_rows)
+    assert all(row["samples"] for name, row in rows.items() if "numpy" not in name)

@@ -52,7 +52,8 @@ class RowResult:
             "unit": row.unit, "params": row.params,
             "target": None if row.target is None else {
                 "ratio_at_most": row.target.limit, "text": row.target.text,
-                "met": None if summary is None else row.target.met(summary.median)},
+                "met": None if summary is None else row.target.met(summary.median),
+                "trusted": summary is not None and not summary.wide},
             "skipped": self.skipped, "error": self.error,
             "measured_median": self.measured, "baseline_median": self.baseline,
             "ratio": None if summary is None else summary.as_dict(),
@@ -245,7 +246,7 @@ def format_run(bench: BenchRun) -> str:
             group = row.group
             lines += ["", GROUPS.get(group, group),
                       f"  {'row':<{name_width}}{'measured':>10}{'baseline':>10}  {'unit':<9}"
-                      f"{'ratio':>7} {'p10-p90':<13} {'target':<8}note"]
+                      f"{'ratio':>7} {'p10-p90':<13} {'target':<14}note"]
         if result.skipped or result.error:
             lines.append(f"  {row.name:<{name_width}}{result.skipped or 'error: ' + str(result.error)}")
             continue
@@ -254,11 +255,11 @@ def format_run(bench: BenchRun) -> str:
         target = ""
         if row.target is not None:
             target = ("ok" if row.target.met(summary.median) else "MISSED") + \
-                f" {row.target.limit:.2f}"
+                ("?" if summary.wide else "") + f" {row.target.limit:.2f}"
         lines.append(
             f"  {row.name:<{name_width}}{_number(result.measured):>10}{_number(result.baseline):>10}"
-            f"  {row.unit:<9}{summary.median:>7.2f} {summary.p10:.2f}-{summary.p90:<8.2f} "
-            f"{target:<12}{summary.note}".rstrip())
+            f"  {row.unit:<9}{summary.median:>7.2f} {f'{summary.p10:.2f}-{summary.p90:.2f}':<13} "
+            f"{target:<14}{summary.note}".rstrip())
     lines += ["", "Rows (what each measures, against which baseline):"]
     for result in bench.results:
         lines.append(f"  - {result.row.name}: {result.row.what}; baseline: {result.row.baseline}"

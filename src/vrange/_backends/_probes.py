@@ -479,8 +479,9 @@ def _compute() -> Features:
         trap_list.extend(variants)
     backends, traps = tuple(supports), tuple(trap_list)
     auto_backend, auto_reason = _choose_auto(backends)
+    no_fallbacks: tuple[Fallback, ...] = ()
     fallbacks = run.section("fallbacks",
-                            lambda: _fallbacks(uffd, madvise, backends, auto_backend), ())
+                            lambda: _fallbacks(uffd, madvise, backends, auto_backend), no_fallbacks)
     return Features(
         kernel_release=uname.release,
         machine=uname.machine,

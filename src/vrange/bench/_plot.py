@@ -19,11 +19,11 @@ class PlotUnavailable(RuntimeError):
 
 def _pyplot() -> Any:
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found]
     except ImportError as error:
         raise PlotUnavailable(f"--plot needs matplotlib: {PLOT_EXTRA_HINT}") from error
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    import matplotlib.pyplot as pyplot  # type: ignore[import-not-found]
 
     return pyplot
 

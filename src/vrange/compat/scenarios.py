@@ -24,6 +24,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import vrange
 
@@ -288,7 +289,7 @@ def regeneration_failure(spec: str) -> str:
     # Poison: a raw access to the failed chunk is killed by SIGBUS, a syscall gets EFAULT. Without
     # UFFDIO_POISON (Linux 6.6+) the uffd backend's default is to abort instead.
     has_poison = spec != "uffd" or "POISON" in vrange.features().userfaultfd.range_ioctls
-    policy = "poison" if has_poison else None
+    policy: Literal["poison"] | None = "poison" if has_poison else None
     expected_signal = signal.SIGBUS if has_poison else signal.SIGABRT
 
     def raw_access() -> None:

@@ -282,6 +282,15 @@ poweroff -f
 """
 
 
+def base_interpreter() -> str:
+    """The interpreter the guest carries: the one beneath a virtual environment, if this runs in
+    one (a venv's interpreter finds its standard library through the venv's files, which the
+    image does not hold; vrange and its packages are installed into the image on their own)."""
+    if sys.prefix != sys.base_prefix:
+        return getattr(sys, "_base_executable", sys.executable)
+    return sys.executable
+
+
 def python_layout(python: str) -> dict[str, str]:
     script = ("import json, sys, sysconfig; print(json.dumps({'executable': sys.executable, "
               "'version': sys.version, 'stdlib': sysconfig.get_path('stdlib'), "
@@ -509,7 +518,7 @@ def run_here(site: Path, command: Sequence[str], timeout: float) -> list[dict[st
     """This machine's column: the same command with the same build (the image's site-packages)."""
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
-    completed = subprocess.run([sys.executable, *command], cwd=REPO, env=environment,
+    completed = subprocess.run([base_interpreter(), *command], cwd=REPO, env=environment,
                                capture_output=True, text=True, timeout=timeout, check=False)
     if completed.returncode not in (0, 1):
         raise BootFailed(f"the matrix exited {completed.returncode} here: {completed.stderr[-500:]}")
@@ -562,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.install:
         install_tools()
-    python = python_layout(sys.executable)
+    python = python_layout(base_interpreter())
     columns: list[tuple[str, list[dict[str, str]]]] = []
     skipped: list[str] = []
     broken = False

@@ -52,6 +52,10 @@ DEFAULT_KERNELS = ("6.1", "6.12")
 DEFAULT_GUEST_COMMAND = "-m vrange compat --json"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vrange-compat"
 DEFAULT_GUEST_PACKAGES = ("numpy",)
+GUEST_CELL_TIMEOUT_S = 900
+"""The matrix's per-cell timeout inside a guest, unless the matrix options name one: software
+emulation runs 20 to 35 times slower than this machine, so the 60 s default would call the slowest
+cells (the memory-pressure cache) hung."""
 # Measured on a 2-vCPU machine: a whole matrix took about 6 minutes under TCG. The bound is generous
 # because the CPU may be shared; a run that needs longer is stuck.
 DEFAULT_TIMEOUT = 1800
@@ -565,6 +569,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     kernels = args.kernel or list(DEFAULT_KERNELS)
     packages = DEFAULT_GUEST_PACKAGES if args.guest_package is None else args.guest_package
     command = [*shlex.split(args.guest_command), *passthrough]
+    guest = command
+    if args.guest_command == DEFAULT_GUEST_COMMAND and not any(
+            option == "--timeout" or option.startswith("--timeout=") for option in passthrough):
+        guest = [*command, "--timeout", str(GUEST_CELL_TIMEOUT_S)]
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -594,10 +602,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"{kernel.package} {kernel.version}: " +
                 ", ".join(f"{key}={value}" for key, value in kernel.config.items()))
             try:
-                rows, seconds = boot(kernel, image, guest_command(python, command), args, log)
+                rows, seconds = boot(kernel, image, guest_command(python, guest), args, log)
             except EarlyPanic as panic:
                 log(f"{panic}: booting once more")
-                rows, seconds = boot(kernel, image, guest_command(python, command), args, log)
+                rows, seconds = boot(kernel, image, guest_command(python, guest), args, log)
             log(f"{kernel.release}: {len(rows)} cells in {seconds:.0f} s (boot, run and power-off)")
             columns.append((kernel.release, rows))
         except Skipped as reason:

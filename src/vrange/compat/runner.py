@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import vrange
 
+from . import scenarios
 from .profiles import PROFILES, Profile
 from .scenarios import SCENARIOS, NotApplicable, Scenario
 
@@ -120,6 +121,7 @@ def run_cell(scenario: Scenario, spec: str, timeout: float) -> tuple[str, str]:
                 os.close(read_end)
                 os.dup2(errors.fileno(), 2)
                 signal.alarm(max(1, int(timeout)))  # a hang is a failure, not a stuck matrix
+                scenarios.CELL_TIMEOUT_S = timeout
                 try:
                     result = ("pass", scenario.run(spec) or "")
                 except NotApplicable as why:

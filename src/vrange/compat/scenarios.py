@@ -36,6 +36,16 @@ CHUNK = vrange.DEFAULT_CHUNK_SIZE
 SIZE = 16 * CHUNK
 PAGE = mmap.PAGESIZE
 GRANDCHILD_TIMEOUT_S = 30
+CELL_TIMEOUT_S = 60.0
+"""The alarm of the cell running a scenario (the runner sets it from ``--timeout``): the alarms of a
+scenario's own children scale with it, so a slower machine (software emulation) that is given more
+time per cell gives them more too."""
+
+
+def _child_timeout(seconds: int) -> int:
+    """``seconds`` at the default cell timeout, scaled to the cell's timeout, and inside it."""
+    scaled = int(seconds * max(1.0, CELL_TIMEOUT_S / 60.0))
+    return max(1, min(scaled, int(CELL_TIMEOUT_S) - 5) if CELL_TIMEOUT_S > 10 else scaled)
 PRESSURE_LIMIT = 96 << 20
 PRESSURE_CACHE = 256 << 20
 PRESSURE_PART = 16 * CHUNK
@@ -97,7 +107,7 @@ def _in_grandchild(body: Callable[[], None], timeout: int = GRANDCHILD_TIMEOUT_S
     if pid == 0:  # pragma: no cover - runs in the grandchild
         os.close(read_end)
         os.dup2(write_end, 2)
-        signal.alarm(timeout)
+        signal.alarm(_child_timeout(timeout))
         code = 0
         try:
             body()
@@ -229,7 +239,7 @@ def fork_child(spec: str) -> str:
     with _purged(spec) as region:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
-            signal.alarm(GRANDCHILD_TIMEOUT_S)
+            signal.alarm(_child_timeout(GRANDCHILD_TIMEOUT_S))
             os._exit(0 if bytes(region[:]) == pattern(0, SIZE) else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, f"the child {_describe_status(status)}"

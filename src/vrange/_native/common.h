@@ -8,10 +8,12 @@
  *     nature, and each says why where it is defined: what a signal handler needs, since a signal
  *     disposition belongs to the process and a handler is handed only an address (the previous
  *     actions in sigbus.c and uffd_fault.c, the sigbus region table), the pressure monitor's watchdog
- *     (pressure.c), and the GIL-switch hold (gil_switching.c, only touched with the GIL held);
+ *     (pressure.c), the GIL-switch hold (gil_switching.c, only touched with the GIL held), and the
+ *     one-way mask of a simulated older kernel (userfaultfd.c, set only by vrange.testing);
  *   - cffi releases the GIL around every call, so an exported function never touches Python objects.
  *     Python is entered only through python_regenerator.h (a regenerator, the GIL around a wait),
- *     from the fault paths (uffd_fault.c, sigbus.c) and the uffd workers. */
+ *     from the fault paths (uffd_fault.c, sigbus.c), the uffd workers, and a library call that
+ *     refills a chunk itself under 'abort' (vr_uffd_regenerate_for_call). */
 #ifndef VRANGE_COMMON_H
 #define VRANGE_COMMON_H
 

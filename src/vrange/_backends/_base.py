@@ -292,7 +292,7 @@ class BackendRegion(abc.ABC):
         """Called after the mapping is gone: the region is no longer live, its mappings go back to
         the budget, and a late regeneration callback fails instead of running."""
         _registry.unregister(self)
-        self.regeneration.retired = True
+        self.regeneration.retire()
         mapping_budget.release(self.mappings_reserved)
         self.mappings_reserved = 0
         if self.pointer != ffi.NULL:
@@ -341,7 +341,7 @@ class BackendRegion(abc.ABC):
         region when the process forked and had unmapped it already. Its address may be another
         mapping's now: never register, fence, trap or purge it again; its reservation goes back."""
         self.unusable = "it was closed by another thread when this process forked"
-        self.regeneration.retired = True
+        self.regeneration.retire()
         mapping_budget.release(self.mappings_reserved)
         self.mappings_reserved = 0
 

@@ -100,6 +100,13 @@ class Regeneration:
         self._failures: collections.deque[tuple[int, int, BaseException]] = \
             collections.deque(maxlen=MAX_KEPT_FAILURES)
 
+    def retire(self) -> None:
+        """The region is closed: a late callback fails instead of running, and the regenerator is let
+        go now (a closed region's native state may outlive it for a while, and the regenerator may
+        own a helper process or a file: they must end with the region, not with that state)."""
+        self.retired = True
+        self.regenerate = _closed_regenerator
+
     def record_failure(self, offset: int, error: BaseException) -> None:
         self.failure_count += 1
         self._failures.append((self.failure_count, offset, error))
@@ -113,6 +120,10 @@ class Regeneration:
 
     def recent_failures(self) -> list[tuple[int, BaseException]]:
         return [(offset, error) for _, offset, error in list(self._failures)]
+
+
+def _closed_regenerator(offset: int, buffer: memoryview) -> None:
+    raise RuntimeError("the region is closed")
 
 
 class _Regenerating(threading.local):

@@ -276,14 +276,20 @@ def test_sources_leave_nothing_behind(backend: str) -> None:
 @pytest.mark.forked
 def test_closing_the_region_and_dropping_the_source_ends_the_helper_at_once(backend: str) -> None:
     """A closed region's native state may be kept a while (the uffd backend retires it until no
-    fault job can use it); the regenerator must not live on with it: the helper process ends when
-    the region is closed and the source dropped, without another region being made."""
+    fault job holds it any more); the regenerator must not live on with it: the helper process ends
+    when the region is closed and the source dropped, however long that state is kept."""
+    import weakref
+
     source = Isolated("isolated_regenerators:slow_pattern", 0.0)
     region = vrange.Region(SIZE, source, backend=backend)
     region.mark_volatile()
     assert bytes(region[0:8]) == pattern(0, 8)
     [helper] = helper_processes()
+    kept = region._core  # what a fault job still in flight at close() keeps alive
+    source_ref = weakref.ref(source)
     region.close()
     del region, source
+    assert source_ref() is None, "the closed region's native state kept the regenerator alive"
     wait_until(lambda: helper not in helper_processes(), timeout=10,
                what="the helper to end with its closed region and dropped source")
+    del kept

@@ -74,9 +74,11 @@ def live_regions(backend: type[R] | None = None) -> list[Any]:
 
 
 def find(address: int) -> Any:
-    """The open region whose mapping contains ``address``, if any."""
+    """The open region whose mapping contains ``address``, if any. A region another thread has
+    unmapped but not unregistered yet (it is closing) is passed over: a new region may already have
+    the address, or part of its range."""
     for region in live_regions():
-        if region.base <= address < region.base + region.size:
+        if region.base <= address < region.base + region.size and region.mapped():
             return region
     return None
 

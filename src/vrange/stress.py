@@ -1235,7 +1235,9 @@ class Stress:
 
             re.match(r"(a+)+$", "a" * 64 + "b")  # backtracks for ages in one C call, GIL held
         elif failure == "crash":
-            os.kill(os.getpid(), signal.SIGSEGV)
+            # To this thread: faulthandler dumps the crashing thread first, so its stack (in this
+            # file) is in the report even when the dump of another, running thread is cut short.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSEGV)
 
     def watch(self) -> None:
         """End the process with a report when a thread makes no progress for too long."""

@@ -454,6 +454,7 @@ class Region(mmap.mmap):
             bytes_purged_by_reason={reason: counters[f"bytes_purged_{reason}"]
                                     for reason in PURGE_REASONS},
             volatile_refills=counters["volatile_refills"],
+            chunks_filled_ahead=counters["chunks_filled_ahead"],
             trap=self._core.trap,
             kernel_reclaims=self._core.kernel_reclaims,
             mappings_reserved=self._core.mappings_reserved,

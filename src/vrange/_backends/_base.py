@@ -93,7 +93,8 @@ class RegionStats:
     """Counters and current sizes of one region (``Region.stats()``)."""
 
     faults_served: int
-    """Faults resolved by regenerating a chunk (first touches and refills after purges)."""
+    """Chunks regenerated for accesses (first touches and refills after purges): one per fault,
+    plus the chunks a forward walk had filled ahead (``chunks_filled_ahead``)."""
     faults_on_handler_thread: int
     """Served by the backend's own thread (native sources)."""
     faults_on_faulting_thread: int
@@ -114,6 +115,10 @@ class RegionStats:
     volatile_refills: int = 0
     """Chunks refilled while volatile and made lazy-free again, so the kernel may take them back
     again (uffd backend and the sigbus uffd trap)."""
+    chunks_filled_ahead: int = 0
+    """Missing chunks filled right after a fault of a thread walking forward through the region,
+    before it touched them (docs/design.md#fill-ahead). They are served chunks too: counted in
+    ``faults_served`` and its split by thread, as the fault that filled them."""
     trap: str | None = None
     """The sigbus backend's trap (``"uffd"`` or ``"memfd"``); None on the uffd backend."""
     kernel_reclaims: bool = True
@@ -414,7 +419,8 @@ class BackendRegion(abc.ABC):
         lib.vr_region_stats(self.pointer, stats)
         counters = {name: int(getattr(stats, name)) for name in (
             "faults_on_handler_thread", "faults_on_faulting_thread", "faults_on_worker_thread",
-            "bytes_regenerated", "regeneration_errors", "purges", "volatile_refills")}
+            "bytes_regenerated", "regeneration_errors", "purges", "volatile_refills",
+            "chunks_filled_ahead")}
         for reason, index in PURGE_REASONS.items():
             counters[f"purges_{reason}"] = int(stats.purges_by_reason[index])
             counters[f"bytes_purged_{reason}"] = int(stats.bytes_purged_by_reason[index])

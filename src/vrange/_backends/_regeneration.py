@@ -31,8 +31,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from typing import Any
 
 from .._native import ffi
@@ -154,6 +153,8 @@ _warned_about_other_threads = False
 
 
 def _cpu_times_of_other_threads() -> dict[int, int]:
+    if threading.active_count() == 1:
+        return {}  # no other Python thread (the common case: nothing to enumerate)
     times = {}
     current = threading.get_ident()
     for thread in threading.enumerate():
@@ -166,14 +167,12 @@ def _cpu_times_of_other_threads() -> dict[int, int]:
     return times
 
 
-@contextmanager
-def _at_unsafe_point() -> Iterator[None]:
-    """Tell (once) when another Python thread ran while the regenerator ran at an unsafe point."""
+def _warn_if_other_threads_ran(before: dict[int, int]) -> None:
+    """Tell (once) when another Python thread ran while the regenerator ran at an unsafe point
+    (``before``: :func:`_cpu_times_of_other_threads` when it started). A plain function rather than
+    a context manager: it runs at every fault, and a generator-based one costs a microsecond."""
     global _warned_about_other_threads
-    before = _cpu_times_of_other_threads()
-    try:
-        yield
-    finally:
+    if before:
         after = _cpu_times_of_other_threads()
         ran = any(after.get(ident, used) - used > OTHER_THREAD_RAN_NS
                   for ident, used in before.items())
@@ -228,7 +227,8 @@ def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
     interrupt: BaseException | None = None
     failed = True
     try:
-        with _at_unsafe_point() if at_unsafe_point else nullcontext():
+        other_threads = _cpu_times_of_other_threads() if at_unsafe_point else None
+        try:
             regenerate = regeneration.regenerate
             for attempt in range(ATTEMPTS_WHEN_INTERRUPTED):
                 if attempt:  # the interrupted attempt's bytes must not stay behind
@@ -254,6 +254,9 @@ def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
                                      f"times in a row ({interrupt!r})")
                 _keep_as_text(stuck)
                 regeneration.record_failure(offset, stuck)
+        finally:
+            if other_threads:
+                _warn_if_other_threads_ran(other_threads)
     except Exception as error:  # noqa: BLE001 - cffi would only print it
         _keep_as_text(error)
         regeneration.record_failure(offset, error)

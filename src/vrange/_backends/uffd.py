@@ -127,6 +127,8 @@ class UffdRegion(BackendRegion):
         _handler_lock = threading.Lock()
         _retired_lock = threading.Lock()
         _retired.clear()
+        if _handler is not None:  # the parent's: its thread is not in this child
+            lib.vr_uffd_handler_forget_in_child(_handler.pointer)
         had_handler, _handler = _handler is not None, None
         _child_handler_error = None
         if had_handler and any(region.pointer != ffi.NULL for region in regions):

@@ -39,6 +39,23 @@ int vr_touch_pages(uintptr_t address, size_t length, size_t stride, int write, u
     return 0;
 }
 
+/* One write to each page `pages[i]` (page indexes from `address`), in that order: the touches of a
+ * random walk, which never fills ahead. GIL released (cffi). */
+int vr_touch_pages_in_order(uintptr_t address, const uint32_t *pages, size_t count, size_t page,
+                            uint64_t *ns_out)
+{
+    struct timespec start, end;
+    if (clock_gettime(CLOCK_MONOTONIC, &start) < 0)
+        return -errno;
+    volatile unsigned char *bytes = (volatile unsigned char *)address;
+    for (size_t i = 0; i < count; i++)
+        bytes[(size_t)pages[i] * page] = 1;
+    if (clock_gettime(CLOCK_MONOTONIC, &end) < 0)
+        return -errno;
+    *ns_out = (uint64_t)(end.tv_sec - start.tv_sec) * 1000000000u + (uint64_t)(end.tv_nsec - start.tv_nsec);
+    return 0;
+}
+
 /* One write per stride, each timed on its own: the latency of every single fault. `ns_each` has
  * room for `count` entries; returns the number of accesses timed. */
 int vr_touch_pages_each(uintptr_t address, size_t length, size_t stride, uint64_t *ns_each,

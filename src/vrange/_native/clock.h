@@ -17,4 +17,14 @@ int64_t vr_deadline_ns(int64_t timeout_ms);
 /* Sleep 50 us: the step of every loop that waits for another thread to let go of something. */
 void vr_pause_briefly(void);
 
+/* One step of a busy wait: tells the CPU (and a hypervisor) that this thread is spinning. */
+static inline void vr_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 #endif /* VRANGE_CLOCK_H */

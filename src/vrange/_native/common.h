@@ -52,6 +52,8 @@ int vr_probe_uffd_kernel_fault(int uffd, int timeout_ms, uint64_t *range_ioctls_
 
 /* bench.c: timing loops without Python. */
 int vr_touch_pages(uintptr_t address, size_t length, size_t stride, int write, uint64_t *ns_out);
+int vr_touch_pages_in_order(uintptr_t address, const uint32_t *pages, size_t count, size_t page,
+                            uint64_t *ns_out);
 int vr_touch_pages_each(uintptr_t address, size_t length, size_t stride, uint64_t *ns_each,
                         size_t count);
 int vr_bench_uffd_floor(size_t length, size_t chunk, uint64_t *ns_out);

@@ -67,6 +67,12 @@ static void deliver_later(void)
     }
 }
 
+static int python_exited;
+
+void vr_python_note_exit(void) { __atomic_store_n(&python_exited, 1, __ATOMIC_RELEASE); }
+
+int vr_python_has_exited(void) { return __atomic_load_n(&python_exited, __ATOMIC_ACQUIRE); }
+
 int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
                               int at_unsafe_point)
 {

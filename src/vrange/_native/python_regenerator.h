@@ -26,6 +26,11 @@ int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, 
 int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,
                                                size_t length, int *state);
 
+/* Python is exiting (atexit ran: vr_sigbus_python_finalized): no fault may take the GIL from now on
+ * (a thread that waits for it then may wait for ever). Async-signal-safe. */
+void vr_python_note_exit(void);
+int vr_python_has_exited(void);
+
 /* A thread faulted on a chunk another thread is regenerating: wait until it is done, with the GIL
  * released meanwhile if this thread holds it. */
 void vr_wait_for_chunk(vr_region *region, size_t chunk);

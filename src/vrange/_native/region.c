@@ -75,6 +75,24 @@ int vr_region_list_remove(vr_region **regions, size_t *count, vr_region *region)
     return 0;
 }
 
+/* Fill-ahead: at most this many bytes past a fault ($VRANGE_FILL_AHEAD_KIB; 0 turns it off), and
+ * only once this many faults in a row walked forward. */
+#define DEFAULT_FILL_AHEAD_KIB 1024
+#define AHEAD_AFTER_FAULTS 4
+
+/* How many chunks a fault may fill ahead of itself: not for an isolated source (its helper process
+ * may be slow, and a worker waits for it; a fault never waits for chunks it did not touch). */
+static size_t ahead_max_chunks(int source_kind, size_t chunk_size)
+{
+    if (source_kind == VR_SOURCE_ISOLATED)
+        return 0;
+    long kib = DEFAULT_FILL_AHEAD_KIB;
+    const char *setting = getenv("VRANGE_FILL_AHEAD_KIB"); /* not in a signal handler: at creation */
+    if (setting && *setting)
+        kib = atol(setting) > 0 ? atol(setting) : 0;
+    return (size_t)kib * 1024 / chunk_size;
+}
+
 int vr_region_new(vr_uffd_handler *handler, uintptr_t base, size_t size, size_t chunk_size,
                   int source_kind, int file_fd, int64_t file_offset, void *python_handle,
                   int on_error, vr_region **out)
@@ -112,6 +130,7 @@ int vr_region_new(vr_uffd_handler *handler, uintptr_t base, size_t size, size_t 
     region->trap_uffd = -1;
     region->file_size = -1;
     region->discard_chunk = vr_region_discard_pages;
+    region->ahead_max_chunks = ahead_max_chunks(source_kind, chunk_size);
     /* Huge pages would bypass the per-chunk accounting and UFFDIO_COPY works in base pages. */
     if (madvise((void *)base, size, MADV_NOHUGEPAGE) < 0 && errno != EINVAL) {
         int saved = errno;
@@ -267,6 +286,7 @@ void vr_region_stats(vr_region *region, struct vr_stats *out)
     out->regeneration_errors = __atomic_load_n(&region->stats.regeneration_errors, __ATOMIC_RELAXED);
     out->purges = __atomic_load_n(&region->stats.purges, __ATOMIC_RELAXED);
     out->volatile_refills = __atomic_load_n(&region->stats.volatile_refills, __ATOMIC_RELAXED);
+    out->chunks_filled_ahead = __atomic_load_n(&region->stats.chunks_filled_ahead, __ATOMIC_RELAXED);
     for (int reason = 0; reason < 4; reason++) {
         out->purges_by_reason[reason] =
             __atomic_load_n(&region->stats.purges_by_reason[reason], __ATOMIC_RELAXED);
@@ -362,6 +382,55 @@ int vr_region_page_present(const vr_region *region, uintptr_t address)
 {
     uintptr_t page = address & ~(uintptr_t)(region->page_size - 1);
     return vr_region_resident_pages(region, page, region->page_size) == 1;
+}
+
+/* Fill-ahead. A thread walking forward through missing memory (a scan, a copy, a file write) faults
+ * once per chunk, and each fault costs more than the fill itself: a wake-up of the uffd handler
+ * thread on another CPU, or a signal's delivery and return, and for a Python regenerator a call
+ * into Python. So once AHEAD_AFTER_FAULTS faults in a row each hit the chunk right after the last
+ * one filled, a fault also fills the missing chunks after it: one chunk at first, doubling with each
+ * fault of the walk up to ahead_max_chunks (1 MiB). Any other fault ends the walk: random access
+ * never fills ahead, and neither do the first faults of a walk. Called by whoever serves the fault
+ * (the uffd handler thread, the faulting thread's signal handler, a worker; async-signal-safe:
+ * atomics only). Returns how many chunks to try. */
+size_t vr_region_ahead_window(vr_region *region, size_t chunk)
+{
+    if (!region->ahead_max_chunks)
+        return 0;
+    size_t window = 0;
+    size_t streak = 1;
+    if (chunk && __atomic_load_n(&region->ahead_next, __ATOMIC_RELAXED) == chunk)
+        streak = __atomic_load_n(&region->ahead_streak, __ATOMIC_RELAXED) + 1;
+    if (streak >= AHEAD_AFTER_FAULTS) {
+        window = __atomic_load_n(&region->ahead_window, __ATOMIC_RELAXED);
+        window = window ? window * 2 : 1;
+        if (window > region->ahead_max_chunks)
+            window = region->ahead_max_chunks;
+    }
+    __atomic_store_n(&region->ahead_streak, streak, __ATOMIC_RELAXED);
+    __atomic_store_n(&region->ahead_window, window, __ATOMIC_RELAXED);
+    __atomic_store_n(&region->ahead_next, chunk + 1, __ATOMIC_RELAXED);
+    return window;
+}
+
+/* The walk's next fault is expected at `next_chunk` (after the chunks filled ahead). */
+void vr_region_ahead_filled(vr_region *region, size_t next_chunk)
+{
+    __atomic_store_n(&region->ahead_next, next_chunk, __ATOMIC_RELAXED);
+}
+
+/* May a fault fill this chunk ahead? Only a chunk wholly missing (never filled, or all its pages
+ * discarded), not being regenerated, and not failed (a failed chunk is left to a real fault, which
+ * applies the error policy). The caller still has to claim it. Async-signal-safe (mincore). */
+int vr_region_chunk_fillable_ahead(vr_region *region, size_t chunk)
+{
+    uint8_t state = vr_chunk_load(region, chunk);
+    if (state & (VR_CHUNK_IN_FLIGHT | VR_CHUNK_POISONED | VR_CHUNK_FAILED))
+        return 0;
+    if (!(state & VR_CHUNK_MATERIALIZED))
+        return 1;
+    return vr_region_resident_pages(region, vr_chunk_address(region, chunk),
+                                    vr_region_chunk_length(region, chunk)) == 0;
 }
 
 static void count_purge(vr_region *region, int reason, uint64_t bytes)

@@ -49,6 +49,7 @@ struct vr_stats {
     uint64_t regeneration_errors;
     uint64_t purges; /* chunk discards of every reason (the sum of the four below) */
     uint64_t volatile_refills; /* chunks refilled while volatile and made lazy-free again */
+    uint64_t chunks_filled_ahead; /* missing chunks filled past a sequential fault (fill-ahead) */
     uint64_t purges_by_reason[4];       /* indexed by enum vr_purge_reason */
     uint64_t bytes_purged_by_reason[4]; /* bytes vrange gave back (the kernel's are not known) */
 };
@@ -96,6 +97,13 @@ struct vr_region {
     uint16_t *holds;         /* per chunk: system calls holding it (atomic) */
     vr_monitor *monitor;     /* set while the policy manages this region */
     int kernel_reclaims;     /* volatile = MADV_FREE (uffd backend, sigbus userfaultfd trap) */
+    /* Fill-ahead (vr_region_ahead_window): where the next fault of a forward walk would be, how many
+     * chunks to fill past it, and the most ever (0: off). A heuristic only: racing threads may
+     * update it with relaxed atomics, which at worst fills less or more ahead. */
+    size_t ahead_next;
+    size_t ahead_streak; /* faults in a row, each on the chunk after the last one filled */
+    size_t ahead_window;
+    size_t ahead_max_chunks;
     /* Make one claimed, volatile chunk missing (the backend's way: MADV_DONTNEED or the memfd trap);
      * 0 or -errno. `after_purge`, if set, runs once the chunk is released (the uffd backend wakes
      * faults that arrived meanwhile). */
@@ -194,6 +202,9 @@ void vr_region_note_discard_found(vr_region *region, size_t chunk_index);
 int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason);
 int vr_region_discard_pages(vr_region *region, size_t chunk_index);
 int vr_region_page_present(const vr_region *region, uintptr_t address);
+size_t vr_region_ahead_window(vr_region *region, size_t chunk);
+void vr_region_ahead_filled(vr_region *region, size_t next_chunk);
+int vr_region_chunk_fillable_ahead(vr_region *region, size_t chunk);
 int64_t vr_region_resident_pages(const vr_region *region, uintptr_t start, size_t length);
 
 #endif /* VRANGE_REGION_H */

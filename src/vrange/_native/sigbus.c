@@ -36,7 +36,6 @@ static vr_region *regions[VR_SIGBUS_MAX_REGIONS];
 static int regions_high_water;
 /* Handlers between reading the table and taking a reference on the region they found. */
 static int lookups_running;
-static int python_finalized;
 /* The action replaced by ours, to chain to. */
 static struct vr_previous_action previous_action;
 
@@ -73,7 +72,9 @@ static int claim_chunk(vr_region *region, size_t chunk)
     uint8_t before = vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT);
     if (before & VR_CHUNK_IN_FLIGHT)
         return 0;
-    region->owners[chunk] = current_tid();
+    /* Who regenerates: only a Python regenerator can touch its own chunk (a native source fills a
+     * scratch buffer), so only it needs the owner, which costs a gettid() per fault. */
+    region->owners[chunk] = region->source_kind == VR_SOURCE_PYTHON ? current_tid() : 0;
     return 1;
 }
 
@@ -90,7 +91,7 @@ static int regenerate(vr_region *region, size_t chunk, char *buffer)
 {
     if (region->source_kind != VR_SOURCE_PYTHON)
         return vr_fill_native(region, chunk, buffer);
-    if (__atomic_load_n(&python_finalized, __ATOMIC_ACQUIRE))
+    if (vr_python_has_exited())
         return -ESHUTDOWN;
     size_t length = vr_region_chunk_length(region, chunk);
     /* Holding the GIL here means the thread faulted while holding it: an unsafe point. */
@@ -106,6 +107,31 @@ static void count_refill(vr_region *region, size_t chunk)
 {
     vr_region_note_discard_found(region, chunk);
     vr_stat_add(&region->stats.faults_on_faulting_thread, 1);
+}
+
+/* After serving a fault on `chunk`: fill the missing chunks after it if this thread is walking
+ * forward (vr_region_ahead_window), one signal instead of one per chunk. Claimed like a fault's
+ * chunk; a chunk that cannot be claimed, or is not wholly missing, ends the run. */
+static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
+{
+    size_t window = vr_region_ahead_window(region, chunk);
+    size_t end = chunk + 1;
+    while (end < region->chunk_count && end - (chunk + 1) < window &&
+           vr_region_chunk_fillable_ahead(region, end) && claim_chunk(region, end))
+        end++;
+    if (end == chunk + 1)
+        return;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) == VR_OPEN) {
+        for (size_t ahead = chunk + 1; ahead < end; ahead++)
+            vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
+        vr_region_ahead_filled(region, end);
+        /* A chunk left missing faults as usual. */
+        if (trap->fill_ahead(region, chunk + 1, end, regenerate) == -EIO)
+            vr_stat_add(&region->stats.regeneration_errors, 1);
+    }
+    for (size_t ahead = chunk + 1; ahead < end; ahead++)
+        release_chunk(region, ahead);
 }
 
 /* Serve a SIGBUS on a missing page: 1 if the access may restart, 0 to chain to the previous
@@ -146,6 +172,8 @@ static int serve_chunk(vr_region *region, uintptr_t address, const struct vr_sig
         }
     }
     release_chunk(region, chunk);
+    if (handled && !(vr_chunk_load(region, chunk) & VR_CHUNK_FAILED))
+        fill_ahead(region, chunk, trap);
     return handled;
 }
 
@@ -277,7 +305,7 @@ int vr_sigbus_reinstall_if_replaced(void)
     return rc < 0 ? rc : 1;
 }
 
-void vr_sigbus_python_finalized(void) { __atomic_store_n(&python_finalized, 1, __ATOMIC_RELEASE); }
+void vr_sigbus_python_finalized(void) { vr_python_note_exit(); }
 
 int vr_sigbus_attach(vr_region *region, int trap_kind, int trap_uffd)
 {

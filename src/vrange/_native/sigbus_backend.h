@@ -59,6 +59,10 @@ struct vr_sigbus_trap {
     int (*dirty)(vr_region *region, size_t chunk);
     /* Set the region up for this trap (attach). 0 or -errno. */
     int (*attach)(vr_region *region, int trap_uffd);
+    /* Fill chunks [first, end), wholly missing and held by the caller, with what `regenerate` writes,
+     * ahead of a fault (vr_region_ahead_window): 0 or -errno (a chunk left missing is served by a
+     * real fault if one comes, which applies the error policy). */
+    int (*fill_ahead)(vr_region *region, size_t first, size_t end, vr_sigbus_regenerator regenerate);
 };
 
 extern const struct vr_sigbus_trap vr_sigbus_memfd_trap;

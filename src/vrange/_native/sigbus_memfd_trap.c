@@ -48,18 +48,24 @@ static int map_failure(vr_region *region, int error_number)
     return -error_number;
 }
 
-/* Fill a fresh anonymous chunk and move it over the trap. The caller holds the chunk (IN_FLIGHT).
- * `regenerate` NULL: install zeros (the explicit on_error="zeros" policy; fresh memory is zeros). */
-static int install_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator regenerate)
+/* Fill fresh anonymous memory for chunks [first, end) and move it over the trap. The caller holds
+ * the chunks (IN_FLIGHT). `regenerate` NULL: install zeros (the explicit on_error="zeros" policy;
+ * fresh memory is zeros, and so is the Zeros source's). The memory is populated by the mmap itself
+ * (MAP_POPULATE: one call instead of a page fault per page while it is filled). */
+static int install_run(vr_region *region, size_t first, size_t end, vr_sigbus_regenerator regenerate)
 {
-    size_t length = vr_region_chunk_length(region, chunk);
-    uintptr_t start = vr_chunk_address(region, chunk);
+    uintptr_t start;
+    size_t length;
+    vr_region_span(region, first, end, &start, &length);
     vr_monitor_note_refill(region, length, 1); /* memory the kernel cannot take back */
     char *scratch = mmap(NULL, length, PROT_READ | PROT_WRITE,
-                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_POPULATE, -1, 0);
     if (scratch == MAP_FAILED)
         return map_failure(region, errno);
-    int rc = regenerate ? regenerate(region, chunk, scratch) : 0;
+    int rc = 0;
+    if (regenerate && region->source_kind != VR_SOURCE_ZEROS)
+        for (size_t chunk = first; rc == 0 && chunk < end; chunk++)
+            rc = regenerate(region, chunk, scratch + (chunk - first) * region->chunk_size);
     /* ENOMEM here is the process's mapping count at vm.max_map_count (the chunk splits the trap's
      * mapping), or no memory for the kernel's own structures. */
     if (rc == 0 && mremap(scratch, length, length, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)start) ==
@@ -69,10 +75,29 @@ static int install_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator 
         munmap(scratch, length);
         return rc;
     }
-    vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
-    vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED | VR_CHUNK_FAILED);
+    for (size_t chunk = first; chunk < end; chunk++) {
+        vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
+        vr_chunk_clear(region, chunk, VR_CHUNK_TRAPPED | VR_CHUNK_FAILED);
+    }
     vr_stat_add(&region->stats.bytes_regenerated, length);
     return 0;
+}
+
+static int install_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator regenerate)
+{
+    return install_run(region, chunk, chunk + 1, regenerate);
+}
+
+/* The trap op: chunks filled ahead of a fault, in one mapping. */
+static int install_ahead(vr_region *region, size_t first, size_t end,
+                         vr_sigbus_regenerator regenerate)
+{
+    int rc = install_run(region, first, end, regenerate);
+    if (rc == 0) {
+        vr_stat_add(&region->stats.chunks_filled_ahead, end - first);
+        vr_stat_add(&region->stats.faults_on_faulting_thread, end - first); /* served on this thread */
+    }
+    return rc;
 }
 
 static int chunk_trapped(vr_region *region, size_t chunk)
@@ -154,4 +179,5 @@ const struct vr_sigbus_trap vr_sigbus_memfd_trap = {
     .refill = install_chunk,
     .dirty = NULL, /* the kernel never discards these pages: filled is pinned */
     .attach = attach,
+    .fill_ahead = install_ahead,
 };

@@ -142,16 +142,37 @@ static char *take_scratch(vr_region *region, int *slot_out)
     return buffer == MAP_FAILED ? NULL : buffer;
 }
 
-/* Return a scratch buffer. Its pages are made lazy-free, so an idle region's scratch costs the
- * process nothing under pressure (reusing a lazy-free page that was not reclaimed costs no fault). */
+/* Scratch buffers of chunks at least this large are made lazy-free after each use. */
+#define LAZY_FREE_SCRATCH_BYTES (256 * 1024)
+
+/* Return a scratch buffer. A large one's pages are made lazy-free, so an idle region's scratch costs
+ * the process nothing under pressure (reusing a lazy-free page that was not reclaimed costs no
+ * fault). A small one stays as it is: the madvise, with its TLB flush, cost about as much as a
+ * whole 64 KiB fill, and a region keeps at most VR_SCRATCH_SLOTS of them (256 KiB at 64 KiB). */
 static void give_scratch(vr_region *region, char *scratch, int slot)
 {
     if (slot < 0) {
         munmap(scratch, region->chunk_size);
         return;
     }
-    (void)madvise(scratch, region->chunk_size, MADV_FREE); /* only an optimisation */
+    if (region->chunk_size >= LAZY_FREE_SCRATCH_BYTES)
+        (void)madvise(scratch, region->chunk_size, MADV_FREE); /* only an optimisation */
     __atomic_store_n(&region->scratch_busy[slot], 0, __ATOMIC_RELEASE);
+}
+
+/* After filling chunks [first, end) (`rc` 0) or failing to (`rc`, returned): record them filled and
+ * make the volatile ones lazy-free again (the access restarts right after the handler returns). */
+static int finish_refill(vr_region *region, size_t first, size_t end, int rc)
+{
+    if (rc != 0)
+        return rc;
+    for (size_t chunk = first; chunk < end; chunk++) {
+        vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
+        vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
+        vr_stat_add(&region->stats.bytes_regenerated, vr_region_chunk_length(region, chunk));
+        vr_region_keep_volatile(region, chunk);
+    }
+    return 0;
 }
 
 /* Fill the missing pages of a chunk the caller holds (IN_FLIGHT): regenerated, or zeros for the
@@ -166,25 +187,64 @@ static int refill_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator r
                                   VR_FILL_ZEROPAGE);
     } else {
         vr_monitor_note_refill(region, length, 1);
+        if (region->source_kind == VR_SOURCE_ZEROS) /* copied from zeros: no buffer, no memset */
+            return finish_refill(region, chunk, chunk + 1,
+                                 vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size,
+                                                             start, length, NULL, VR_FILL_ZEROS));
         int slot;
         char *scratch = take_scratch(region, &slot);
         if (!scratch)
             return -ENOMEM;
-        if (region->source_kind == VR_SOURCE_PYTHON)
-            memset(scratch, 0, length); /* a reused buffer: never hand out another chunk's bytes */
+        /* A reused buffer needs no clearing: a native source and a successful Python regenerator
+         * write all `length` bytes (the Python side copies its own zeroed buffer), and a failed
+         * one's bytes are never copied. */
         rc = regenerate(region, chunk, scratch);
         if (rc == 0)
             rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size, start, length, scratch,
                                       VR_FILL_COPY);
         give_scratch(region, scratch, slot);
     }
-    if (rc != 0)
-        return rc;
-    vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
-    vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
-    vr_stat_add(&region->stats.bytes_regenerated, length);
-    vr_region_keep_volatile(region, chunk); /* the access restarts right after we return */
-    return 0;
+    return finish_refill(region, chunk, chunk + 1, rc);
+}
+
+/* Chunks [first, end) filled ahead of a fault (see the trap op): zeros in one copy; other sources
+ * chunk by chunk through a scratch buffer. Async-signal-safe (a Python regenerator: see sigbus.c). */
+static int fill_ahead(vr_region *region, size_t first, size_t end, vr_sigbus_regenerator regenerate)
+{
+    uintptr_t start = vr_chunk_address(region, first);
+    size_t length = vr_chunk_address(region, end - 1) + vr_region_chunk_length(region, end - 1) -
+                    start;
+    vr_monitor_note_refill(region, length, 1);
+    if (region->source_kind == VR_SOURCE_ZEROS) {
+        int rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size, start, length,
+                                             NULL, VR_FILL_ZEROS);
+        if (rc == 0) {
+            vr_stat_add(&region->stats.chunks_filled_ahead, end - first);
+            vr_stat_add(&region->stats.faults_on_faulting_thread, end - first); /* this thread's */
+        }
+        return finish_refill(region, first, end, rc);
+    }
+    int slot;
+    char *scratch = take_scratch(region, &slot);
+    if (!scratch)
+        return -ENOMEM;
+    int rc = 0;
+    size_t chunk = first;
+    for (; rc == 0 && chunk < end; chunk++) {
+        rc = regenerate(region, chunk, scratch);
+        if (rc == 0)
+            rc = vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size,
+                                             vr_chunk_address(region, chunk),
+                                             vr_region_chunk_length(region, chunk), scratch,
+                                             VR_FILL_COPY);
+        if (rc == 0) {
+            vr_stat_add(&region->stats.chunks_filled_ahead, 1);
+            vr_stat_add(&region->stats.faults_on_faulting_thread, 1); /* served on this thread */
+            finish_refill(region, chunk, chunk + 1, 0);
+        }
+    }
+    give_scratch(region, scratch, slot);
+    return rc;
 }
 
 static int chunk_missing_pages(vr_region *region, size_t chunk)
@@ -231,4 +291,5 @@ const struct vr_sigbus_trap vr_sigbus_uffd_trap = {
     .refill = refill_chunk,
     .dirty = dirty_chunk,
     .attach = attach,
+    .fill_ahead = fill_ahead,
 };

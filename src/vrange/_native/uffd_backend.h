@@ -71,6 +71,15 @@ enum vr_job_state { VR_JOB_QUEUED = 0, VR_JOB_RUNNING = 1, VR_JOB_CANCELLED = 2 
  * deadlock (it cannot be told apart from outside the interpreter), short enough not to look hung. */
 #define VR_GIL_WAIT_LIMIT_MS 10000
 
+/* /proc files of a faulting thread the handler keeps open (uffd_fault.c, read_proc_task_file). */
+#define VR_PROC_CACHE_SLOTS 8
+enum { VR_PROC_SYSCALL, VR_PROC_WCHAN, VR_PROC_STATUS, VR_PROC_FILES };
+struct vr_proc_files {
+    pid_t tid; /* 0: a free slot */
+    int fd[VR_PROC_FILES];
+    uint64_t last_used;
+};
+
 struct vr_uffd_handler {
     int uffd;
     int wake_fd; /* eventfd: signal verdicts and shutdown */
@@ -93,6 +102,9 @@ struct vr_uffd_handler {
     int signal_retaken; /* the fault signal was taken back from other code (said once) */
     vr_job *gil_waiting; /* watched jobs (see vr_job.watched), under lock */
     int gil_wait_limit_ms;
+    int64_t spin_ns; /* how long the thread looks for the next event before it sleeps */
+    struct vr_proc_files proc_cache[VR_PROC_CACHE_SLOTS]; /* handler thread only */
+    uint64_t proc_clock;
 };
 
 /* cffi: begin (exported to Python; build.py reads these blocks) */
@@ -107,6 +119,7 @@ int vr_uffd_resume(vr_region *region);
 int vr_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_uffd_prefault(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_uffd_rebind_after_fork(vr_region *region, vr_uffd_handler *handler);
+void vr_uffd_handler_forget_in_child(vr_uffd_handler *handler);
 /* cffi: end */
 
 /* uffd_fault.c: the fault path. Called by the handler thread (lock not held). */

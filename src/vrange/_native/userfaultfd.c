@@ -101,6 +101,11 @@ void vr_userfaultfd_wake(int uffd, uintptr_t start, size_t length)
 
 #define COPY_EAGAIN_RETRIES 1000
 
+/* The source of VR_FILL_ZEROS: read-only zeros, copied from (never written), so filling a chunk
+ * with zeros needs no buffer of its own and no memset per fault. */
+#define ZERO_SOURCE_BYTES (64 * 1024)
+static const char zero_source[ZERO_SOURCE_BYTES] __attribute__((aligned(4096)));
+
 /* Pages that are already present (EEXIST) are kept as they are: a write made by the program is
  * never overwritten. Nothing is woken here (DONTWAKE): the uffd backend clears IN_FLIGHT first and
  * then wakes the range (vr_userfaultfd_wake), so a thread whose fault was set aside while the chunk was in flight is always
@@ -113,11 +118,21 @@ int vr_userfaultfd_fill_missing(int uffd, size_t page_size, uintptr_t start, siz
     while (done < length) {
         int64_t progress;
         int rc;
-        if (kind == VR_FILL_COPY) {
-            struct uffdio_copy copy = { .dst = start + done, .src = (uintptr_t)(source + done),
-                                        .len = length - done, .mode = UFFDIO_COPY_MODE_DONTWAKE };
+        if (kind == VR_FILL_COPY || kind == VR_FILL_ZEROS) {
+            /* Zeros: ordinary private pages (as UFFDIO_COPY makes them), not the shared zero page
+             * UFFDIO_ZEROPAGE maps, whose first write would fault again. */
+            size_t piece = length - done;
+            if (kind == VR_FILL_ZEROS && piece > ZERO_SOURCE_BYTES)
+                piece = ZERO_SOURCE_BYTES;
+            const char *from = kind == VR_FILL_ZEROS ? zero_source : source + done;
+            struct uffdio_copy copy = { .dst = start + done, .src = (uintptr_t)from, .len = piece,
+                                        .mode = UFFDIO_COPY_MODE_DONTWAKE };
             rc = ioctl(uffd, UFFDIO_COPY, &copy);
             progress = copy.copy;
+            if (rc == 0 && done + piece < length) {
+                done += piece;
+                continue;
+            }
         } else if (kind == VR_FILL_ZEROPAGE) {
             struct uffdio_zeropage zero = { .range = { .start = start + done, .len = length - done },
                                             .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE };

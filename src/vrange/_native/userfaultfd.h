@@ -20,7 +20,7 @@ void vr_userfaultfd_hide(uint64_t features, uint64_t ioctls);
 /* `ioctls` without the hidden ones (for callers that issue UFFDIO_REGISTER themselves). */
 uint64_t vr_userfaultfd_visible_ioctls(uint64_t ioctls);
 
-enum vr_fill_kind { VR_FILL_COPY, VR_FILL_ZEROPAGE, VR_FILL_POISON };
+enum vr_fill_kind { VR_FILL_COPY, VR_FILL_ZEROS, VR_FILL_ZEROPAGE, VR_FILL_POISON };
 
 /* Fill the missing pages of [start, start + length) from `source` (COPY), with zeros (ZEROPAGE) or
  * with poison markers (POISON); present pages are kept; nobody is woken. 0 or -errno.

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import mmap
 import os
+import random
 import tempfile
 import threading
 import time
@@ -22,7 +23,7 @@ from typing import Any
 
 from .. import io as vrange_io
 from .._backends import buffer_address, usable_specs
-from .._backends._memory import touch_pages, touch_pages_each, uffd_floor
+from .._backends._memory import touch_pages, touch_pages_each, touch_pages_in_order, uffd_floor
 from ..errors import VRangeError
 from ..region import Region
 from ..sources import File, Zeros
@@ -193,6 +194,14 @@ def _touch_other_thread(buffer: Any, length: int, backend: str) -> float:
     return elapsed[0] / 1e9
 
 
+def _touch_random(buffer: Any, length: int, backend: str) -> float:
+    """Every page once, in a random order (the same order each time): no forward walk, so no
+    fill-ahead; a chunk's first touch faults, its other pages are hits."""
+    pages = list(range(length // PAGE))
+    random.Random(length).shuffle(pages)
+    return touch_pages_in_order(buffer_address(buffer), pages, PAGE) / 1e9
+
+
 def _touch_syscall(buffer: Any, length: int, backend: str) -> float:
     """os.write of every MiB to a memfd (vrange.io.write on the sigbus backend, where a raw
     syscall on a missing page gets EFAULT)."""
@@ -218,7 +227,10 @@ CONTEXTS: dict[str, tuple[Callable[[Any, int, str], float], str]] = {
     "gil-released": (_touch_gil_released, "a C loop writes each page (GIL released)"),
     "other-thread": (_touch_other_thread, "a C loop in another thread writes each page"),
     "syscall": (_touch_syscall, "os.write from the range (vrange.io.write on sigbus)"),
+    "random": (_touch_random, "a C loop writes each page in a random order (no fill-ahead)"),
 }
+# Contexts measured for native Zeros only (the cost of the mechanism, not of a regenerator).
+ZEROS_ONLY_CONTEXTS = {"random"}
 
 
 # --- regenerators --------------------------------------------------------------------------------
@@ -273,6 +285,8 @@ def _fault_rows(specs: list[str]) -> list[Row]:
         for kind, label in REGENERATORS.items():
             for chunk in FULL.chunks:
                 for context, (_, how) in CONTEXTS.items():
+                    if context in ZEROS_ONLY_CONTEXTS and kind != "zeros":
+                        continue
                     versus_native = kind == "python" and chunk == DEFAULT_CHUNK
 
                     def setup(scale: Scale, resources: Resources, spec: str = spec,

@@ -14,11 +14,6 @@ import vrange
 from vrange.compat import BACKENDS, PROFILES, SCENARIOS
 
 KEYS = {"scenario", "backend", "profile", "kernel", "result", "reason"}
-# Scenarios a special run leaves out, with its reason (.ci/sanitizers: the memory-pressure cache
-# cannot stay under its cgroup limit with ASan's shadow memory and quarantine, as for
-# tests/test_memory_pressure.py, which that run ignores too).
-LEFT_OUT = {name for name in os.environ.get("VRANGE_TEST_COMPAT_LEAVE_OUT", "").split(",") if name}
-RUN_SCENARIOS = [name for name in SCENARIOS if name not in LEFT_OUT]
 RUN_PY = Path(__file__).resolve().parent.parent / "compat" / "run.py"
 
 
@@ -32,9 +27,7 @@ def parse_lines(output: str) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def full_run() -> subprocess.CompletedProcess[str]:
-    if not LEFT_OUT:
-        return run_compat("--json")
-    return run_compat("--json", *(option for name in RUN_SCENARIOS for option in ("--scenario", name)))
+    return run_compat("--json")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +50,7 @@ def test_every_cell_is_one_line_with_the_six_keys(
     assert all(isinstance(cell["reason"], str) for cell in lines)
     assert all(cell["reason"] for cell in lines if cell["result"] != "pass")
     assert set(cells) == {(profile, scenario, backend) for profile in PROFILES
-                          for scenario in RUN_SCENARIOS for backend in BACKENDS}
+                          for scenario in SCENARIOS for backend in BACKENDS}
     assert {cell["kernel"] for cell in lines} == {os.uname().release}
     assert full_run.stderr == ""  # no progress without a terminal unless asked
 
@@ -76,7 +69,7 @@ def _memory_pressure_applies(report: vrange.Features) -> bool:
 
 def test_native_profile_runs_everything_that_applies(
         cells: dict[tuple[str, str, str], dict[str, str]], report: vrange.Features) -> None:
-    for scenario in RUN_SCENARIOS:
+    for scenario in SCENARIOS:
         for backend in BACKENDS:
             cell = cells[("native", scenario, backend)]
             if (scenario, backend) == ("kernel-discard", "sigbus:memfd"):
@@ -97,7 +90,7 @@ def test_native_profile_runs_everything_that_applies(
 def test_container_profiles_fall_back_to_sigbus(
         cells: dict[tuple[str, str, str], dict[str, str]], report: vrange.Features,
         profile: str, errno_name: str) -> None:
-    for scenario in RUN_SCENARIOS:
+    for scenario in SCENARIOS:
         for backend in ("uffd", "sigbus:uffd"):  # no userfaultfd of any kind: neither can run
             cell = cells[(profile, scenario, backend)]
             assert cell["result"] == "n/a" and errno_name in cell["reason"], cell
@@ -112,7 +105,7 @@ def test_container_profiles_fall_back_to_sigbus(
 def test_unprivileged_profile(cells: dict[tuple[str, str, str], dict[str, str]],
                               report: vrange.Features) -> None:
     row = {(scenario, backend): cells[("unprivileged", scenario, backend)]
-           for scenario in RUN_SCENARIOS for backend in BACKENDS}
+           for scenario in SCENARIOS for backend in BACKENDS}
     if os.geteuid() != 0:
         assert all(cell["result"] == "n/a" and "needs root" in cell["reason"]
                    for cell in row.values())

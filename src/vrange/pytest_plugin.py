@@ -23,7 +23,7 @@ Options (docs/testing-with-vrange.md):
 ``--vrange-profile=NAME``
     Run the whole session under a simulated restriction: ``seccomp-eperm``, ``seccomp-enosys``
     (userfaultfd denied as by a container's seccomp profile), or a simulated kernel from
-    ``vrange.testing.KERNEL_PROFILES`` where this vrange has them. Irreversible for the pytest
+    ``vrange.testing.KERNEL_PROFILES``. Irreversible for the pytest
     process: use it in a pytest run of its own.
 
 Fixtures: :func:`vrange_backend`, :func:`vrange_purge`, :func:`vrange_region`.
@@ -57,10 +57,10 @@ SECCOMP_PROFILES = {
 
 def profiles() -> dict[str, str]:
     """The profiles ``--vrange-profile`` accepts here (name → description): the seccomp ones and the
-    simulated kernels of ``vrange.testing.KERNEL_PROFILES`` when this vrange has them."""
+    simulated kernels of ``vrange.testing.KERNEL_PROFILES``."""
     from vrange import testing
 
-    return {**SECCOMP_PROFILES, **getattr(testing, "KERNEL_PROFILES", {})}
+    return {**SECCOMP_PROFILES, **testing.KERNEL_PROFILES}
 
 
 # --- the purge schedule --------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A profile's ``apply`` changes the calling process (a seccomp filter cannot be re
 privilege cannot be taken back): the runner calls it in a process of the profile's own. Adding a
 profile is adding one entry to :data:`PROFILES`; the simulated older kernels of
 :mod:`vrange.testing` (``KERNEL_PROFILES``, applied by ``simulate_kernel``) join the table by
-themselves where the installed vrange has them.
+themselves.
 """
 
 from __future__ import annotations
@@ -83,9 +83,8 @@ def _profiles() -> dict[str, Profile]:
         Profile("unprivileged", f"uid {NOBODY}, no capabilities (a user-mode-only userfaultfd "
                 "at most)", _unprivileged),
     ]
-    kernels: dict[str, str] = getattr(testing, "KERNEL_PROFILES", {})
     table += [Profile(name, description, _simulated_kernel(name), kind="kernel")
-              for name, description in kernels.items()]
+              for name, description in testing.KERNEL_PROFILES.items()]
     return {profile.name: profile for profile in table}
 
 

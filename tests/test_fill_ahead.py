@@ -215,3 +215,23 @@ def test_many_short_lived_faulting_threads_are_served_with_few_descriptors(
         os.close(read_fd)
         view.release()
     assert child_count == b"0"
+
+
+def test_fill_ahead_can_be_turned_off_for_one_region(backend: str,
+                                                     regenerator: CountingRegenerator) -> None:
+    with vrange.Region(SIZE, regenerator, backend=backend, fill_ahead=False) as region, \
+            vrange.Region(SIZE, sources.Zeros(), backend=backend) as other:
+        assert (region.fill_ahead, other.fill_ahead) == (False, True)
+        walk(region, list(range(CHUNKS)))
+        walk(other, list(range(CHUNKS)))
+        assert region.stats().chunks_filled_ahead == 0
+        assert region.stats().faults_served == CHUNKS
+        assert other.stats().chunks_filled_ahead > 0
+        assert regenerator.calls == {chunk * CHUNK: 1 for chunk in range(CHUNKS)}
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+@pytest.mark.parametrize("value", [0, 1, None, "no"])
+def test_fill_ahead_must_be_a_bool(backend: str, value: object) -> None:
+    with pytest.raises(TypeError, match="fill_ahead must be True or False"):
+        vrange.Region(SIZE, sources.Zeros(), backend=backend, fill_ahead=value)  # type: ignore[arg-type]

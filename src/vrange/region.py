@@ -79,6 +79,10 @@ class Region(mmap.mmap):
       lowest ``priority`` first, then the chunks marked volatile longest ago. ``managed=None``
       manages the regions the kernel cannot reclaim (the memfd trap) and regions with a ``group``
       (named budgets: :func:`vrange.policy.set_budget`).
+    - ``fill_ahead``: once a thread walks forward through missing chunks (four faults in a row,
+      each on the next chunk), its faults also fill the missing chunks after it, up to 1 MiB
+      ahead, so that a scan or a copy faults far less often. True by default; False: every chunk
+      is filled by a fault of its own (docs/design.md, "Fill-ahead").
     - ``on_error``: what a fault does when the regenerator fails and there is no library call to
       raise from (a plain memory access): ``"poison"`` (default where the kernel has
       UFFDIO_POISON: the access raises SIGBUS, a syscall gets EFAULT, the next
@@ -102,11 +106,12 @@ class Region(mmap.mmap):
     _size: int
     _io_holds: int
     _regeneration: Regeneration
+    _fill_ahead: bool
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
                 priority: int = 0, group: str | None = None,
-                managed: bool | None = None) -> Region:
+                managed: bool | None = None, fill_ahead: bool = True) -> Region:
         if isinstance(nbytes, bool) or not isinstance(nbytes, int):
             raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
         if nbytes <= 0:
@@ -131,6 +136,8 @@ class Region(mmap.mmap):
             raise TypeError(f"group must be a non-empty str or None, not {group!r}")
         if managed is not None and not isinstance(managed, bool):
             raise TypeError(f"managed must be True, False or None, not {managed!r}")
+        if not isinstance(fill_ahead, bool):
+            raise TypeError(f"fill_ahead must be True or False, not {fill_ahead!r}")
         choice = resolve_backend(backend)
         error_policy = cast(ErrorPolicy, choice.default_error_policy(features())
                             if on_error is None else on_error)
@@ -165,6 +172,9 @@ class Region(mmap.mmap):
                                         choice.trap, self._regeneration)
             core = self._core
             core.management, core.priority, core.group = managed, priority, group
+            if not fill_ahead:
+                core.turn_off_fill_ahead()  # before anything can touch the region
+            self._fill_ahead = fill_ahead
             if policy.should_manage(core):
                 policy.manage(core, priority, group)
             if core.needs_handler_watchdog():
@@ -183,7 +193,7 @@ class Region(mmap.mmap):
     def __init__(self, nbytes: int, regenerate: Regenerator, backend: str | None = None,
                  chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
                  priority: int = 0, group: str | None = None,
-                 managed: bool | None = None) -> None:
+                 managed: bool | None = None, fill_ahead: bool = True) -> None:
         pass  # everything happens in __new__ (mmap.mmap is built there)
 
     # --- properties -----------------------------------------------------------------------------
@@ -192,6 +202,14 @@ class Region(mmap.mmap):
     def backend(self) -> str:
         """The backend serving this region (``"uffd"`` or ``"sigbus"``)."""
         return self._backend_name
+
+    @property
+    def fill_ahead(self) -> bool:
+        """Whether a forward walk's faults also fill the missing chunks after them (docs/design.md,
+        "Fill-ahead"): True unless ``Region(..., fill_ahead=False)`` turned it off (an
+        ``Isolated`` source never fills ahead, and ``$VRANGE_FILL_AHEAD_KIB=0`` turns it off for
+        every region)."""
+        return self._fill_ahead
 
     @property
     def chunk_size(self) -> int:

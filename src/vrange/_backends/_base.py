@@ -238,6 +238,10 @@ class BackendRegion(abc.ABC):
             lib.vr_region_set_file_size(out[0], source.file_size)  # nothing can touch it yet
         self.pointer = out[0]
 
+    def turn_off_fill_ahead(self) -> None:
+        """Every chunk is filled by a fault of its own (``Region(fill_ahead=False)``)."""
+        lib.vr_region_turn_off_fill_ahead(self.pointer)
+
     def opened(self) -> None:
         """The region serves faults from now on: it is a live region of the process."""
         _registry.register(self)

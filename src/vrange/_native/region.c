@@ -395,7 +395,8 @@ int vr_region_page_present(const vr_region *region, uintptr_t address)
  * atomics only). Returns how many chunks to try. */
 size_t vr_region_ahead_window(vr_region *region, size_t chunk)
 {
-    if (!region->ahead_max_chunks)
+    size_t max_chunks = __atomic_load_n(&region->ahead_max_chunks, __ATOMIC_RELAXED);
+    if (!max_chunks)
         return 0;
     size_t window = 0;
     size_t streak = 1;
@@ -404,13 +405,19 @@ size_t vr_region_ahead_window(vr_region *region, size_t chunk)
     if (streak >= AHEAD_AFTER_FAULTS) {
         window = __atomic_load_n(&region->ahead_window, __ATOMIC_RELAXED);
         window = window ? window * 2 : 1;
-        if (window > region->ahead_max_chunks)
-            window = region->ahead_max_chunks;
+        if (window > max_chunks)
+            window = max_chunks;
     }
     __atomic_store_n(&region->ahead_streak, streak, __ATOMIC_RELAXED);
     __atomic_store_n(&region->ahead_window, window, __ATOMIC_RELAXED);
     __atomic_store_n(&region->ahead_next, chunk + 1, __ATOMIC_RELAXED);
     return window;
+}
+
+/* Region(fill_ahead=False): every chunk is filled by a fault of its own. */
+void vr_region_turn_off_fill_ahead(vr_region *region)
+{
+    __atomic_store_n(&region->ahead_max_chunks, 0, __ATOMIC_RELAXED);
 }
 
 /* The walk's next fault is expected at `next_chunk` (after the chunks filled ahead). */

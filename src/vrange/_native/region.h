@@ -181,6 +181,7 @@ int vr_region_fence(vr_region *region);
 int *vr_region_gil_waiters_counter(vr_region *region);
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
 void vr_region_set_file_size(vr_region *region, int64_t file_size);
+void vr_region_turn_off_fill_ahead(vr_region *region);
 uint8_t *vr_region_chunk_state_array(vr_region *region);
 /* cffi: end */
 void vr_region_ref(vr_region *region);

@@ -235,3 +235,22 @@ def test_fill_ahead_can_be_turned_off_for_one_region(backend: str,
 def test_fill_ahead_must_be_a_bool(backend: str, value: object) -> None:
     with pytest.raises(TypeError, match="fill_ahead must be True or False"):
         vrange.Region(SIZE, sources.Zeros(), backend=backend, fill_ahead=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("call", ["prefault", "mark_nonvolatile"])
+def test_a_library_call_regenerates_its_range_and_nothing_after_it(
+        backend: str, regenerator: CountingRegenerator, call: str) -> None:
+    """mark_nonvolatile and prefault walk their range forward (a walk that fills ahead), but never
+    past its end."""
+    with vrange.Region(SIZE, regenerator, backend=backend) as region:
+        region.mark_volatile()
+        assert region.purge() == 0  # nothing was ever filled: every chunk is missing
+        getattr(region, call)(4 * CHUNK, 20 * CHUNK)
+        assert sorted(regenerator.calls) == [chunk * CHUNK for chunk in range(4, 24)]
+        present = resident_pages(region)
+        assert [index for index, page in enumerate(present) if page] == \
+            list(range(4 * CHUNK // PAGE, 24 * CHUNK // PAGE))
+        # Afterwards, a walk of the rest fills ahead again, up to the region's end.
+        walk(region, list(range(24, CHUNKS)))
+        assert region.stats().chunks_filled_ahead > 0
+        assert_pages_match(region, pattern(0, SIZE))

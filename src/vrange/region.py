@@ -384,7 +384,11 @@ class Region(mmap.mmap):
             self._regenerate.ensure_running()  # a helper that died or hung is replaced here
         self._core.discard(first, end, only_failed=True)
         self._core.clear_errors()
-        result = populate(first, end)
+        self._core.limit_fill_ahead(end)  # regenerate what was asked for, nothing after it
+        try:
+            result = populate(first, end)
+        finally:
+            self._core.limit_fill_ahead(self._core_chunk_count())
         new_failures = [(offset, error)
                         for offset, error in self._regeneration.failures_since(count_before)
                         if first * self._chunk_size <= offset < end * self._chunk_size]

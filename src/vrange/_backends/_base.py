@@ -238,6 +238,11 @@ class BackendRegion(abc.ABC):
             lib.vr_region_set_file_size(out[0], source.file_size)  # nothing can touch it yet
         self.pointer = out[0]
 
+    def limit_fill_ahead(self, end_chunk: int) -> None:
+        """Faults fill ahead no further than ``end_chunk`` (the end of a library call's range);
+        ``end_chunk`` at or past the last chunk lifts the limit."""
+        lib.vr_region_limit_fill_ahead(self.pointer, end_chunk)
+
     def turn_off_fill_ahead(self) -> None:
         """Every chunk is filled by a fault of its own (``Region(fill_ahead=False)``)."""
         lib.vr_region_turn_off_fill_ahead(self.pointer)

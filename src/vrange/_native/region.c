@@ -131,6 +131,7 @@ int vr_region_new(vr_uffd_handler *handler, uintptr_t base, size_t size, size_t 
     region->file_size = -1;
     region->discard_chunk = vr_region_discard_pages;
     region->ahead_max_chunks = ahead_max_chunks(source_kind, chunk_size);
+    region->ahead_limit = region->chunk_count;
     /* Huge pages would bypass the per-chunk accounting and UFFDIO_COPY works in base pages. */
     if (madvise((void *)base, size, MADV_NOHUGEPAGE) < 0 && errno != EINVAL) {
         int saved = errno;
@@ -418,6 +419,22 @@ size_t vr_region_ahead_window(vr_region *region, size_t chunk)
 void vr_region_turn_off_fill_ahead(vr_region *region)
 {
     __atomic_store_n(&region->ahead_max_chunks, 0, __ATOMIC_RELAXED);
+}
+
+/* While a library call (mark_nonvolatile, prefault) makes chunks present, faults fill ahead only up
+ * to the end of its range: the call regenerates what it was asked for, nothing after it. `end_chunk`
+ * past the last chunk lifts the limit. The region's calls are serialized by its lock (Python). */
+void vr_region_limit_fill_ahead(vr_region *region, size_t end_chunk)
+{
+    __atomic_store_n(&region->ahead_limit,
+                     end_chunk < region->chunk_count ? end_chunk : region->chunk_count,
+                     __ATOMIC_RELEASE);
+}
+
+/* The chunk fill-ahead stops before. */
+size_t vr_region_ahead_limit(vr_region *region)
+{
+    return __atomic_load_n(&region->ahead_limit, __ATOMIC_ACQUIRE);
 }
 
 /* The walk's next fault is expected at `next_chunk` (after the chunks filled ahead). */

@@ -104,6 +104,7 @@ struct vr_region {
     size_t ahead_streak; /* faults in a row, each on the chunk after the last one filled */
     size_t ahead_window;
     size_t ahead_max_chunks;
+    size_t ahead_limit; /* no chunk at or past it is filled ahead (a library call's range end) */
     /* Make one claimed, volatile chunk missing (the backend's way: MADV_DONTNEED or the memfd trap);
      * 0 or -errno. `after_purge`, if set, runs once the chunk is released (the uffd backend wakes
      * faults that arrived meanwhile). */
@@ -182,6 +183,7 @@ int *vr_region_gil_waiters_counter(vr_region *region);
 void vr_region_set_isolated(vr_region *region, struct vr_isolated *isolated);
 void vr_region_set_file_size(vr_region *region, int64_t file_size);
 void vr_region_turn_off_fill_ahead(vr_region *region);
+void vr_region_limit_fill_ahead(vr_region *region, size_t end_chunk);
 uint8_t *vr_region_chunk_state_array(vr_region *region);
 /* cffi: end */
 void vr_region_ref(vr_region *region);
@@ -204,6 +206,7 @@ int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason)
 int vr_region_discard_pages(vr_region *region, size_t chunk_index);
 int vr_region_page_present(const vr_region *region, uintptr_t address);
 size_t vr_region_ahead_window(vr_region *region, size_t chunk);
+size_t vr_region_ahead_limit(vr_region *region);
 void vr_region_ahead_filled(vr_region *region, size_t next_chunk);
 int vr_region_chunk_fillable_ahead(vr_region *region, size_t chunk);
 int64_t vr_region_resident_pages(const vr_region *region, uintptr_t start, size_t length);

@@ -115,8 +115,9 @@ static void count_refill(vr_region *region, size_t chunk)
 static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
 {
     size_t window = vr_region_ahead_window(region, chunk);
+    size_t limit = vr_region_ahead_limit(region);
     size_t end = chunk + 1;
-    while (end < region->chunk_count && end - (chunk + 1) < window &&
+    while (end < limit && end - (chunk + 1) < window &&
            vr_region_chunk_fillable_ahead(region, end) && claim_chunk(region, end))
         end++;
     if (end == chunk + 1)

@@ -235,9 +235,10 @@ static void python_fill_ahead(vr_region *region, vr_job *job, int on_faulting_th
     uint64_t *served = on_faulting_thread ? &region->stats.faults_on_faulting_thread
                                           : &region->stats.faults_on_worker_thread;
     size_t chunk = job->chunk_index;
-    size_t window = vr_region_ahead_window(region, chunk);
+    size_t window = job->ahead_window;
+    size_t limit = vr_region_ahead_limit(region);
     size_t end = chunk + 1;
-    while (end < region->chunk_count && end - (chunk + 1) < window &&
+    while (end < limit && end - (chunk + 1) < window &&
            vr_region_chunk_fillable_ahead(region, end) &&
            !(vr_chunk_set(region, end, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT))
         end++;
@@ -718,8 +719,9 @@ static int serve_native(vr_uffd_handler *handler, vr_region *region, size_t firs
 static size_t claim_ahead(vr_region *region, size_t chunk)
 {
     size_t window = vr_region_ahead_window(region, chunk);
+    size_t limit = vr_region_ahead_limit(region);
     size_t end = chunk + 1;
-    while (end < region->chunk_count && end - (chunk + 1) < window &&
+    while (end < limit && end - (chunk + 1) < window &&
            vr_region_chunk_fillable_ahead(region, end) &&
            !(vr_chunk_set(region, end, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT))
         end++;
@@ -872,6 +874,9 @@ void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t
         vr_region_unref(region);
         return;
     }
+    /* Decided here, in the order the faults came, not when a worker gets to it (workers run in any
+     * order, and a late one would make a walk out of faults that were not one). */
+    job->ahead_window = vr_region_ahead_window(region, chunk);
     vr_region_unref(region); /* the job holds its own reference */
     if (!(can_signal_thread(handler, tid, job) && signal_job(handler, job) == 0))
         hand_to_worker(handler, job);

@@ -7,6 +7,9 @@ import vrange
 EXPECTED_PUBLIC_NAMES = {
     "DEFAULT_CHUNK_SIZE",
     "Region",
+    "Pin",
+    "BackendName",
+    "ErrorPolicy",
     "RegionStats",
     "io",
     "policy",

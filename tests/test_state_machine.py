@@ -119,6 +119,7 @@ class RegionModel:
         self.content = bytearray(self.size)  # meaningful for present pages only
         self.present = [False] * self.pages
         self.volatile = [False] * self.chunks
+        self.pins = [0] * self.chunks  # mark_nonvolatile's pins not yet released (docs/pins.md)
         self.materialized = [False] * self.chunks
         self.purged = [False] * self.chunks   # since it was last pinned (the report)
         self.counted = [False] * self.chunks  # discarded by purge(): its refill is no kernel purge
@@ -424,8 +425,9 @@ def build_machine(backend: str, file_path: str, file_data: bytes,
             assert model.region is not None
             say(f"{model!r}.mark_volatile{args}")
             assert model.region.mark_volatile(*args) is None
-            for chunk in model.inside(offset, length):
-                model.volatile[chunk] = True
+            for chunk in model.inside(offset, length):  # one pin released; volatile at none
+                model.pins[chunk] = max(model.pins[chunk] - 1, 0)
+                model.volatile[chunk] = model.pins[chunk] == 0
 
         @rule(data=st.data())
         def mark_nonvolatile(self, data: st.DataObject) -> None:
@@ -438,6 +440,7 @@ def build_machine(backend: str, file_path: str, file_data: bytes,
             chunks = model.touching(offset, length)
             for chunk in chunks:  # unpinned first: no refill below makes them lazy-free again
                 model.volatile[chunk] = False
+                model.pins[chunk] += 1
             model.fill_missing(chunks)
             purged = [chunk for chunk in chunks if model.purged[chunk]]
             for chunk in chunks:

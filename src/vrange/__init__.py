@@ -10,14 +10,17 @@ from . import io, policy, sources
 from ._backends import RegionStats, available_backends, features
 from ._feature_report import Features
 from .errors import BackendUnavailable, RegenerationError, VRangeError, VRangeOSError
-from .region import DEFAULT_CHUNK_SIZE, Region
+from .region import DEFAULT_CHUNK_SIZE, BackendName, ErrorPolicy, Pin, Region
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "BackendName",
     "BackendUnavailable",
+    "ErrorPolicy",
     "Features",
+    "Pin",
     "RegenerationError",
     "Region",
     "RegionStats",

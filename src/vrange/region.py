@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import errno
 import contextlib
+import errno
+import functools
+import inspect
 import logging
 import mmap
 import os
 import threading
+from array import array
 from collections.abc import Callable, Iterator
-from typing import Literal, Union, cast, overload
+from typing import Literal, Union, cast, get_args, overload
 
 from . import policy
-from ._backends import (ERROR_POLICIES, PURGE_REASONS, BackendRegion, Regeneration, RegionStats,
+from ._backends import (ERROR_POLICIES, KNOWN_SPECS, PURGE_REASONS, BackendRegion, Regeneration, RegionStats,
                         SourceSpec, buffer_address, features, find_live_region, on_fork_in_child,
                         resolve_backend)
 from ._backends._registry import live_regions
@@ -20,7 +23,8 @@ from ._mappings import mapping_budget
 from .errors import RegenerationError, VRangeError, errno_name, os_error
 from .sources import Isolated, Source
 
-__all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE", "Pin", "BackendName",
+           "ErrorPolicy"]
 
 logger = logging.getLogger("vrange")
 
@@ -42,6 +46,7 @@ def _reset_locks_after_fork() -> None:
         if isinstance(region, Region):
             region._state_lock = threading.Lock()
             region._io_holds = 0
+            region._drop_other_threads_pins()
 
 
 on_fork_in_child(_reset_locks_after_fork)
@@ -56,6 +61,128 @@ def find_region(address: int) -> Region | None:
 
 Regenerator = Union[Callable[[int, memoryview], object], Source]
 ErrorPolicy = Literal["poison", "zeros", "abort"]
+"""What a fault does when the regenerator fails and no library call can raise (``on_error``)."""
+BackendName = Literal["auto", "uffd", "sigbus", "sigbus:uffd", "sigbus:memfd"]
+"""A backend spec ``Region(backend=...)`` and ``$VRANGE_BACKEND`` accept."""
+
+assert set(get_args(ErrorPolicy)) == set(ERROR_POLICIES), "ErrorPolicy is out of date"
+assert set(get_args(BackendName)) == set(KNOWN_SPECS), "BackendName is out of date"
+
+
+def _check_regenerator(regenerate: object) -> None:
+    """Refuse at construction what can never fill a chunk: a non-callable, a coroutine function or
+    an async generator function (also behind ``functools.partial`` or as an object's
+    ``__call__``), and a callable whose signature cannot take ``(offset, buf)``. A regenerator runs
+    synchronously inside a page fault: an async one would never be awaited, and its chunk would
+    hold zeros."""
+    if isinstance(regenerate, Source):
+        return
+    if not callable(regenerate):
+        raise TypeError("regenerate must be a callable fn(offset, buf) or a vrange.sources "
+                        f"source, not {type(regenerate).__name__}")
+    target: object = regenerate
+    while isinstance(target, functools.partial):
+        target = target.func
+    candidates = [target]
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and \
+            not inspect.isclass(target):
+        call = getattr(type(target), "__call__", None)
+        if call is not None:
+            candidates.append(call)
+    for candidate in candidates:
+        if inspect.iscoroutinefunction(candidate) or inspect.isasyncgenfunction(candidate):
+            raise TypeError(
+                f"regenerate must fill buf synchronously: {regenerate!r} is an async function "
+                "(a regenerator runs inside a page fault, where nothing could await it, and its "
+                "chunk would hold zeros); make it a plain function, or run the async code in a "
+                "helper process with vrange.sources.Isolated")
+    try:
+        signature = inspect.signature(regenerate)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # builtins and C callables may have none: accept them
+        return
+    try:
+        signature.bind(0, memoryview(b""))
+    except TypeError as error:
+        raise TypeError(f"regenerate must accept two positional arguments (offset, buf); "
+                        f"{regenerate!r} has the signature {signature}: {error}") from None
+
+
+class Pin:
+    """A range pinned by :meth:`Region.pinned` for the duration of a ``with`` block.
+
+    - ``view``: a writable memoryview of exactly the range asked for, released when the block
+      ends (also when it raises);
+    - ``purged`` / ``purged_ranges``: whether any chunk the range touches had been purged since it
+      was last marked volatile, and which (merged ``(offset, length)`` ranges of whole chunks);
+    - ``populated``: whether the pin made every page present (``populate=True``) or left missing
+      pages to be refilled on access.
+    """
+
+    __slots__ = ("offset", "length", "purged_ranges", "populated", "_view", "_first", "_end",
+                 "_thread", "_active")
+
+    def __init__(self, offset: int, length: int, purged_ranges: list[tuple[int, int]],
+                 populated: bool, first: int, end: int) -> None:
+        self.offset = offset
+        self.length = length
+        self.purged_ranges = purged_ranges
+        self.populated = populated
+        self._view: memoryview | None = None
+        self._first = first
+        self._end = end
+        self._thread = threading.get_ident()
+        self._active = True
+
+    @property
+    def view(self) -> memoryview:
+        """The pinned bytes (a writable memoryview of ``length`` bytes at ``offset``)."""
+        if self._view is None:
+            raise ValueError("the pin has ended: its view was released")
+        return self._view
+
+    @property
+    def purged(self) -> bool:
+        """True if any chunk of the range had been purged since it was last marked volatile."""
+        return bool(self.purged_ranges)
+
+    @property
+    def active(self) -> bool:
+        """True while the ``with`` block runs."""
+        return self._active
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "ended"
+        return (f"<vrange.Pin [{self.offset}, {self.offset + self.length}) {state}, "
+                f"purged={self.purged}>")
+
+
+_MADV_HARMLESS = {
+    0: "MADV_NORMAL", 1: "MADV_RANDOM", 2: "MADV_SEQUENTIAL", 3: "MADV_WILLNEED",
+    11: "MADV_DOFORK", 13: "MADV_UNMERGEABLE", 15: "MADV_NOHUGEPAGE", 16: "MADV_DONTDUMP",
+    17: "MADV_DODUMP", 19: "MADV_KEEPONFORK", 20: "MADV_COLD", 21: "MADV_PAGEOUT",
+}
+"""Advice ``Region.madvise`` passes on: hints that change no byte and no bookkeeping. COLD and
+PAGEOUT only let reclaim take what it may take anyway (lazy-free volatile pages are then refilled
+on access, as after any kernel purge; other pages are swapped or kept)."""
+
+_MADV_REFUSED = {
+    4: ("MADV_DONTNEED", "it drops pages behind vrange's bookkeeping (a pinned page would be "
+        "regenerated, losing its writes, or read as zeros on the sigbus memfd trap)"),
+    8: ("MADV_FREE", "it lets the kernel drop pages vrange counts as pinned"),
+    9: ("MADV_REMOVE", "it drops pages behind vrange's bookkeeping"),
+    10: ("MADV_DONTFORK", "a forked child would have no region mapped where vrange serves one"),
+    12: ("MADV_MERGEABLE", "KSM-merged pages break the per-chunk fault accounting"),
+    14: ("MADV_HUGEPAGE", "huge pages bypass the per-chunk accounting (vrange sets NOHUGEPAGE)"),
+    18: ("MADV_WIPEONFORK", "a forked child would read zeros"),
+    22: ("MADV_POPULATE_READ", "use region.prefault()"),
+    23: ("MADV_POPULATE_WRITE", "it would pin volatile pages behind vrange's bookkeeping"),
+    24: ("MADV_DONTNEED_LOCKED", "it drops pages behind vrange's bookkeeping"),
+    25: ("MADV_COLLAPSE", "huge pages bypass the per-chunk accounting"),
+    100: ("MADV_HWPOISON", "it poisons pages"),
+    101: ("MADV_SOFT_OFFLINE", "it migrates pages behind vrange's bookkeeping"),
+    102: ("MADV_GUARD_INSTALL", "guard pages would make the region's own accesses fail"),
+    103: ("MADV_GUARD_REMOVE", "vrange installs no guard pages"),
+}
 
 
 class Region(mmap.mmap):
@@ -107,8 +234,12 @@ class Region(mmap.mmap):
     _io_holds: int
     _regeneration: Regeneration
     _fill_ahead: bool
+    _explicit_pins: array[int]
+    _scoped_pins: array[int]
+    _wants_volatile: bytearray
+    _active_pins: dict[int, Pin]
 
-    def __new__(cls, nbytes: int, regenerate: Regenerator, backend: str | None = None,
+    def __new__(cls, nbytes: int, regenerate: Regenerator, backend: BackendName | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
                 priority: int = 0, group: str | None = None,
                 managed: bool | None = None, fill_ahead: bool = True) -> Region:
@@ -116,9 +247,7 @@ class Region(mmap.mmap):
             raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
         if nbytes <= 0:
             raise ValueError(f"nbytes must be positive, not {nbytes}")
-        if not isinstance(regenerate, Source) and not callable(regenerate):
-            raise TypeError("regenerate must be a callable fn(offset, buf) or a vrange.sources "
-                            f"source, not {type(regenerate).__name__}")
+        _check_regenerator(regenerate)
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         if isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be at most {MAX_CHUNK_SIZE} bytes (1 GiB), "
@@ -160,6 +289,14 @@ class Region(mmap.mmap):
         self._regenerate = regenerate
         self._on_error = error_policy
         self._state_lock = threading.Lock()
+        chunk_count = -(-size // plan.chunk_size)
+        # Pin counts per chunk (see docs/pins.md): pins by mark_nonvolatile (released by
+        # mark_volatile), pins of active pinned() blocks, and whether the chunk is to be volatile
+        # once no pin holds it. A new region is non-volatile and unpinned.
+        self._explicit_pins = array("I", bytes(4 * chunk_count))
+        self._scoped_pins = array("I", bytes(4 * chunk_count))
+        self._wants_volatile = bytearray(chunk_count)
+        self._active_pins: dict[int, Pin] = {}
         self._address = buffer_address(self)
         # What native code calls back on a fault: the regenerator, and where its failures go.
         self._regeneration = Regeneration(
@@ -190,7 +327,8 @@ class Region(mmap.mmap):
             raise
         return self
 
-    def __init__(self, nbytes: int, regenerate: Regenerator, backend: str | None = None,
+    def __init__(self, nbytes: int, regenerate: Regenerator,
+                 backend: BackendName | None = None,
                  chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
                  priority: int = 0, group: str | None = None,
                  managed: bool | None = None, fill_ahead: bool = True) -> None:
@@ -290,11 +428,16 @@ class Region(mmap.mmap):
         return offset // self._chunk_size, -(-(offset + length) // self._chunk_size)
 
     def mark_volatile(self, offset: int = 0, length: int | None = None) -> None:
-        """Let the kernel (or :meth:`purge`) discard the pages of this range from now on.
+        """Let the kernel (or :meth:`purge`) discard the pages of this range from now on: release
+        one pin of each chunk.
 
-        Only whole chunks become volatile: a chunk that the range covers only in part stays
-        pinned (volatility is a permission, so rounding inward never loses data). The pages stay
-        readable; a discarded page is regenerated on its next access.
+        Only whole chunks are released: a chunk that the range covers only in part keeps its pin
+        (volatility is a permission, so rounding inward never loses data). Pins are counted (see
+        :meth:`mark_nonvolatile`): a chunk pinned twice stays pinned until it is released twice,
+        and a chunk an active :meth:`pinned` block holds becomes volatile when the block ends. A
+        chunk with no pin left becomes volatile; releasing an unpinned chunk is allowed (it stays
+        or becomes volatile). The pages stay readable; a discarded page is regenerated on its next
+        access.
         """
         offset, length = self._range(offset, length)
         first = -(-offset // self._chunk_size)
@@ -303,46 +446,85 @@ class Region(mmap.mmap):
             end = self._core_chunk_count()  # the tail chunk may be shorter than chunk_size
         if first < end:
             with self._open_and_locked():
-                self._core.mark_volatile(first, end)
-            policy.after_mark_volatile(self._core)
+                self._release_explicit_pins(first, end)
+                runs = self._unpinned_volatile_runs(first, end)
+                for run_first, run_end in runs:
+                    self._core.mark_volatile(run_first, run_end)
+            if runs:
+                policy.after_mark_volatile(self._core)
 
     def _core_chunk_count(self) -> int:
         return -(-len(self) // self._chunk_size)
 
-    @overload
-    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
-                         report: Literal[False] = False) -> bool: ...
+    # Pin counting (under _state_lock). A chunk is volatile exactly when no pin of either kind holds
+    # it and it was released by mark_volatile since its last mark_nonvolatile (_wants_volatile);
+    # the native VOLATILE bit follows that.
 
-    @overload
-    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
-                         report: Literal[True]) -> list[tuple[int, int]]: ...
+    def _release_explicit_pins(self, first: int, end: int) -> None:
+        count = end - first
+        explicit = self._explicit_pins
+        if explicit[first:end].count(0) != count:
+            for chunk in range(first, end):
+                if explicit[chunk]:
+                    explicit[chunk] -= 1
+        self._wants_volatile[first:end] = b"\x01" * count
 
-    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
-                         report: bool = False) -> bool | list[tuple[int, int]]:
-        """Pin the range again and make every page in it present, regenerating purged ones.
+    def _add_pins(self, pins: array[int], first: int, end: int) -> None:
+        if pins[first:end].count(0) == end - first:
+            pins[first:end] = array("I", [1]) * (end - first)
+        else:
+            for chunk in range(first, end):
+                pins[chunk] += 1
 
-        Returns True if any page of the range had been purged since it was last marked volatile
-        (False otherwise), or with ``report=True`` the list of purged ``(offset, length)`` ranges.
-        The range is widened to whole chunks. If a regenerator fails, raises
-        :class:`vrange.RegenerationError` (the regenerator's exception is the ``__cause__``); the
-        chunks that failed are left missing, never half-filled.
-        """
-        offset, length = self._range(offset, length)
-        first, end = self._chunks_touching(offset, length)
-        if first >= end:
-            return [] if report else False
+    def _unpinned_volatile_runs(self, first: int, end: int) -> list[tuple[int, int]]:
+        """The chunks of [first, end) that no pin holds and that are to be volatile, as runs."""
+        count = end - first
+        explicit, scoped, wanted = self._explicit_pins, self._scoped_pins, self._wants_volatile
+        if explicit[first:end].count(0) == count and scoped[first:end].count(0) == count and \
+                wanted.count(b"\x00", first, end) == 0:
+            return [(first, end)]
+        runs: list[tuple[int, int]] = []
+        run_start = None
+        for chunk in range(first, end + 1):
+            free = chunk < end and not explicit[chunk] and not scoped[chunk] and wanted[chunk]
+            if free and run_start is None:
+                run_start = chunk
+            elif not free and run_start is not None:
+                runs.append((run_start, chunk))
+                run_start = None
+        return runs
+
+    def pin_count(self, offset: int) -> int:
+        """How many pins hold the chunk at byte ``offset`` now: those of :meth:`mark_nonvolatile`
+        not yet released by :meth:`mark_volatile`, plus active :meth:`pinned` blocks. A chunk
+        with no pin is volatile if :meth:`mark_volatile` released it, else non-volatile (a new
+        region)."""
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+        if not 0 <= offset < len(self):
+            raise ValueError(f"offset {offset} is outside the region (size {len(self)})")
         with self._open_and_locked():
-            # Not volatile from here on (so no refill makes these chunks lazy-free again), then
-            # populated; on failure the chunks that were volatile are volatile again.
-            was_volatile = self._core.begin_pin(first, end)
-            try:
+            chunk = offset // self._chunk_size
+            return int(self._explicit_pins[chunk] + self._scoped_pins[chunk])
+
+    def _pin_chunks(self, first: int, end: int, populate: bool) -> list[bool]:
+        """Make chunks [first, end) non-volatile (the caller holds _state_lock and counts the pin)
+        and, with ``populate``, present; for each chunk, whether it had been purged since it was
+        last marked volatile. On failure the chunks that were volatile are volatile again."""
+        # Not volatile from here on (so no refill makes these chunks lazy-free again), then
+        # populated or only kept; on failure the chunks that were volatile are volatile again.
+        was_volatile = self._core.begin_pin(first, end)
+        try:
+            if populate:
                 self._regenerate_missing(first, end, self._core.populate)
-            except BaseException:
-                self._restore_volatile(first, was_volatile)
-                raise
-            purged = self._core.finish_nonvolatile(first, end)
-        if not report:
-            return any(purged)
+                return self._core.finish_nonvolatile(first, end)
+            self._core.discard(first, end, only_failed=True)  # failed chunks: missing, retried
+            return self._core.pin_without_fill(first, end)
+        except BaseException:
+            self._restore_volatile(first, was_volatile)
+            raise
+
+    def _purged_ranges(self, first: int, purged: list[bool]) -> list[tuple[int, int]]:
         ranges: list[tuple[int, int]] = []
         for index, was_purged in enumerate(purged):
             if not was_purged:
@@ -354,6 +536,137 @@ class Region(mmap.mmap):
             else:
                 ranges.append((start, stop - start))
         return ranges
+
+    @overload
+    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
+                         report: Literal[False] = False, populate: bool = True) -> bool: ...
+
+    @overload
+    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
+                         report: Literal[True], populate: bool = True) -> list[tuple[int, int]]: ...
+
+    def mark_nonvolatile(self, offset: int = 0, length: int | None = None, *,
+                         report: bool = False,
+                         populate: bool = True) -> bool | list[tuple[int, int]]:
+        """Pin the range: add one pin to each chunk it touches (the range is widened to whole
+        chunks). A pinned chunk is never purged, by :meth:`purge`, vrange's pressure policy or the
+        kernel, until :meth:`mark_volatile` has released every pin of it (pins are counted: two
+        pins and one release leave it pinned).
+
+        Returns True if any chunk of the range had been purged since it was last marked volatile
+        (False otherwise), or with ``report=True`` the list of purged ``(offset, length)`` ranges.
+
+        ``populate=True`` (the default) makes every page of the range present now, regenerating
+        purged and never-touched chunks (a system call on the sigbus backend then finds no missing
+        page). ``populate=False`` is the cheap pin: nothing is regenerated, resident pages are only
+        made non-discardable, and purged or never-touched pages are refilled on their first access;
+        the report is the same. If a regenerator fails (``populate=True``), raises
+        :class:`vrange.RegenerationError` (the regenerator's exception is the ``__cause__``), the
+        chunks that failed are left missing, never half-filled, and no pin is added.
+        """
+        if not isinstance(populate, bool):
+            raise TypeError(f"populate must be True or False, not {populate!r}")
+        offset, length = self._range(offset, length)
+        first, end = self._chunks_touching(offset, length)
+        if first >= end:
+            return [] if report else False
+        with self._open_and_locked():
+            purged = self._pin_chunks(first, end, populate)
+            self._add_pins(self._explicit_pins, first, end)
+            self._wants_volatile[first:end] = bytes(end - first)
+        if not report:
+            return any(purged)
+        return self._purged_ranges(first, purged)
+
+    @contextlib.contextmanager
+    def pinned(self, offset: int = 0, length: int | None = None, *,
+               populate: bool = True) -> Iterator[Pin]:
+        """Pin the range for the duration of a ``with`` block::
+
+            with region.pinned(offset, length) as pin:
+                data = bytes(pin.view)      # pin.purged: was anything purged meanwhile?
+
+        Entering adds one pin to each chunk the range touches (like :meth:`mark_nonvolatile`,
+        with the same ``populate`` meaning and the same report, as ``pin.purged`` and
+        ``pin.purged_ranges``); leaving takes it away again, even if the block raises. Pins are
+        counted: nested and concurrent blocks over overlapping ranges keep a chunk pinned until the
+        last one ends, and :meth:`mark_volatile` cannot release a block's pin. When the last pin
+        of a chunk goes, the chunk gets back the volatility it had: a block over non-volatile
+        chunks leaves them non-volatile; a block over volatile chunks (or chunks released by
+        :meth:`mark_volatile` inside the block) leaves them volatile.
+
+        ``pin.view`` is a memoryview of exactly ``[offset, offset + length)``, released when the
+        block ends. A slice or export taken from it and kept past the block (a memoryview slice,
+        ``numpy.frombuffer(pin.view)``) still reads correct bytes (the region's memory, refilled
+        on access), but the chunks are no longer pinned, and it keeps the region exported:
+        :meth:`close` raises BufferError while it lives.
+        """
+        if not isinstance(populate, bool):
+            raise TypeError(f"populate must be True or False, not {populate!r}")
+        offset, length = self._range(offset, length)
+        first, end = self._chunks_touching(offset, length)
+        with self._open_and_locked():
+            purged = self._pin_chunks(first, end, populate) if first < end else []
+            if first < end:
+                self._add_pins(self._scoped_pins, first, end)
+            pin = Pin(offset, length, self._purged_ranges(first, purged), populate, first, end)
+            self._active_pins[id(pin)] = pin
+        try:
+            whole = memoryview(self)
+            try:
+                pin._view = whole[offset:offset + length]
+            finally:
+                whole.release()
+            yield pin
+        finally:
+            self._end_pin(pin)
+
+    def _end_pin(self, pin: Pin) -> None:
+        view, pin._view = pin._view, None
+        if view is not None:
+            try:
+                view.release()
+            except BufferError:  # the block kept an export of the view: it keeps the region's
+                logger.debug("vrange: an export of a pin's view outlives its block")
+        runs: list[tuple[int, int]] = []
+        with self._state_lock:
+            if not pin._active:
+                return
+            pin._active = False
+            self._active_pins.pop(id(pin), None)
+            if self._closed or pin._first >= pin._end:
+                return
+            scoped = self._scoped_pins
+            for chunk in range(pin._first, pin._end):
+                if scoped[chunk]:
+                    scoped[chunk] -= 1
+            if self._core.unusable:
+                return
+            runs = self._unpinned_volatile_runs(pin._first, pin._end)
+            for run_first, run_end in runs:
+                self._core.mark_volatile(run_first, run_end)
+        if runs:
+            policy.after_mark_volatile(self._core)
+
+    def _drop_other_threads_pins(self) -> None:
+        """In a forked child: the pinned() blocks of other threads never end here (those threads
+        do not exist); their pins go, and the chunks get back their volatility. Blocks of the
+        forking thread go on and end normally. Pins of mark_nonvolatile are the process's state
+        and stay."""
+        me = threading.get_ident()
+        for pin in list(self._active_pins.values()):
+            if pin._thread == me:
+                continue
+            pin._active = False
+            del self._active_pins[id(pin)]
+            if self._closed or pin._first >= pin._end:
+                continue
+            for chunk in range(pin._first, pin._end):
+                if self._scoped_pins[chunk]:
+                    self._scoped_pins[chunk] -= 1
+            if not self._core.unusable:
+                for run_first, run_end in self._unpinned_volatile_runs(pin._first, pin._end):
+                    self._core.mark_volatile(run_first, run_end)
 
     def _restore_volatile(self, first: int, was_volatile: list[bool]) -> None:
         run_start = None
@@ -547,6 +860,44 @@ class Region(mmap.mmap):
             except Exception:  # noqa: BLE001 - an exporter outlived us, or interpreter shutdown
                 pass
 
+    # --- mmap.mmap methods that would bypass vrange's bookkeeping -------------------------------
+    # Every other inherited method (read, read_byte, readline, write, write_byte, move, find,
+    # rfind, seek, tell, flush, __getitem__, __setitem__, __len__) is a plain memory access of
+    # the mapping, made by mmap's C code with the GIL held: a purged page faults and is refilled
+    # like any access (tests/test_mmap_methods.py checks each on every backend).
+
     def resize(self, newsize: int) -> None:
+        """Refused: ``mremap`` would move the registered range."""
         self._check_open()  # like every other call on a closed region: ValueError
         raise OSError("a vrange.Region cannot be resized")
+
+    def size(self) -> int:
+        """The size of the mapping in bytes, ``len(region)`` (``mmap.size()`` would ask the file
+        of a file-backed mapping; a region has none)."""
+        self._check_open()
+        return len(self)
+
+    def madvise(self, option: int, start: int = 0, length: int | None = None) -> None:
+        """``mmap.madvise`` for advice that changes no byte and no bookkeeping: ``MADV_NORMAL``,
+        ``RANDOM``, ``SEQUENTIAL``, ``WILLNEED``, ``DOFORK``, ``UNMERGEABLE``, ``NOHUGEPAGE``,
+        ``DONTDUMP``, ``DODUMP``, ``KEEPONFORK``, ``COLD`` and ``PAGEOUT`` (reclaim may take only
+        what it may take anyway: volatile pages are refilled on access like after any kernel
+        purge). Any other advice raises :class:`vrange.VRangeError`: ``MADV_DONTNEED``,
+        ``MADV_FREE``, ``MADV_REMOVE``, ``MADV_WIPEONFORK``, ``MADV_DONTFORK``, ``MADV_HUGEPAGE``,
+        ``MADV_POPULATE_*`` and others would drop or change pages behind vrange's back (a pinned
+        page could read as zeros). Use :meth:`purge`, :meth:`mark_volatile`, :meth:`prefault`
+        instead."""
+        self._check_open()
+        if isinstance(option, bool) or not isinstance(option, int):
+            raise TypeError(f"option must be an int (an mmap.MADV_* constant), not {option!r}")
+        if option not in _MADV_HARMLESS:
+            name, why = _MADV_REFUSED.get(option, (f"advice {option}", "vrange does not know "
+                                                   "whether it keeps the region's bytes"))
+            raise VRangeError(
+                f"madvise({name}) is refused on a vrange.Region: {why}. Use region.purge() to "
+                "give memory back now, region.mark_volatile() to let the kernel take it, "
+                "region.prefault() or region.mark_nonvolatile() to make pages present")
+        if length is None:
+            mmap.mmap.madvise(self, option, start)
+        else:
+            mmap.mmap.madvise(self, option, start, length)

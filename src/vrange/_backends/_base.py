@@ -385,6 +385,16 @@ class BackendRegion(abc.ABC):
               "pin the range")
         return [bool(was_volatile[i]) for i in range(end_chunk - first_chunk)]
 
+    def pin_without_fill(self, first_chunk: int, end_chunk: int) -> list[bool]:
+        """Pin the chunks (their VOLATILE bits are cleared already: ``begin_pin``) without
+        regenerating anything: resident pages are made non-discardable where the kernel reclaims,
+        missing ones are left to refill on access. For each chunk, whether it was purged since it
+        was last marked volatile (or is purged now)."""
+        purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))
+        check(lib.vr_region_pin_without_fill(self.pointer, first_chunk, end_chunk, purged),
+              "pin the range without filling it")
+        return [bool(purged[i]) for i in range(end_chunk - first_chunk)]
+
     def finish_nonvolatile(self, first_chunk: int, end_chunk: int) -> list[bool]:
         """Pin the chunks; for each, whether it was purged since marked volatile."""
         purged = ffi.new("uint8_t[]", max(end_chunk - first_chunk, 1))

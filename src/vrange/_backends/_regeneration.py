@@ -26,6 +26,7 @@ faulted while holding the GIL, or in the SIGBUS handler of the faulting thread.
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import sys
 import threading
@@ -234,7 +235,18 @@ def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
                 if attempt:  # the interrupted attempt's bytes must not stay behind
                     _zero(scratch, length)
                 try:
-                    regenerate(offset, view)
+                    result = regenerate(offset, view)
+                    if inspect.isawaitable(result):
+                        # An async regenerator that slipped past the check at construction (a
+                        # plain function returning a coroutine): it filled nothing. Never hand
+                        # out the zeros: fail by the region's policy.
+                        close = getattr(result, "close", None)
+                        if callable(close):
+                            close()  # no "coroutine was never awaited" warning
+                        raise TypeError(
+                            f"the regenerator returned an awaitable ({type(result).__name__}): "
+                            "regenerators must fill buf synchronously (an async regenerator is "
+                            "never awaited)")
                 except Exception as error:  # noqa: BLE001 - recorded, reported by policy
                     _keep_as_text(error)
                     regeneration.record_failure(offset, error)

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "isolated.h"
+#include "kernel_defs.h"
 #include "region.h"
 
 size_t vr_region_chunk_length(const vr_region *region, size_t chunk_index)
@@ -462,6 +463,111 @@ static void count_purge(vr_region *region, int reason, uint64_t bytes)
     vr_stat_add(&region->stats.purges, 1);
     vr_stat_add(&region->stats.purges_by_reason[reason], 1);
     vr_stat_add(&region->stats.bytes_purged_by_reason[reason], bytes);
+}
+
+/* Make the resident pages of `length` bytes at `start` dirty, so the kernel can no longer discard
+ * them (a pin without filling, on a region the kernel reclaims). Runs of resident pages get
+ * MADV_POPULATE_WRITE; missing pages are left alone (they refill on access). The race: reclaim may
+ * take a lazy-free page between mincore and the madvise. On the uffd backend the madvise then faults
+ * it in through the handler (a refill: correct, only not cheap); on the sigbus userfaultfd trap it
+ * fails with EFAULT, and the run is redone page by page, skipping the pages that are missing now.
+ * Without MADV_POPULATE_WRITE (Linux < 5.14) each resident page gets an atomic no-op write
+ * (vr_dirty_page): a page reclaimed meanwhile faults like any access and is served. Called with the
+ * GIL released. 0 or -errno. */
+static int dirty_resident_pages(vr_region *region, uintptr_t start, size_t length)
+{
+    unsigned char vector[MINCORE_BATCH];
+    size_t page = region->page_size;
+    size_t batch_bytes = MINCORE_BATCH * page;
+    for (size_t done = 0; done < length; done += batch_bytes) {
+        size_t part = length - done < batch_bytes ? length - done : batch_bytes;
+        size_t pages = part / page;
+        if (mincore((void *)(start + done), part, vector) < 0)
+            return -errno;
+        for (size_t first = 0; first < pages;) {
+            if (!(vector[first] & 1)) {
+                first++;
+                continue;
+            }
+            size_t end = first;
+            while (end < pages && (vector[end] & 1))
+                end++;
+            uintptr_t run = start + done + first * page;
+            size_t run_length = (end - first) * page;
+            int rc;
+            while ((rc = madvise((void *)run, run_length, MADV_POPULATE_WRITE)) < 0 &&
+                   (errno == EINTR || errno == EAGAIN))
+                ;
+            if (rc < 0 && errno == EINVAL) {
+                for (size_t offset = 0; offset < run_length; offset += page)
+                    vr_dirty_page(run + offset);
+            } else if (rc < 0 && errno == EFAULT) {
+                /* A page of the run went missing meanwhile (or its refill failed): dirty the rest
+                 * one by one; a missing page stays missing and is refilled on access. */
+                for (size_t offset = 0; offset < run_length; offset += page) {
+                    while ((rc = madvise((void *)(run + offset), page, MADV_POPULATE_WRITE)) < 0 &&
+                           (errno == EINTR || errno == EAGAIN))
+                        ;
+                    if (rc < 0 && errno != EFAULT)
+                        return -errno;
+                }
+            } else if (rc < 0) {
+                return -errno;
+            }
+            first = end;
+        }
+    }
+    return 0;
+}
+
+/* A pin that does not fill (mark_nonvolatile(populate=False), Region.pinned(populate=False)). The
+ * chunks' VOLATILE bits are cleared already and no refill of them was in flight then
+ * (vr_region_begin_pin), so the kernel discards nothing of them any more once their resident pages
+ * are dirty. Per chunk:
+ * 1. on a region the kernel reclaims, its resident pages are made dirty (dirty_resident_pages);
+ *    nothing is regenerated, except a page reclaimed in the race described there (uffd backend);
+ * 2. with the chunk claimed (IN_FLIGHT, like a purge: faults on it wait, and the uffd backend wakes
+ *    them afterwards), `purged_out[i]` is set if the chunk was filled once and is purged now or was
+ *    purged since it was last marked volatile (PURGED). A chunk that is still missing pages is
+ *    reported here and becomes "never filled" again (MATERIALIZED cleared; the discard is counted as
+ *    the kernel's unless vrange's purge counted it): its refill on access is then a first touch, not
+ *    a purge that the next pin would report a second time.
+ * Called with the GIL released (a refill in the race may need it). 0 or -errno. */
+int vr_region_pin_without_fill(vr_region *region, size_t first_chunk, size_t end_chunk,
+                               uint8_t *purged_out)
+{
+    for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
+        uintptr_t start;
+        size_t length;
+        vr_region_span(region, chunk, chunk + 1, &start, &length);
+        purged_out[chunk - first_chunk] = 0;
+        if (region->kernel_reclaims) {
+            int rc = dirty_resident_pages(region, start, length);
+            if (rc < 0)
+                return rc;
+        }
+        while (__atomic_fetch_or(&region->chunk_state[chunk], VR_CHUNK_IN_FLIGHT,
+                                 __ATOMIC_SEQ_CST) & VR_CHUNK_IN_FLIGHT)
+            vr_pause_briefly(); /* a fault is refilling it: it will be present and PURGED-marked */
+        uint8_t state = __atomic_load_n(&region->chunk_state[chunk], __ATOMIC_SEQ_CST);
+        int64_t present = vr_region_resident_pages(region, start, length);
+        int rc = present < 0 ? (int)present : 0;
+        int missing = present >= 0 && (size_t)present * region->page_size < length;
+        if (state & VR_CHUNK_MATERIALIZED) {
+            purged_out[chunk - first_chunk] = (missing || (state & VR_CHUNK_PURGED)) ? 1 : 0;
+            if (missing) {
+                if (!(state & VR_CHUNK_COUNTED))
+                    count_purge(region, VR_PURGE_KERNEL, 0);
+                vr_chunk_clear(region, chunk, VR_CHUNK_MATERIALIZED | VR_CHUNK_COUNTED);
+            }
+        }
+        vr_chunk_clear(region, chunk, VR_CHUNK_PURGED | VR_CHUNK_IN_FLIGHT);
+        if (region->after_purge)
+            region->after_purge(region, chunk); /* wake faults set aside meanwhile (uffd backend) */
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
 }
 
 /* A refill found the chunk, filled before, missing again: count the discard as the kernel's unless

@@ -170,6 +170,8 @@ int vr_region_residency(vr_region *region, uint8_t *pages_out);
 void vr_region_stats(vr_region *region, struct vr_stats *out);
 int vr_region_begin_pin(vr_region *region, size_t first_chunk, size_t end_chunk,
                         uint8_t *was_volatile_out);
+int vr_region_pin_without_fill(vr_region *region, size_t first_chunk, size_t end_chunk,
+                               uint8_t *purged_out);
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_pageout(uintptr_t address, size_t length);

@@ -296,7 +296,7 @@ class Region(mmap.mmap):
         self._explicit_pins = array("I", bytes(4 * chunk_count))
         self._scoped_pins = array("I", bytes(4 * chunk_count))
         self._wants_volatile = bytearray(chunk_count)
-        self._active_pins: dict[int, Pin] = {}
+        self._active_pins = {}
         self._address = buffer_address(self)
         # What native code calls back on a fault: the regenerator, and where its failures go.
         self._regeneration = Regeneration(

@@ -49,7 +49,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from ._backends import features, usable_specs
 
@@ -569,7 +569,7 @@ class Stress:
     def make_region(self, worker: Worker, slot: Slot) -> None:
         """Make a new region for the slot (its model: every byte the regenerator's, pinned)."""
         from . import sources
-        from .region import Region
+        from .region import BackendName, Region
 
         rng = worker.rng
         kind = rng.choice(self.options.regenerators)
@@ -605,7 +605,7 @@ class Stress:
             expected = pattern_bytes(salt, 0, size)
         else:
             raise ValueError(f"unknown regenerator kind {kind!r}")
-        region = Region(size, source, backend=self.spec, chunk_size=chunk)
+        region = Region(size, source, backend=cast(BackendName, self.spec), chunk_size=chunk)
         chunk = region.chunk_size
         self.chunk_atomic = region.trap == "memfd"
         count = -(-size // chunk)

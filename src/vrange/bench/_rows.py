@@ -19,13 +19,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .. import io as vrange_io
 from .._backends import buffer_address, usable_specs
 from .._backends._memory import touch_pages, touch_pages_each, touch_pages_in_order, uffd_floor
 from ..errors import VRangeError
-from ..region import Region
+from ..region import BackendName, Region
 from ..sources import File, Zeros
 
 PAGE = mmap.PAGESIZE
@@ -262,8 +262,9 @@ def _fault_cost(spec: str, kind: str, chunk: int, context: str, size: int,
     touch = CONTEXTS[context][0]
 
     def measure() -> float:
-        with Region(size, _regenerator(kind, chunk, size, resources), backend=spec,
-                    chunk_size=chunk, fill_ahead=fill_ahead) as region:
+        with Region(size, _regenerator(kind, chunk, size, resources),
+                    backend=cast(BackendName, spec), chunk_size=chunk,
+                    fill_ahead=fill_ahead) as region:
             return touch(region, size, spec) / (size // PAGE) * 1e6
 
     return measure
@@ -376,8 +377,8 @@ def _latency_rows(specs: list[str]) -> list[Row]:
                     size = count * chunk
 
                     def measure() -> float:
-                        with Region(size, Zeros(), backend=spec, chunk_size=chunk,
-                                    fill_ahead=False) as region:  # every access a fault
+                        with Region(size, Zeros(), backend=cast(BackendName, spec),
+                                    chunk_size=chunk, fill_ahead=False) as region:  # all faults
                             each = touch_pages_each(region.address, size, chunk, count)
                         return percentile(each, fraction) / 1e3
 
@@ -402,7 +403,7 @@ def _latency_rows(specs: list[str]) -> list[Row]:
 # --- volatility calls ------------------------------------------------------------------------------
 
 def _resident_region(spec: str, size: int) -> Region:
-    region = Region(size, Zeros(), backend=spec)
+    region = Region(size, Zeros(), backend=cast(BackendName, spec))
     region.mark_nonvolatile()  # every page present (populated through the regenerator)
     return region
 
@@ -522,7 +523,7 @@ def _throughput_rows(specs: list[str]) -> list[Row]:
                 size = scale.throughput_bytes
 
                 def measure() -> float:
-                    with Region(size, Zeros(), backend=spec) as region:
+                    with Region(size, Zeros(), backend=cast(BackendName, spec)) as region:
                         return touch_in_threads(region, size, threads) / (size // PAGE) * 1e6
 
                 def baseline() -> float:
@@ -556,7 +557,7 @@ def _hit_rows(specs: list[str]) -> list[Row]:
     numpy_missing = None if _numpy() is not None else "skipped: numpy not installed"
 
     def filled_region(spec: str, size: int) -> Region:
-        region = Region(size, _python_regenerator(DEFAULT_CHUNK), backend=spec)
+        region = Region(size, _python_regenerator(DEFAULT_CHUNK), backend=cast(BackendName, spec))
         region.mark_nonvolatile()  # real pages, every one present
         region.mark_volatile()  # hits on volatile memory: the case that matters
         return region
@@ -704,7 +705,7 @@ def _alternative_rows(specs: list[str]) -> list[Row]:
     @contextlib.contextmanager
     def hit_setup(scale: Scale, resources: Resources) -> Iterator[Pair]:
         count = scale.alternative_chunks
-        with Region(count * chunk, regenerate, backend=spec) as region:
+        with Region(count * chunk, regenerate, backend=cast(BackendName, spec)) as region:
             region.mark_nonvolatile()
             region.mark_volatile()
             cache = LRU(count)
@@ -719,7 +720,7 @@ def _alternative_rows(specs: list[str]) -> list[Row]:
         per = 1e6 / count
 
         def measure() -> float:
-            with Region(count * chunk, regenerate, backend=spec) as region:
+            with Region(count * chunk, regenerate, backend=cast(BackendName, spec)) as region:
                 return read_all(region_reader(region), count) * per
 
         def baseline() -> float:
@@ -730,7 +731,7 @@ def _alternative_rows(specs: list[str]) -> list[Row]:
     @contextlib.contextmanager
     def recompute_setup(scale: Scale, resources: Resources) -> Iterator[Pair]:
         count = scale.alternative_chunks
-        with Region(count * chunk, regenerate, backend=spec) as region:
+        with Region(count * chunk, regenerate, backend=cast(BackendName, spec)) as region:
             region.mark_nonvolatile()
             region.mark_volatile()
             per = 1e6 / count

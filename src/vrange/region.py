@@ -519,7 +519,11 @@ class Region(mmap.mmap):
                 self._regenerate_missing(first, end, self._core.populate)
                 return self._core.finish_nonvolatile(first, end)
             self._core.discard(first, end, only_failed=True)  # failed chunks: missing, retried
-            return self._core.pin_without_fill(first, end)
+            purged = self._core.pin_without_fill(first, end)
+            # A page the kernel took while the pin dirtied the chunk was refilled then; should that
+            # refill have failed (poison markers, or the zeros policy's zeros), drop it again.
+            self._core.discard(first, end, only_failed=True)
+            return purged
         except BaseException:
             self._restore_volatile(first, was_volatile)
             raise

@@ -120,6 +120,7 @@ class RegionModel:
         self.present = [False] * self.pages
         self.volatile = [False] * self.chunks
         self.pins = [0] * self.chunks  # mark_nonvolatile's pins not yet released (docs/pins.md)
+        self.wants_volatile = [False] * self.chunks  # volatile once no pin holds it
         self.materialized = [False] * self.chunks
         self.purged = [False] * self.chunks   # since it was last pinned (the report)
         self.counted = [False] * self.chunks  # discarded by purge(): its refill is no kernel purge
@@ -191,6 +192,26 @@ class RegionModel:
         for chunk in chunks:
             if not all(self.present[page] for page in self.chunk_pages(chunk)):
                 self.fill(chunk, held)
+
+    def pin(self, chunks: range, populate: bool) -> list[int]:
+        """A pin (mark_nonvolatile, or entering a pinned() block) of the chunks: not volatile
+        from now on, filled (populate) or only kept; returns the chunks it reports purged."""
+        for chunk in chunks:  # unpinned first: no refill below makes them lazy-free again
+            self.volatile[chunk] = False
+        if populate:
+            self.fill_missing(chunks)
+        purged = []
+        for chunk in chunks:
+            missing = not all(self.present[page] for page in self.chunk_pages(chunk))
+            if self.materialized[chunk] and (self.purged[chunk] or missing):
+                purged.append(chunk)
+            if not populate and self.materialized[chunk] and missing:
+                # Reported now; its refill on access is a first touch, not a second purge.
+                if not self.counted[chunk]:
+                    self.purges["kernel"] += 1
+                self.materialized[chunk] = self.counted[chunk] = False
+            self.purged[chunk] = False
+        return purged
 
     def access(self, start: int, end: int) -> None:
         """A load or store on bytes [start, end): each missing page faults in its chunk."""
@@ -340,6 +361,7 @@ def build_machine(backend: str, file_path: str, file_data: bytes,
                 say(f"{self.models[-1]!r}.mark_volatile()")
                 region.mark_volatile()
                 self.models[-1].volatile = [True] * self.models[-1].chunks
+                self.models[-1].wants_volatile = [True] * self.models[-1].chunks
 
         # One region stays open (the first is made by first_region): every step has a region to act
         # on, and the regions left open at the end are checked whole by teardown.
@@ -427,6 +449,7 @@ def build_machine(backend: str, file_path: str, file_data: bytes,
             assert model.region.mark_volatile(*args) is None
             for chunk in model.inside(offset, length):  # one pin released; volatile at none
                 model.pins[chunk] = max(model.pins[chunk] - 1, 0)
+                model.wants_volatile[chunk] = True
                 model.volatile[chunk] = model.pins[chunk] == 0
 
         @rule(data=st.data())
@@ -434,22 +457,54 @@ def build_machine(backend: str, file_path: str, file_data: bytes,
             model = self.pick(data)
             args, offset, length = page_args(data, model)
             report = data.draw(st.booleans(), label="report")
+            populate = data.draw(st.booleans(), label="populate")
             assert model.region is not None
-            say(f"{model!r}.mark_nonvolatile{args}, report={report}")
-            result = model.region.mark_nonvolatile(*args, report=report)
+            say(f"{model!r}.mark_nonvolatile{args}, report={report}, populate={populate}")
+            result = model.region.mark_nonvolatile(*args, report=report, populate=populate)
             chunks = model.touching(offset, length)
-            for chunk in chunks:  # unpinned first: no refill below makes them lazy-free again
-                model.volatile[chunk] = False
-                model.pins[chunk] += 1
-            model.fill_missing(chunks)
-            purged = [chunk for chunk in chunks if model.purged[chunk]]
+            purged = model.pin(chunks, populate)
             for chunk in chunks:
-                model.purged[chunk] = False
+                model.pins[chunk] += 1
+                model.wants_volatile[chunk] = False
             event(f"mark_nonvolatile reported {'some' if purged else 'no'} purged chunks")
             if report:
                 assert result == model.merged(purged)
             else:
                 assert result is bool(purged)
+
+        @rule(data=st.data())
+        def pinned_block(self, data: st.DataObject) -> None:
+            """A pinned() block: pinned while it runs (a purge inside it takes none of its chunks),
+            its view reads the model's bytes, and each chunk gets its volatility back at the end."""
+            model = self.pick(data)
+            args, offset, length = page_args(data, model)
+            populate = data.draw(st.booleans(), label="populate")
+            region = model.region
+            assert region is not None
+            chunks = model.touching(offset, length)
+            start, stop = offset, offset + length
+            say(f"{model!r}: with pinned{args}, populate={populate}")
+            with region.pinned(*args, populate=populate) as pin:
+                purged = model.pin(chunks, populate)
+                assert pin.purged_ranges == model.merged(purged)
+                assert pin.purged is bool(purged)
+                assert len(pin.view) == stop - start
+                for chunk in chunks:
+                    assert region.pin_count(chunk * model.chunk) == model.pins[chunk] + 1
+                if data.draw(st.booleans(), label="purge inside"):
+                    say(f"{model!r}.purge() inside the block")
+                    assert region.purge() == model.purge(range(model.chunks))
+                if stop > start:
+                    low = data.draw(st.integers(start, stop - 1), label="read from")
+                    high = data.draw(st.integers(low, min(stop, low + 2 * model.chunk)),
+                                     label="read to")
+                    got = bytes(pin.view[low - start:high - start])
+                    model.access(low, high)
+                    assert got == model.content[low:high]
+            for chunk in chunks:
+                model.volatile[chunk] = model.wants_volatile[chunk] and not model.pins[chunk]
+            with pytest.raises(ValueError):
+                pin.view
 
         @rule(data=st.data())
         def prefault(self, data: st.DataObject) -> None:

@@ -116,6 +116,8 @@ class Pin:
       was last marked volatile, and which (merged ``(offset, length)`` ranges of whole chunks);
     - ``populated``: whether the pin made every page present (``populate=True``) or left missing
       pages to be refilled on access.
+
+    Made by :meth:`Region.pinned` only (see docs/pins.md).
     """
 
     __slots__ = ("offset", "length", "purged_ranges", "populated", "_view", "_first", "_end",

@@ -287,6 +287,8 @@ class Slot:
         self.content = bytearray()
         """The bytes last written (or the regenerator's where nothing was): exact where pinned."""
         self.volatile: list[bool] = []
+        self.pins: list[int] = []
+        """Per chunk: mark_nonvolatile's pins not yet released by mark_volatile (counted)."""
         self.versions: list[int] = []
         """Per chunk: odd while the owner changes it, bumped at every change."""
         self.closing = False
@@ -614,6 +616,7 @@ class Stress:
             slot.size, slot.chunk, slot.chunks = size, chunk, count
             slot.pattern, slot.content = expected, bytearray(expected)
             slot.volatile = [False] * count
+            slot.pins = [0] * count
             slot.versions = [0] * count
             slot.regenerators.extend(regenerators)
             slot.generation += 1
@@ -1065,8 +1068,9 @@ class Stress:
         try:
             slot.region.mark_volatile(offset, length)
             with slot.lock:
-                for chunk in range(first, last):
-                    slot.volatile[chunk] = True
+                for chunk in range(first, last):  # one pin released; volatile once none is left
+                    slot.pins[chunk] = max(slot.pins[chunk] - 1, 0)
+                    slot.volatile[chunk] = not slot.pins[chunk]
         finally:
             self.busy(slot, first, last)
 
@@ -1108,6 +1112,7 @@ class Stress:
                 slot.content[snapshot.start:snapshot.end] = observed
                 for chunk in range(first, last):
                     slot.volatile[chunk] = False
+                    slot.pins[chunk] += 1
         finally:
             self.busy(slot, first, last)
 

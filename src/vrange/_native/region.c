@@ -550,9 +550,15 @@ int vr_region_pin_without_fill(vr_region *region, size_t first_chunk, size_t end
                                  __ATOMIC_SEQ_CST) & VR_CHUNK_IN_FLIGHT)
             vr_pause_briefly(); /* a fault is refilling it: it will be present and PURGED-marked */
         uint8_t state = __atomic_load_n(&region->chunk_state[chunk], __ATOMIC_SEQ_CST);
-        int64_t present = vr_region_resident_pages(region, start, length);
-        int rc = present < 0 ? (int)present : 0;
-        int missing = present >= 0 && (size_t)present * region->page_size < length;
+        int rc = 0;
+        int missing;
+        if (region->trap_kind == VR_TRAP_MEMFD) {
+            missing = (state & VR_CHUNK_TRAPPED) != 0; /* a chunk is trapped whole or mapped whole */
+        } else {
+            int64_t present = vr_region_resident_pages(region, start, length);
+            rc = present < 0 ? (int)present : 0;
+            missing = present >= 0 && (size_t)present * region->page_size < length;
+        }
         if (state & VR_CHUNK_MATERIALIZED) {
             purged_out[chunk - first_chunk] = (missing || (state & VR_CHUNK_PURGED)) ? 1 : 0;
             if (missing) {

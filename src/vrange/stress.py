@@ -101,6 +101,7 @@ OPERATION_WEIGHTS: dict[str, float] = {
     "io_readinto": 2,       # vrange.io.readinto pinned chunks, own regions
     "mark_volatile": 8,     # own regions
     "mark_nonvolatile": 8,  # report=True, every chunk checked, own regions
+    "pinned": 4,            # with region.pinned(...): purge inside takes nothing, a write is kept
     "purge": 6,             # any region
     "page_out": 5,          # MADV_PAGEOUT (vrange.testing.page_out), any region the kernel reclaims
     "prefault": 2,          # any region
@@ -110,7 +111,7 @@ OPERATION_WEIGHTS: dict[str, float] = {
 }
 OPERATIONS = tuple(OPERATION_WEIGHTS)
 OWN_OPERATIONS = frozenset({"write", "write_nogil", "pipe_readv", "file_preadv", "io_write", "io_readinto",
-                            "mark_volatile", "mark_nonvolatile", "recreate", "fork"})
+                            "mark_volatile", "mark_nonvolatile", "pinned", "recreate", "fork"})
 MIN_INTERVAL = {"fork": 0.5, "recreate": 0.2}
 """Seconds between two of these per worker (a fork of a process with Isolated regions starts helper
 processes; re-creating one starts a helper too)."""
@@ -1113,6 +1114,60 @@ class Stress:
                 for chunk in range(first, last):
                     slot.volatile[chunk] = False
                     slot.pins[chunk] += 1
+        finally:
+            self.busy(slot, first, last)
+
+    def op_pinned(self, worker: Worker) -> None:
+        """``with region.pinned(range, populate=either) as pin:`` over an own region, while other
+        threads purge and page out: the report names only chunks that were volatile; inside the
+        block every chunk reads as pinned (named ones may have reverted), ``purge`` of the range
+        discards nothing, and a write through ``pin.view`` is kept; afterwards each chunk has its
+        volatility back (the model's is unchanged)."""
+        slot = self.own_slot(worker)
+        if slot.region is None:
+            raise Skip("no region")
+        rng = worker.rng
+        offset, length = self.page_range(rng, slot)
+        first, last = slot.touching(offset, offset + length)
+        data = rng.randbytes(rng.randint(1, min(length, 2 * PAGE)))
+        at = offset + rng.randrange(length - len(data) + 1)
+        self.busy(slot, first, last)
+        try:
+            snapshot = self.begin_own(worker, slot, first * slot.chunk,
+                                      min(last * slot.chunk, slot.size))
+            try:
+                with snapshot.region.pinned(offset, length, populate=rng.random() < 0.5) as pin:
+                    observed = bytes(snapshot.view[snapshot.start:snapshot.end])
+                    discarded = snapshot.region.purge(offset, length)
+                    pin.view[at - offset:at - offset + len(data)] = data
+                    after = bytes(snapshot.view[snapshot.start:snapshot.end])
+                    purged = pin.purged_ranges
+            finally:
+                self.end(snapshot)
+            reported: set[int] = set()
+            for start, size in purged:
+                reported.update(range(start // slot.chunk, -(-(start + size) // slot.chunk)))
+            stray = sorted(chunk for chunk in reported if not first <= chunk < last or
+                           not snapshot.volatile[chunk - first])
+            if stray or discarded:
+                worker.metrics["violations"] += 1
+                self.fail(worker, f"pinned({offset}, {length}) of region {slot.index}: "
+                                  + (f"reported chunks {stray} purged that were pinned or outside "
+                                     f"the range (report {purged})" if stray else
+                                     f"purge() inside the block discarded {discarded} bytes"))
+            snapshot.volatile = [was_volatile and chunk in reported for chunk, was_volatile in
+                                 zip(range(first, last), snapshot.volatile)]
+            self.account(worker, snapshot, snapshot.start, observed, True,
+                         "read inside a pinned() block")
+            low = at - snapshot.start
+            expected = observed[:low] + data + observed[low + len(data):]
+            if after != expected:
+                snapshot.content = expected
+                snapshot.volatile = [False] * (last - first)
+                self.account(worker, snapshot, snapshot.start, after, True,
+                             "read back inside a pinned() block after a purge and a write")
+            with slot.lock:
+                slot.content[snapshot.start:snapshot.end] = after
         finally:
             self.busy(slot, first, last)
 

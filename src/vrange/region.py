@@ -220,7 +220,9 @@ class Region(mmap.mmap):
       hangs.
 
     A new region is non-volatile and every page starts missing: the first access materializes it
-    through the regenerator. The region is a writable buffer (``memoryview(region)``,
+    through the regenerator. Pins are counted per chunk: :meth:`mark_nonvolatile` adds one,
+    :meth:`mark_volatile` releases one, a :meth:`pinned` block holds one while it runs; a chunk
+    with no pin left that was released is volatile (docs/pins.md). The region is a writable buffer (``memoryview(region)``,
     ``numpy.frombuffer(region, ...)``, ``os.write(fd, region)``) and an ``mmap.mmap``.
     """
 

@@ -56,3 +56,11 @@ def seeded_pattern(offset: int, buf: memoryview, seed: int) -> None:
 def filled(offset: int, buf: memoryview, value: int) -> None:
     """Every byte ``value`` (no numpy: the quickest helper to start, tests/test_leaks.py)."""
     buf[:] = bytes([value]) * len(buf)
+
+
+async def async_fill(offset: int, buf: memoryview) -> None:
+    buf[:] = bytes(len(buf))
+
+
+def returns_a_coroutine(offset: int, buf: memoryview) -> object:
+    return async_fill(offset, buf)

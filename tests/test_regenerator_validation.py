@@ -111,3 +111,15 @@ def test_an_awaitable_returned_at_fault_time_fails_by_policy(backend: str) -> No
         with pytest.raises(vrange.RegenerationError, match="returned an awaitable") as caught:
             region.mark_nonvolatile()
         assert isinstance(caught.value.__cause__, TypeError)
+
+
+def test_an_async_isolated_regenerator_is_refused() -> None:
+    with pytest.raises(TypeError, match="async function"):
+        vrange.sources.Isolated("isolated_regenerators:async_fill")
+
+
+def test_an_isolated_regenerator_returning_an_awaitable_fails(backend: str) -> None:
+    source = vrange.sources.Isolated("isolated_regenerators:returns_a_coroutine")
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        with pytest.raises(vrange.RegenerationError, match="returned an awaitable"):
+            region.mark_nonvolatile()

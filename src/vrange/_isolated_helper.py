@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import inspect
 import json
 import mmap
 import pickle
@@ -51,7 +52,13 @@ def serve(connection: socket.socket, view: memoryview, function: Callable[..., o
             offset, length = REQUEST.unpack(request)
             buffer = view[:length]
             try:
-                function(offset, buffer, *arguments)
+                result = function(offset, buffer, *arguments)
+                if inspect.isawaitable(result):  # never awaited: it filled nothing
+                    close = getattr(result, "close", None)
+                    if callable(close):
+                        close()
+                    raise TypeError("the regenerator returned an awaitable: it must fill the "
+                                    "buffer synchronously")
                 answer = REPLY.pack(0, 0)
             except BaseException:  # noqa: BLE001 - the parent reports it by its policy
                 text = traceback.format_exc().encode(errors="replace")[-ERROR_BYTES:]

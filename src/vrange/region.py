@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import inspect
 import logging
 import mmap
@@ -21,7 +20,7 @@ from ._backends import (ERROR_POLICIES, KNOWN_SPECS, PURGE_REASONS, BackendRegio
 from ._backends._registry import live_regions
 from ._mappings import mapping_budget
 from .errors import RegenerationError, VRangeError, errno_name, os_error
-from .sources import Isolated, Source
+from .sources import Isolated, Source, is_async_callable
 
 __all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE", "Pin", "BackendName",
            "ErrorPolicy"]
@@ -80,22 +79,11 @@ def _check_regenerator(regenerate: object) -> None:
     if not callable(regenerate):
         raise TypeError("regenerate must be a callable fn(offset, buf) or a vrange.sources "
                         f"source, not {type(regenerate).__name__}")
-    target: object = regenerate
-    while isinstance(target, functools.partial):
-        target = target.func
-    candidates = [target]
-    if not inspect.isfunction(target) and not inspect.ismethod(target) and \
-            not inspect.isclass(target):
-        call = getattr(type(target), "__call__", None)
-        if call is not None:
-            candidates.append(call)
-    for candidate in candidates:
-        if inspect.iscoroutinefunction(candidate) or inspect.isasyncgenfunction(candidate):
-            raise TypeError(
-                f"regenerate must fill buf synchronously: {regenerate!r} is an async function "
-                "(a regenerator runs inside a page fault, where nothing could await it, and its "
-                "chunk would hold zeros); make it a plain function, or run the async code in a "
-                "helper process with vrange.sources.Isolated")
+    if is_async_callable(regenerate):
+        raise TypeError(
+            f"regenerate must fill buf synchronously: {regenerate!r} is an async function "
+            "(a regenerator runs inside a page fault, where nothing could await it, and its "
+            "chunk would hold zeros); make it a plain function")
     try:
         signature = inspect.signature(regenerate)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # builtins and C callables may have none: accept them

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import errno
 import fcntl
+import functools
+import inspect
 import json
 import logging
 import os
@@ -30,6 +32,24 @@ logger = logging.getLogger("vrange")
 __all__ = ["File", "Isolated", "Source", "Zeros"]
 
 PathOrFd = Union[str, "os.PathLike[str]", int]
+
+
+def is_async_callable(candidate: object) -> bool:
+    """Whether calling ``candidate`` makes a coroutine or an async generator instead of doing the
+    work: an ``async def`` function or method, an async generator function, either behind
+    ``functools.partial``, or an object whose ``__call__`` is one. A regenerator runs synchronously
+    inside a page fault (or a helper's request), where nothing could await it."""
+    target = candidate
+    while isinstance(target, functools.partial):
+        target = target.func
+    candidates = [target]
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and \
+            not inspect.isclass(target):
+        call = getattr(type(target), "__call__", None)
+        if call is not None:
+            candidates.append(call)
+    return any(inspect.iscoroutinefunction(each) or inspect.isasyncgenfunction(each)
+               for each in candidates)
 
 
 class Source:
@@ -160,9 +180,13 @@ class Isolated(Source):
             raise TypeError(f"target must be 'package.module:function' or such a function, "
                             f"not {target!r}")
         try:
-            resolve(target)
+            function = resolve(target)
         except Exception as error:  # noqa: BLE001 - reported with the target's name
             raise ValueError(f"cannot import the regenerator {target!r}: {error}") from error
+        if is_async_callable(function):
+            raise TypeError(f"the regenerator {target!r} is an async function: the helper process "
+                            "calls it synchronously and would never await it; make it a plain "
+                            "function")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         try:

@@ -250,7 +250,7 @@ def test_many_threads_pinning_and_unpinning(backend: str) -> None:
         assert_pages_match(region, pattern(0, SIZE))
 
 
-# --- what a pin reports, and what never purges a pinned chunk -------------------------------------
+# --- what a pin reports, and what never purges a pinned chunk ------------------------------------
 
 
 @pytest.mark.parametrize("populate", [True, False])
@@ -370,7 +370,7 @@ def test_a_failed_pin_adds_no_pin(backend: str) -> None:
         assert region.pin_count(0) == 1
 
 
-# --- the pressure policy ----------------------------------------------------------------------------
+# --- the pressure policy -------------------------------------------------------------------------
 
 
 @pytest.mark.forked
@@ -396,7 +396,7 @@ def test_budgets_and_pressure_never_take_pinned_chunks(backend: str) -> None:
         assert_pages_match(region, pattern(0, SIZE))
 
 
-# --- fork --------------------------------------------------------------------------------------------
+# --- fork ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.forked
@@ -438,7 +438,7 @@ def test_pins_after_fork(backend: str) -> None:
         assert [region.pin_count(c * CHUNK) for c in range(4)] == [1, 0, 0, 0]
 
 
-# --- the README's example ---------------------------------------------------------------------------
+# --- the README's example ------------------------------------------------------------------------
 
 
 def test_readme_use_example_closes_cleanly(backend: str) -> None:

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from typing import Literal, Union, cast, get_args, overload
 
 from . import policy
-from ._backends import (ERROR_POLICIES, KNOWN_SPECS, PURGE_REASONS, BackendRegion, Regeneration, RegionStats,
-                        SourceSpec, buffer_address, features, find_live_region, on_fork_in_child,
-                        resolve_backend)
+from ._backends import (ERROR_POLICIES, KNOWN_SPECS, PURGE_REASONS, BackendRegion, Regeneration,
+                        RegionStats, SourceSpec, buffer_address, features, find_live_region,
+                        on_fork_in_child, resolve_backend)
 from ._backends._registry import live_regions
 from ._mappings import mapping_budget
 from .errors import RegenerationError, VRangeError, errno_name, os_error
@@ -210,8 +210,9 @@ class Region(mmap.mmap):
     A new region is non-volatile and every page starts missing: the first access materializes it
     through the regenerator. Pins are counted per chunk: :meth:`mark_nonvolatile` adds one,
     :meth:`mark_volatile` releases one, a :meth:`pinned` block holds one while it runs; a chunk
-    with no pin left that was released is volatile (docs/pins.md). The region is a writable buffer (``memoryview(region)``,
-    ``numpy.frombuffer(region, ...)``, ``os.write(fd, region)``) and an ``mmap.mmap``.
+    with no pin left that was released is volatile (docs/pins.md). The region is a writable
+    buffer (``memoryview(region)``, ``numpy.frombuffer(region, ...)``, ``os.write(fd, region)``)
+    and an ``mmap.mmap``.
     """
 
     _core: BackendRegion

@@ -262,9 +262,8 @@ def _fault_cost(spec: str, kind: str, chunk: int, context: str, size: int,
     touch = CONTEXTS[context][0]
 
     def measure() -> float:
-        with Region(size, _regenerator(kind, chunk, size, resources),
-                    backend=cast(BackendName, spec), chunk_size=chunk,
-                    fill_ahead=fill_ahead) as region:
+        with Region(size, _regenerator(kind, chunk, size, resources), backend=_backend(spec),
+                    chunk_size=chunk, fill_ahead=fill_ahead) as region:
             return touch(region, size, spec) / (size // PAGE) * 1e6
 
     return measure
@@ -377,7 +376,7 @@ def _latency_rows(specs: list[str]) -> list[Row]:
                     size = count * chunk
 
                     def measure() -> float:
-                        with Region(size, Zeros(), backend=cast(BackendName, spec),
+                        with Region(size, Zeros(), backend=_backend(spec),
                                     chunk_size=chunk, fill_ahead=False) as region:  # all faults
                             each = touch_pages_each(region.address, size, chunk, count)
                         return percentile(each, fraction) / 1e3
@@ -402,8 +401,13 @@ def _latency_rows(specs: list[str]) -> list[Row]:
 
 # --- volatility calls ------------------------------------------------------------------------------
 
+def _backend(spec: str) -> BackendName:
+    """A backend spec of the run (from ``usable_specs()``; Region checks it), typed for Region."""
+    return cast(BackendName, spec)
+
+
 def _resident_region(spec: str, size: int) -> Region:
-    region = Region(size, Zeros(), backend=cast(BackendName, spec))
+    region = Region(size, Zeros(), backend=_backend(spec))
     region.mark_nonvolatile()  # every page present (populated through the regenerator)
     return region
 
@@ -523,7 +527,7 @@ def _throughput_rows(specs: list[str]) -> list[Row]:
                 size = scale.throughput_bytes
 
                 def measure() -> float:
-                    with Region(size, Zeros(), backend=cast(BackendName, spec)) as region:
+                    with Region(size, Zeros(), backend=_backend(spec)) as region:
                         return touch_in_threads(region, size, threads) / (size // PAGE) * 1e6
 
                 def baseline() -> float:
@@ -557,7 +561,7 @@ def _hit_rows(specs: list[str]) -> list[Row]:
     numpy_missing = None if _numpy() is not None else "skipped: numpy not installed"
 
     def filled_region(spec: str, size: int) -> Region:
-        region = Region(size, _python_regenerator(DEFAULT_CHUNK), backend=cast(BackendName, spec))
+        region = Region(size, _python_regenerator(DEFAULT_CHUNK), backend=_backend(spec))
         region.mark_nonvolatile()  # real pages, every one present
         region.mark_volatile()  # hits on volatile memory: the case that matters
         return region
@@ -705,7 +709,7 @@ def _alternative_rows(specs: list[str]) -> list[Row]:
     @contextlib.contextmanager
     def hit_setup(scale: Scale, resources: Resources) -> Iterator[Pair]:
         count = scale.alternative_chunks
-        with Region(count * chunk, regenerate, backend=cast(BackendName, spec)) as region:
+        with Region(count * chunk, regenerate, backend=_backend(spec)) as region:
             region.mark_nonvolatile()
             region.mark_volatile()
             cache = LRU(count)
@@ -720,7 +724,7 @@ def _alternative_rows(specs: list[str]) -> list[Row]:
         per = 1e6 / count
 
         def measure() -> float:
-            with Region(count * chunk, regenerate, backend=cast(BackendName, spec)) as region:
+            with Region(count * chunk, regenerate, backend=_backend(spec)) as region:
                 return read_all(region_reader(region), count) * per
 
         def baseline() -> float:
@@ -731,7 +735,7 @@ def _alternative_rows(specs: list[str]) -> list[Row]:
     @contextlib.contextmanager
     def recompute_setup(scale: Scale, resources: Resources) -> Iterator[Pair]:
         count = scale.alternative_chunks
-        with Region(count * chunk, regenerate, backend=cast(BackendName, spec)) as region:
+        with Region(count * chunk, regenerate, backend=_backend(spec)) as region:
             region.mark_nonvolatile()
             region.mark_volatile()
             per = 1e6 / count

@@ -84,9 +84,15 @@ def regenerate(offset: int, buffer: memoryview) -> None:
     buffer[:] = pattern(offset, len(buffer))
 
 
+def _backend(spec: str) -> vrange.BackendName:
+    """A backend spec of the matrix (from ``usable_specs()`` or the command line; Region checks
+    it), typed for Region."""
+    return cast(vrange.BackendName, spec)
+
+
 def _purged(spec: str, size: int = SIZE) -> vrange.Region:
     """A region whose every chunk was materialized, marked volatile and purged."""
-    region = vrange.Region(size, regenerate, backend=cast(vrange.BackendName, spec))
+    region = vrange.Region(size, regenerate, backend=_backend(spec))
     region.mark_nonvolatile()
     region.mark_volatile()
     region.purge()
@@ -137,7 +143,7 @@ def _say(text: str) -> None:
 
 
 def first_touch(spec: str) -> str:
-    with vrange.Region(SIZE, regenerate, backend=cast(vrange.BackendName, spec)) as region:
+    with vrange.Region(SIZE, regenerate, backend=_backend(spec)) as region:
         assert bytes(region[:]) == pattern(0, SIZE), "bytes differ"
         assert region.mark_nonvolatile() is False, "a first touch was reported as a purge"
         regenerated = region.stats().bytes_regenerated
@@ -164,7 +170,7 @@ def kernel_discard(spec: str) -> str:
     if "PAGEOUT" in advice and not advice["PAGEOUT"].ok:
         raise NotApplicable(f"the kernel refuses MADV_PAGEOUT (needs Linux 5.4+): "
                             f"{advice['PAGEOUT'].error}")
-    with vrange.Region(SIZE, regenerate, backend=cast(vrange.BackendName, spec)) as region:
+    with vrange.Region(SIZE, regenerate, backend=_backend(spec)) as region:
         region.mark_nonvolatile()
         region.mark_volatile()
         testing.page_out(region)
@@ -217,7 +223,8 @@ def native_file_source(spec: str) -> str:
     with tempfile.TemporaryFile() as file:
         file.write(content)
         file.flush()
-        with vrange.Region(SIZE, vrange.sources.File(file.fileno()), backend=cast(vrange.BackendName, spec)) as region:
+        with vrange.Region(SIZE, vrange.sources.File(file.fileno()),
+                           backend=_backend(spec)) as region:
             region.mark_nonvolatile()
             region.mark_volatile()
             region.purge()
@@ -248,7 +255,7 @@ def fork_child(spec: str) -> str:
 
 def backend_spec(spec: str) -> str:
     name, trap = _backend_parts(spec)
-    with vrange.Region(SIZE, regenerate, backend=cast(vrange.BackendName, spec)) as region:
+    with vrange.Region(SIZE, regenerate, backend=_backend(spec)) as region:
         got = (region.backend, region.trap, region.kernel_reclaims)
         expected = (name, trap, spec != "sigbus:memfd")
         assert got == expected, f"(backend, trap, kernel_reclaims) is {got}, expected {expected}"
@@ -277,7 +284,7 @@ class _Flaky:
 def regeneration_failure(spec: str) -> str:
     # A library call raises RegenerationError; the chunks that failed stay missing, not half-filled.
     flaky = _Flaky()
-    with vrange.Region(4 * CHUNK, flaky, backend=cast(vrange.BackendName, spec)) as region:
+    with vrange.Region(4 * CHUNK, flaky, backend=_backend(spec)) as region:
         try:
             region.mark_nonvolatile()
         except vrange.RegenerationError as error:
@@ -290,7 +297,7 @@ def regeneration_failure(spec: str) -> str:
         assert bytes(region[0:CHUNK]) == pattern(0, CHUNK), "the retried chunk differs"
 
     # on_error="zeros" is the explicit opt-in to zeros on a raw access.
-    with vrange.Region(4 * CHUNK, _Flaky(), backend=cast(vrange.BackendName, spec), on_error="zeros") as region:
+    with vrange.Region(4 * CHUNK, _Flaky(), backend=_backend(spec), on_error="zeros") as region:
         assert bytes(region[0:16]) == bytes(16), "on_error='zeros' did not give zeros"
         errors = region.stats().regeneration_errors
         assert errors == 1, f"{errors} regeneration errors counted, expected 1"
@@ -303,7 +310,7 @@ def regeneration_failure(spec: str) -> str:
     expected_signal = signal.SIGBUS if has_poison else signal.SIGABRT
 
     def raw_access() -> None:
-        region = vrange.Region(4 * CHUNK, _Flaky(), backend=cast(vrange.BackendName, spec), on_error=policy)
+        region = vrange.Region(4 * CHUNK, _Flaky(), backend=_backend(spec), on_error=policy)
         _say("before")
         region[5]
         _say("survived")
@@ -319,7 +326,7 @@ def regeneration_failure(spec: str) -> str:
         return note + " (the kernel lacks UFFDIO_POISON: default policy 'abort')"
 
     flaky = _Flaky()
-    with vrange.Region(4 * CHUNK, flaky, backend=cast(vrange.BackendName, spec), on_error="poison") as region:
+    with vrange.Region(4 * CHUNK, flaky, backend=_backend(spec), on_error="poison") as region:
         read_end, write_end = os.pipe()
         failure = None
         try:
@@ -407,7 +414,7 @@ def nested_regions(spec: str) -> str:
         def from_inner(offset: int, buffer: memoryview) -> None:
             buffer[:] = inner[offset:offset + len(buffer)]  # faults on the other region
 
-        with vrange.Region(SIZE, from_inner, backend=cast(vrange.BackendName, spec)) as outer:
+        with vrange.Region(SIZE, from_inner, backend=_backend(spec)) as outer:
             assert bytes(outer[:]) == pattern(0, SIZE), "bytes differ (first fill)"
             outer.mark_volatile()
             inner.purge()
@@ -427,7 +434,7 @@ def close_in_flight(spec: str) -> str:
     outcomes = {"bytes": 0, "closed": 0}
     rounds = 12
     for round_number in range(rounds):
-        region = vrange.Region(32 * CHUNK, slow, backend=cast(vrange.BackendName, spec))
+        region = vrange.Region(32 * CHUNK, slow, backend=_backend(spec))
         wrong: list[int] = []
 
         def slicer(first: int, region: vrange.Region = region, wrong: list[int] = wrong) -> None:
@@ -528,7 +535,8 @@ def memory_pressure(spec: str) -> str:
             (path / "cgroup.procs").write_text(str(os.getpid()))
             vrange.features(refresh=True)  # the limit that applies now
             wrong = []
-            with vrange.Region(PRESSURE_CACHE, _regenerate_word_indices, backend=cast(vrange.BackendName, spec)) as cache:
+            with vrange.Region(PRESSURE_CACHE, _regenerate_word_indices,
+                               backend=_backend(spec)) as cache:
                 cache.mark_volatile()  # once; then only read, as a cache is
                 for _ in range(2):
                     for offset in range(0, PRESSURE_CACHE, PRESSURE_PART):

@@ -15,6 +15,9 @@ EXPECTED_PUBLIC_NAMES = {
     "policy",
     "sources",
     "BackendUnavailable",
+    "Cache",
+    "CacheFullError",
+    "CacheStats",
     "Features",
     "RegenerationError",
     "VRangeError",
@@ -32,7 +35,8 @@ def test_all_lists_exactly_the_public_names() -> None:
 
 
 def test_exception_hierarchy() -> None:
-    for exception in (vrange.BackendUnavailable, vrange.RegenerationError, vrange.VRangeOSError):
+    for exception in (vrange.BackendUnavailable, vrange.RegenerationError, vrange.VRangeOSError,
+                      vrange.CacheFullError):
         assert issubclass(exception, vrange.VRangeError)
     assert issubclass(vrange.VRangeOSError, OSError)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import io, policy, sources
 from ._backends import RegionStats, available_backends, features
 from ._feature_report import Features
+from .cache import Cache, CacheFullError, CacheStats
 from .errors import BackendUnavailable, RegenerationError, VRangeError, VRangeOSError
 from .region import DEFAULT_CHUNK_SIZE, BackendName, ErrorPolicy, Pin, Region
 
@@ -18,6 +19,9 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "BackendName",
     "BackendUnavailable",
+    "Cache",
+    "CacheFullError",
+    "CacheStats",
     "ErrorPolicy",
     "Features",
     "Pin",

@@ -2,8 +2,9 @@
 
 The workload: a map of compressed tiles (zlib, generated deterministically; nothing is downloaded)
 read with a skewed access pattern (most reads hit a hot tenth of the map), each read decoded tile
-checked against its CRC-32. The decoded tiles live in a vrange region three times larger than the
-memory the process may use, on each usable backend. As root the demo confines each run to a memory
+checked against its CRC-32. The decoded tiles live in a :class:`vrange.Cache` (a mapping of byte
+values in volatile memory: a tile taken back is decoded again on its next read) three times larger
+than the memory the process may use, on each usable backend. As root the demo confines each run to a memory
 cgroup beneath its own (``--limit``, 128 MiB by default), so the pressure is real: the kernel (or
 vrange's pressure monitor, on the memfd trap) takes tiles back instead of the OOM killer taking the
 process. Otherwise it keeps the same amount with a byte budget (:func:`vrange.policy.set_budget`).
@@ -155,7 +156,8 @@ def _write_from_purged_memory(cache: object, length: int) -> str:
 
 def run_worker(spec: str, tiles: int, reads: int, budget: int | None, checksums_path: str,
                progress: Callable[[dict[str, object]], None]) -> RunResult:
-    """The vrange run: a region of ``tiles`` decoded tiles, marked volatile once, then read."""
+    """The vrange run: a :class:`vrange.Cache` room for all ``tiles`` decoded tiles, read with
+    ``borrow`` (no copy); a tile the kernel (or vrange) took back is decoded again."""
     import vrange
     import vrange.policy
 
@@ -164,9 +166,9 @@ def run_worker(spec: str, tiles: int, reads: int, budget: int | None, checksums_
     order = workload(tiles, reads)
     regenerated = [0]
 
-    def decode_into(offset: int, buffer: memoryview) -> None:
+    def decode(tile: int) -> bytes:
         regenerated[0] += 1
-        buffer[:] = source.decode(offset // TILE)
+        return source.decode(tile)
 
     # With a budget (no memory cgroup to confine the run), every backend's region is put under the
     # policy through its group; under a cgroup, the kernel reclaims (uffd, sigbus:uffd) and vrange's
@@ -177,30 +179,27 @@ def run_worker(spec: str, tiles: int, reads: int, budget: int | None, checksums_
         vrange.policy.set_budget(budget, group=group)
     started = time.perf_counter()
     correct = True
-    with vrange.Region(tiles * TILE, decode_into, backend=spec, chunk_size=TILE,
-                       group=group) as cache:
-        cache.mark_volatile()  # the kernel (or vrange) may take any tile back from now on
-        view = memoryview(cache)
+    with vrange.Cache(tiles * TILE, decode, backend=spec, chunk_size=TILE, group=group) as cache:
+        region = cache.region
         step = max(1, reads // 20)
         for index, tile in enumerate(order):
-            # Pinned while it is used, volatile again afterwards: the tiles used least recently
-            # are the first to go.
-            cache.mark_nonvolatile(tile * TILE, TILE)
-            if zlib.crc32(view[tile * TILE:(tile + 1) * TILE]) != checksums[tile]:
-                correct = False
-            cache.mark_volatile(tile * TILE, TILE)
+            # Pinned while it is borrowed, volatile again afterwards: the tiles used least
+            # recently are the first to go. A tile taken back is decoded again (a reload).
+            with cache.borrow(tile) as view:
+                if zlib.crc32(view) != checksums[tile]:
+                    correct = False
             if (index + 1) % step == 0 or index + 1 == reads:
                 stats = cache.stats()
-                progress({"reads": index + 1, "hits": index + 1 - regenerated[0],
-                          "regenerations": regenerated[0], "purges": stats.purges,
-                          "resident": stats.resident_bytes})
+                progress({"reads": index + 1, "hits": stats.hits,
+                          "regenerations": stats.misses + stats.reloads,
+                          "purges": region.stats().purges, "resident": stats.resident_bytes})
         seconds = time.perf_counter() - started
-        view.release()
-        stats = cache.stats()
-        purges = {reason: count for reason, count in stats.purges_by_reason.items() if count}
-        cache.purge(0, 4 << 20)
-        efault = _write_from_purged_memory(cache, 4 << 20)
-        spec_name = f"{cache.backend}:{cache.trap}" if cache.trap else cache.backend
+        region_stats = region.stats()
+        purges = {reason: count for reason, count in region_stats.purges_by_reason.items()
+                  if count}
+        region.purge(0, 4 << 20)
+        efault = _write_from_purged_memory(region, 4 << 20)
+        spec_name = f"{region.backend}:{region.trap}" if region.trap else region.backend
     return RunResult(f"vrange {spec_name}", seconds, _peak_rss(), regenerated[0], purges, correct,
                      efault=efault)
 

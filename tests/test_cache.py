@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import CHUNK, PAGE, kernel_reclaims, missing_capability, run_python
+from conftest import CHUNK, PAGE, kernel_reclaims, missing_capability, require, run_python
 from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
@@ -346,6 +346,60 @@ def test_get_loads_and_a_key_error_from_load_is_a_miss(backend: str) -> None:
             cache[2]
         assert 2 not in cache and 1 in cache
         assert cache.stats().misses == 3
+
+
+@pytest.mark.forked
+def test_a_forked_child_has_a_working_cache(backend: str) -> None:
+    loader = Loader()
+    with make(backend, load=loader) as cache:
+        for key in range(1, 9):
+            cache[key]
+        started, release = threading.Event(), threading.Event()
+
+        def slow(key: int) -> bytes:
+            started.set()
+            release.wait(10)
+            return value_of(key)
+
+        other = make(backend, load=slow)
+        thread = threading.Thread(target=lambda: other[1])
+        thread.start()
+        assert started.wait(10)  # a load in flight in another thread at fork
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                for key in range(1, 9):
+                    assert cache[key] == value_of(key)
+                cache.purge()
+                for key in range(1, 12):
+                    assert cache[key] == value_of(key)
+                assert cache.stats().reloads > 0
+                release.set()  # no thread loads it in the child: the lookup loads it itself
+                assert other[1] == value_of(1)
+                cache.close()
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        release.set()
+        thread.join()
+        other.close()
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        assert all(cache[key] == value_of(key) for key in range(1, 9))
+
+
+def test_larger_chunks_chosen_by_the_backend_are_whole(report: vrange.Features) -> None:
+    """The memfd trap uses at most 8192 chunks per region: the cache's chunks grow, and its size
+    stays a whole number of them."""
+    require("sigbus_memfd_trap", "(it chooses larger chunks for large regions)", report)
+    max_bytes = 8193 * CHUNK
+    with vrange.Cache[int](max_bytes, backend="sigbus:memfd") as cache:
+        assert cache.chunk_size == 2 * CHUNK
+        assert cache.capacity == len(cache.region) == 4097 * 2 * CHUNK >= max_bytes
+        cache[1] = b"x" * (3 * CHUNK)
+        assert cache[1] == b"x" * (3 * CHUNK)
+        assert cache.stats().resident_bytes == 4 * CHUNK
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import time
+import traceback
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
@@ -365,25 +366,45 @@ def test_a_forked_child_has_a_working_cache(backend: str) -> None:
         thread = threading.Thread(target=lambda: other[1])
         thread.start()
         assert started.wait(10)  # a load in flight in another thread at fork
-        pid = os.fork()
+        borrowed, done = threading.Event(), threading.Event()
+
+        def borrow() -> None:
+            with cache.borrow(2):
+                borrowed.set()
+                done.wait(10)
+
+        borrower = threading.Thread(target=borrow)
+        borrower.start()
+        assert borrowed.wait(10)  # and a borrow open in another thread
+        with cache.borrow(3):
+            pid = os.fork()
         if pid == 0:
             status = 1
             try:
+                # The borrow of the thread that does not exist here has ended; this thread's own
+                # ended normally.
+                assert cache.stats().pinned_items == 0
                 for key in range(1, 9):
                     assert cache[key] == value_of(key)
-                cache.purge()
+                assert cache.purge() > 0
                 for key in range(1, 12):
                     assert cache[key] == value_of(key)
-                assert cache.stats().reloads > 0
+                assert cache.stats().reloads >= 8
                 release.set()  # no thread loads it in the child: the lookup loads it itself
                 assert other[1] == value_of(1)
-                cache.close()
+                other.close()
+                with pytest.raises(BufferError):  # the other thread's view is still here
+                    cache.close()
                 status = 0
+            except BaseException:
+                traceback.print_exc()
             finally:
                 os._exit(status)
         _, status = os.waitpid(pid, 0)
         release.set()
+        done.set()
         thread.join()
+        borrower.join()
         other.close()
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         assert all(cache[key] == value_of(key) for key in range(1, 9))

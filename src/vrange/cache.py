@@ -11,6 +11,8 @@ read, and a purged item is loaded again (``load(key)``) under that pin. See docs
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import threading
 import weakref
 from bisect import bisect_left
@@ -25,6 +27,8 @@ from .region import DEFAULT_CHUNK_SIZE, Region
 from .sources import Zeros
 
 __all__ = ["Cache", "CacheFullError", "CacheStats"]
+
+logger = logging.getLogger("vrange")
 
 K = TypeVar("K", bound=Hashable)
 D = TypeVar("D")
@@ -76,7 +80,7 @@ class CacheStats:
 class _Entry:
     """One stored item: a run of chunks of the region."""
 
-    __slots__ = ("key", "first", "chunks", "length", "pins", "valid", "detached")
+    __slots__ = ("key", "first", "chunks", "length", "pins", "holders", "valid", "detached")
 
     def __init__(self, key: object, first: int, chunks: int, length: int) -> None:
         self.key = key
@@ -84,6 +88,7 @@ class _Entry:
         self.chunks = chunks
         self.length = length
         self.pins = 0
+        self.holders: dict[int, int] = {}  # thread → pins it holds (a thread unpins its own)
         self.valid = True       # False once a pin reported a purge, until the value is rewritten
         self.detached = False   # no longer in the mapping; its chunks are freed at the last unpin
 
@@ -164,18 +169,52 @@ def _to_bytes(view: memoryview) -> bytes:
 
 
 _live_caches: weakref.WeakSet[Cache[object]] = weakref.WeakSet()
+_locked_for_fork: list[Cache[object]] = []
+FORK_LOCK_TIMEOUT_S = 1.0
+
+
+def _before_fork() -> None:
+    """Take every cache's lock, so that the child gets each cache's bookkeeping whole (no user code
+    runs under the lock, so the thread that forks never holds one; a lock that stays busy longer
+    than the timeout is left, and only reset in the child)."""
+    for cache in list(_live_caches):
+        if cache._lock.acquire(timeout=FORK_LOCK_TIMEOUT_S):
+            _locked_for_fork.append(cache)
+
+
+def _after_fork_in_parent() -> None:
+    for cache in _locked_for_fork:
+        cache._lock.release()
+    _locked_for_fork.clear()
 
 
 def _reset_after_fork() -> None:
-    """A lock held by another thread at fork() stays held for ever in the child, and loads that
-    other threads were running never finish there: start over with new ones."""
+    """In the child only the thread that forked runs: the other threads' loads never finish and
+    their pins and borrows never end. Start over with a new lock, and give their pins back."""
+    _locked_for_fork.clear()
+    me = threading.get_ident()
     for cache in list(_live_caches):
         cache._lock = threading.Lock()
         for pending in cache._loading.values():
             pending.done.set()
         cache._loading = {}
+        cache._borrowers = {thread: count for thread, count in cache._borrowers.items()
+                            if thread == me}
+        for entry in list(cache._pinned):
+            gone = sum(count for thread, count in entry.holders.items() if thread != me)
+            if not gone:
+                continue
+            mine = entry.holders.get(me, 0)
+            entry.holders = {me: mine + 1}  # this thread releases what the others held, at once
+            entry.pins = mine + 1
+            try:
+                cache._unpin(entry)
+            except Exception:  # noqa: BLE001 - a region this child cannot use: nothing to release
+                logger.debug("vrange: a cache item pinned at fork stays pinned in the child",
+                             exc_info=True)
 
 
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
 on_fork_in_child(_reset_after_fork)
 
 
@@ -214,7 +253,9 @@ class Cache(Generic[K]):
         self._load = load
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
         options = {"backend": backend, "priority": priority, "group": group, "managed": managed}
-        size = max_bytes if not isinstance(chunk, int) or chunk <= 0 else -(-max_bytes // chunk) * chunk
+        size = max_bytes
+        if isinstance(chunk, int) and chunk > 0:
+            size = -(-max_bytes // chunk) * chunk
         region = Region(size, Zeros(), chunk_size=chunk_size, **options)  # type: ignore[arg-type]
         if len(region) % region.chunk_size:
             # The backend chose larger chunks (the memfd trap's 8192-chunk limit): a size in whole
@@ -236,8 +277,8 @@ class Cache(Generic[K]):
         self._loading: dict[object, _PendingLoad] = {}
         self._lock = threading.Lock()
         self._stored_bytes = 0
-        self._pinned_items = 0
-        self._borrows = 0
+        self._pinned: set[_Entry] = set()  # items with pins, removed ones included
+        self._borrowers: dict[int, int] = {}  # thread → borrow blocks it has open
         self._hits = self._misses = self._reloads = self._evictions = self._rejected = 0
         self._closing = False
         self._closed = False
@@ -330,8 +371,9 @@ class Cache(Generic[K]):
                 view.release()
             return
         try:
+            thread = threading.get_ident()
             with self._lock:
-                self._borrows += 1
+                self._borrowers[thread] = self._borrowers.get(thread, 0) + 1
             if entry.length:
                 base = memoryview(self._region)
                 start = entry.first * self._chunk
@@ -351,7 +393,10 @@ class Cache(Generic[K]):
                 del view  # a traceback that keeps this frame must not keep the view
         finally:
             with self._lock:
-                self._borrows -= 1
+                if self._borrowers.get(thread, 0) > 1:
+                    self._borrowers[thread] -= 1
+                else:
+                    self._borrowers.pop(thread, None)
                 self._unpin(entry)
 
     def __contains__(self, key: object) -> bool:
@@ -490,7 +535,7 @@ class Cache(Generic[K]):
         with self._lock:
             self._check_open()
             counts = (self._hits, self._misses, self._reloads, self._evictions, self._rejected,
-                      len(self._entries), self._stored_bytes, self._pinned_items)
+                      len(self._entries), self._stored_bytes, len(self._pinned))
         resident = self._region.stats().resident_bytes
         return CacheStats(*counts, resident_bytes=resident, capacity=self._capacity)
 
@@ -501,10 +546,11 @@ class Cache(Generic[K]):
         with self._lock:
             if self._closed or self._closing:
                 return
-            if self._borrows:
-                raise BufferError(f"cannot close a vrange.Cache while {self._borrows} borrow(s) "
-                                  "of its items are open")
-            if not self._pinned_items:
+            borrows = sum(self._borrowers.values())
+            if borrows:
+                raise BufferError(f"cannot close a vrange.Cache while {borrows} borrow(s) of its "
+                                  "items are open")
+            if not self._pinned:
                 self._close_region()  # BufferError: the region is exported, the cache stays open
             self._closing = True
             for pending in self._loading.values():
@@ -543,7 +589,7 @@ class Cache(Generic[K]):
 
     def _full_message(self, nbytes: int) -> str:
         return (f"no room for a value of {nbytes} bytes: items in use (borrowed or being read) "
-                f"hold {self._pinned_items} item(s) and leave no run of "
+                f"hold {len(self._pinned)} item(s) and leave no run of "
                 f"{-(-nbytes // self._chunk)} free chunk(s) in a cache of {self._capacity} bytes")
 
     def _span(self, entry: _Entry) -> tuple[int, int]:
@@ -555,23 +601,30 @@ class Cache(Generic[K]):
             if entry.chunks:
                 if self._region.mark_nonvolatile(*self._span(entry), report=True):
                     entry.valid = False
-            self._pinned_items += 1
+            self._pinned.add(entry)
         entry.pins += 1
+        thread = threading.get_ident()
+        entry.holders[thread] = entry.holders.get(thread, 0) + 1
 
     def _unpin(self, entry: _Entry) -> None:
         """(lock held) One holder fewer; the last one makes the chunks volatile again, or frees
         them if the item was removed meanwhile."""
+        thread = threading.get_ident()
+        if entry.holders[thread] > 1:
+            entry.holders[thread] -= 1
+        else:
+            del entry.holders[thread]
         entry.pins -= 1
         if entry.pins:
             return
-        self._pinned_items -= 1
+        self._pinned.discard(entry)
         if self._closed:
             return
         if entry.chunks:
             self._region.mark_volatile(*self._span(entry))
             if entry.detached:
                 self._free(entry)
-        if self._closing and not self._pinned_items:
+        if self._closing and not self._pinned:
             try:
                 self._close_region()
             except BufferError:  # someone exports the region itself: it stays mapped
@@ -628,7 +681,8 @@ class Cache(Generic[K]):
                 self._allocator.free(first, count)
                 raise
         entry.pins = 1
-        self._pinned_items += 1
+        entry.holders[threading.get_ident()] = 1
+        self._pinned.add(entry)
         if nbytes:
             view = memoryview(self._region)
             try:

@@ -624,6 +624,7 @@ def test_threads_hammering_the_cache_always_read_the_right_bytes(backend: str) -
             assert cache[key] == value_of(key)
         # Nothing leaked: every chunk is back once the items are gone.
         cache.clear()
+        assert cache._allocator.free_chunks * cache.chunk_size == cache.capacity
         cache[0] = b"\0" * cache.capacity
         assert cache[0] == b"\0" * cache.capacity
 
@@ -858,6 +859,9 @@ def build_machine(backend: str) -> type[RuleBasedStateMachine]:
             assert stats.bytes == sum(len(value) for value in self.model.values())
             assert stats.pinned_items == 0
             assert self.loads == self.misses + self.reloads
+            # No chunk leaks: each is free or held by exactly one stored item.
+            chunks = self.cache.capacity // self.cache.chunk_size
+            assert self.cache._allocator.free_chunks + self.cache._stored_chunks == chunks
             assert all(key in self.cache for key in self.model)
 
     return CacheMachine

@@ -277,6 +277,7 @@ class Cache(Generic[K]):
         self._loading: dict[object, _PendingLoad] = {}
         self._lock = threading.Lock()
         self._stored_bytes = 0
+        self._stored_chunks = 0  # chunks of the items in the mapping
         self._pinned: set[_Entry] = set()  # items with pins, removed ones included
         self._borrowers: dict[int, int] = {}  # thread → borrow blocks it has open
         self._hits = self._misses = self._reloads = self._evictions = self._rejected = 0
@@ -370,8 +371,8 @@ class Cache(Generic[K]):
             finally:
                 view.release()
             return
+        thread = threading.get_ident()
         try:
-            thread = threading.get_ident()
             with self._lock:
                 self._borrowers[thread] = self._borrowers.get(thread, 0) + 1
             if entry.length:
@@ -641,6 +642,7 @@ class Cache(Generic[K]):
         del self._entries[entry.key]
         entry.detached = True
         self._stored_bytes -= entry.length
+        self._stored_chunks -= entry.chunks
         if not entry.pins and entry.chunks:
             self._free(entry)
 
@@ -660,7 +662,8 @@ class Cache(Generic[K]):
         count = -(-nbytes // self._chunk)
         first = 0
         if count:
-            evictable = sum(entry.chunks for entry in self._entries.values() if not entry.pins)
+            evictable = self._stored_chunks - sum(entry.chunks for entry in self._pinned
+                                                  if not entry.detached)
             if self._allocator.free_chunks + evictable < count:
                 return None
             allocated = self._allocator.allocate(count)
@@ -691,6 +694,7 @@ class Cache(Generic[K]):
                 view.release()
         self._entries[key] = entry
         self._stored_bytes += nbytes
+        self._stored_chunks += count
         return entry
 
     def _obtain(self, key: object) -> tuple[_Entry | None, memoryview | None]:

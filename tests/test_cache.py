@@ -653,9 +653,15 @@ def test_a_budget_keeps_the_cache_in_bounds_and_every_value_right(backend: str) 
 PRESSURE_CHILD = """
 import json, os, random, sys, zlib
 import vrange
-procs, backend = sys.argv[1], sys.argv[2]
+import vrange._backends.sigbus, vrange._backends.uffd, vrange.testing  # before dropping privileges
+procs, backend, container = sys.argv[1], sys.argv[2], sys.argv[3] == "container"
 with open(procs, "w") as file:
     file.write(str(os.getpid()))
+if container:  # no userfaultfd at all (a default seccomp profile), and not root
+    vrange.testing.deny_userfaultfd()
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
 VALUE = 256 << 10
 def load(key):
     seed = zlib.crc32(key.to_bytes(4, "little")).to_bytes(4, "little")
@@ -670,9 +676,29 @@ with vrange.Cache(keys * VALUE, load, backend=backend) as cache:
             wrong += view != load(key)
     stats = cache.stats()
     region = cache.region.stats()
+    spec = f"{cache.region.backend}:{cache.region.trap}"
 print(json.dumps({"wrong": wrong, "reloads": stats.reloads, "evictions": stats.evictions,
-                  "purges": region.purges_by_reason}))
+                  "purges": region.purges_by_reason, "spec": spec, "uid": os.geteuid()}))
 """
+
+
+def run_pressure_child(backend: str, profile: str) -> dict[str, object]:
+    from test_memory_pressure import _make_cgroup
+
+    report = vrange.features()
+    cgroup = _make_cgroup("v1" if missing_capability("cgroup_v1_memory", report) is None else "v2")
+    try:
+        completed = run_python(PRESSURE_CHILD, args=[str(cgroup.procs), backend, profile],
+                               timeout=140)
+        assert completed.returncode != -9, f"OOM-killed: {completed.stderr[-2000:]}"
+        assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
+        assert cgroup.oom_kills() == 0
+        result: dict[str, object] = json.loads(completed.stdout)
+        assert result["wrong"] == 0 and result["evictions"] == 0, result
+        assert isinstance(result["reloads"], int) and result["reloads"] > 0, result
+        return result
+    finally:
+        cgroup.path.rmdir()
 
 
 @pytest.mark.hang_timeout(150)
@@ -680,22 +706,22 @@ print(json.dumps({"wrong": wrong, "reloads": stats.reloads, "evictions": stats.e
 def test_a_cache_three_times_its_memory_cgroup_is_reclaimed_not_oom_killed(backend: str) -> None:
     """A 320 MiB cache in a 96 MiB memory cgroup: the kernel (or vrange's monitor, on the memfd
     trap) takes items back; every value read is right, reloaded where it was taken."""
-    from test_memory_pressure import _make_cgroup
+    result = run_pressure_child(backend, "root")
+    purges = result["purges"]
+    assert isinstance(purges, dict), result
+    assert purges["kernel" if kernel_reclaims(backend) else "pressure"] > 0, result
 
-    report = vrange.features()
-    cgroup = _make_cgroup("v1" if missing_capability("cgroup_v1_memory", report) is None else "v2")
-    try:
-        completed = run_python(PRESSURE_CHILD, args=[str(cgroup.procs), backend], timeout=140)
-        assert completed.returncode != -9, f"OOM-killed: {completed.stderr[-2000:]}"
-        assert completed.returncode == 0, completed.stdout + completed.stderr[-2000:]
-        assert cgroup.oom_kills() == 0
-        result = json.loads(completed.stdout)
-        assert result["wrong"] == 0 and result["evictions"] == 0, result
-        assert result["reloads"] > 0, result
-        reason = "kernel" if kernel_reclaims(backend) else "pressure"
-        assert result["purges"][reason] > 0, result
-    finally:
-        cgroup.path.rmdir()
+
+@pytest.mark.hang_timeout(150)
+@pytest.mark.requires("root", "(to make a memory cgroup, then drop to uid 65534)")
+@pytest.mark.requires("sigbus_memfd_trap", "(what auto gives where no userfaultfd opens)")
+def test_a_container_like_process_keeps_a_cache_three_times_its_limit() -> None:
+    """As uid 65534 with userfaultfd denied, ``auto`` gives the memfd trap: vrange's pressure
+    monitor purges the cache's items before the OOM killer, and they are reloaded."""
+    result = run_pressure_child("auto", "container")
+    assert (result["spec"], result["uid"]) == ("sigbus:memfd", 65534), result
+    purges = result["purges"]
+    assert isinstance(purges, dict) and purges["pressure"] > 0 and purges["kernel"] == 0, result
 
 
 # --- a model ----------------------------------------------------------------------------------------

@@ -562,6 +562,67 @@ def test_a_failed_load_lets_a_waiting_thread_load(backend: str) -> None:
         assert len(errors) == 1 and waiter_result == [value_of(2)] and calls == [2, 2]
 
 
+def test_a_reload_of_another_size_is_stored_anew(backend: str) -> None:
+    sizes = iter([CHUNK // 2, 3 * CHUNK, 100, 0, CHUNK])
+    loads: list[bytes] = []
+
+    def load(key: int) -> bytes:
+        loads.append(bytes([len(loads) + 1]) * next(sizes))
+        return loads[-1]
+
+    with make(backend, max_bytes=4 * CHUNK, load=load) as cache:
+        cache[9] = b"\x09" * CHUNK
+        for _ in range(5):
+            assert cache[1] == loads[-1]
+            assert cache[9] == b"\x09" * CHUNK  # no chunk of another item is overwritten
+            stats = cache.stats()
+            assert stats.bytes == len(loads[-1]) + CHUNK
+            assert cache._allocator.free_chunks + cache._stored_chunks == 4
+            cache.purge()
+            cache[9] = b"\x09" * CHUNK
+        # Loaded once, reloaded three times; the empty value (the fourth) is never purged.
+        assert len(loads) == 4 and cache.stats().reloads == 3
+        assert cache.stats().evictions == 0
+
+
+def test_changes_during_a_load_win(backend: str) -> None:
+    """A store or a removal of the key while its load runs: the load's result goes to its caller
+    only."""
+    for change in ("store", "pop", "clear"):
+        started, release = threading.Event(), threading.Event()
+
+        def load(key: int) -> bytes:
+            started.set()
+            assert release.wait(10)
+            return value_of(key)
+
+        with make(backend, load=load) as cache:
+            cache[2] = value_of(2)
+            cache.purge()  # so that the next read reloads (under its pin)
+            for key in (1, 2):  # a miss, and a reload
+                started.clear()
+                release.clear()
+                got: list[bytes] = []
+                reader = threading.Thread(target=lambda: got.append(cache[key]))
+                reader.start()
+                assert started.wait(10)
+                if change == "store":
+                    cache[key] = b"newer"
+                elif change == "pop":
+                    release.set()  # pop loads a purged item itself, with the same load
+                    assert cache.pop(key, None) in (None, value_of(key))
+                else:
+                    cache.clear()
+                release.set()
+                reader.join()
+                assert got == [value_of(key)]
+                if change == "store":
+                    assert cache[key] == b"newer"
+                else:
+                    assert key not in cache
+            assert cache.stats().pinned_items == 0
+
+
 @pytest.mark.hang_timeout(120)
 def test_threads_hammering_the_cache_always_read_the_right_bytes(backend: str) -> None:
     """Readers, borrowers, writers, removers and purgers at once; every value read is checked."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar, overload
 
+from . import policy
 from ._backends import on_fork_in_child
 from .errors import VRangeError
 from .region import DEFAULT_CHUNK_SIZE, Region
@@ -272,6 +273,9 @@ class Cache(Generic[K]):
         # A new region is non-volatile: every chunk volatile from the start, so that each pin below
         # is balanced by exactly one unpin (whether the region counts pins or not).
         region.mark_volatile()
+        # Where only vrange gives memory back (the memfd trap), the thread that is about to take
+        # more memory for a value first runs the policy's check (see _make_room_in_memory).
+        self._check_pressure = region.managed and not region.kernel_reclaims
         self._allocator = _ChunkAllocator(chunks)
         self._entries: OrderedDict[object, _Entry] = OrderedDict()  # least recently used first
         self._loading: dict[object, _PendingLoad] = {}
@@ -443,6 +447,7 @@ class Cache(Generic[K]):
         data = _as_bytes_view(value, "a cache value")
         try:
             self._check_size(data.nbytes)
+            self._make_room_in_memory()
             with self._lock:
                 self._check_open()
                 pending = self._loading.get(key)
@@ -646,6 +651,16 @@ class Cache(Generic[K]):
         if not entry.pins and entry.chunks:
             self._free(entry)
 
+    def _make_room_in_memory(self) -> None:
+        """(lock not held) Before a value takes memory: where the kernel cannot reclaim the cache's
+        memory, run the pressure policy's check on this thread (a few microseconds when usage is
+        under the high-water mark), so that a thread storing values faster than the monitor
+        thread wakes up purges what its stores need instead of outrunning it into the OOM
+        killer."""
+        # configure(monitor=False) means "nothing purges under pressure": honoured here too.
+        if self._check_pressure and policy._overrides["monitor"]:
+            policy.enforce()
+
     def _supersede(self, key: object) -> None:
         pending = self._loading.get(key)
         if pending is not None:
@@ -747,6 +762,7 @@ class Cache(Generic[K]):
         try:
             data = _as_bytes_view(self._load(key), f"load({key!r})")  # type: ignore[arg-type]
             self._check_size(data.nbytes)
+            self._make_room_in_memory()
         except BaseException:
             with self._lock:
                 del self._loading[key]

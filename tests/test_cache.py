@@ -308,9 +308,12 @@ def test_a_cache_without_load_is_a_mapping_that_forgets(backend: str) -> None:
         assert sorted(cache) == sorted([2] + [key for key in range(3, 8) if not value_of(key)])
         assert cache[2] == value_of(2)
         cache[3] = value_of(3)
+        cache[4] = value_of(4)
         cache.region.purge()  # as pressure would: the cache learns of it at the next lookup
-        assert len(cache) >= 2
+        assert len(cache) >= 3
         assert 3 not in cache and cache.get(2) is None
+        assert cache.pop(4, "purged") == "purged" and 4 not in cache
+        assert cache.stats().reloads == 0
         stats = cache.stats()
         assert stats.items == len(cache) and stats.bytes == sum(
             len(value_of(key)) for key in cache)

@@ -491,7 +491,7 @@ class Cache(Generic[K]):
                 return default
             self._pin(entry)
             self._detach(entry)
-            if not entry.valid:
+            if not entry.valid and self._load is not None:
                 self._reloads += 1
         try:
             if entry.valid:

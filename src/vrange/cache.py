@@ -24,7 +24,7 @@ from typing import Generic, TypeVar, overload
 from . import policy
 from ._backends import on_fork_in_child
 from .errors import VRangeError
-from .region import DEFAULT_CHUNK_SIZE, Region
+from .region import DEFAULT_CHUNK_SIZE, BackendName, Region
 from .sources import Zeros
 
 __all__ = ["Cache", "CacheFullError", "CacheStats"]
@@ -241,7 +241,8 @@ class Cache(Generic[K]):
     """
 
     def __init__(self, max_bytes: int, load: Callable[[K], object] | None = None, *,
-                 backend: str | None = None, chunk_size: int | None = None, priority: int = 0,
+                 backend: BackendName | None = None, chunk_size: int | None = None,
+                 priority: int = 0,
                  group: str | None = None, managed: bool | None = None) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise TypeError(f"max_bytes must be an int, not {type(max_bytes).__name__}")
@@ -253,18 +254,18 @@ class Cache(Generic[K]):
         self._closed = True  # until the region exists (__del__ of a half-made cache)
         self._load = load
         chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-        options = {"backend": backend, "priority": priority, "group": group, "managed": managed}
         size = max_bytes
         if isinstance(chunk, int) and chunk > 0:
             size = -(-max_bytes // chunk) * chunk
-        region = Region(size, Zeros(), chunk_size=chunk_size, **options)  # type: ignore[arg-type]
+        region = Region(size, Zeros(), backend, chunk_size, priority=priority, group=group,
+                        managed=managed)
         if len(region) % region.chunk_size:
             # The backend chose larger chunks (the memfd trap's 8192-chunk limit): a size in whole
             # chunks of that size, so that no chunk is short.
             chunk = region.chunk_size
             region.close()
-            region = Region(-(-size // chunk) * chunk, Zeros(), chunk_size=chunk,
-                            **options)  # type: ignore[arg-type]
+            region = Region(-(-size // chunk) * chunk, Zeros(), backend, chunk, priority=priority,
+                            group=group, managed=managed)
         self._region = region
         self._chunk = region.chunk_size
         self._size = len(region)

@@ -33,7 +33,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ._backends import usable_specs
+
+if TYPE_CHECKING:
+    from .region import BackendName
 
 TILE = 64 << 10
 DISTINCT_SOURCES = 64
@@ -154,7 +159,7 @@ def _write_from_purged_memory(cache: object, length: int) -> str:
     return outcome
 
 
-def run_worker(spec: str, tiles: int, reads: int, budget: int | None, checksums_path: str,
+def run_worker(spec: BackendName, tiles: int, reads: int, budget: int | None, checksums_path: str,
                progress: Callable[[dict[str, object]], None]) -> RunResult:
     """The vrange run: a :class:`vrange.Cache` room for all ``tiles`` decoded tiles, read with
     ``borrow`` (no copy); a tile the kernel (or vrange) took back is decoded again."""

@@ -11,7 +11,7 @@ import pickle
 from collections.abc import Iterator
 
 import pytest
-from conftest import CHUNK, PAGE, CountingRegenerator, kernel_reclaims, pattern
+from conftest import CHUNK, PAGE, CountingRegenerator, pattern
 
 import vrange
 from vrange.testing import page_out
@@ -47,17 +47,22 @@ def test_every_mmap_method_has_a_verdict() -> None:
     assert names <= set(VERDICTS), f"review these mmap.mmap methods: {names - set(VERDICTS)}"
 
 
-@pytest.fixture(params=["purge", "kernel"])
-def purged(request: pytest.FixtureRequest, backend: str) -> Iterator[vrange.Region]:
+@pytest.fixture
+def discard(request: pytest.FixtureRequest) -> str:
+    """``"purge"`` or ``"kernel"``: conftest pairs it with the backends where it exists (the kernel
+    never discards memfd-trap pages, so that pair is not made)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def purged(discard: str, backend: str) -> Iterator[vrange.Region]:
     """A region whose every chunk was filled, marked volatile and discarded (by purge(), or by the
     kernel where it reclaims), so the method under test meets purged pages only."""
-    if request.param == "kernel" and not kernel_reclaims(backend):
-        pytest.skip("the kernel never discards memfd-trap pages")
     regenerator = CountingRegenerator()
     with vrange.Region(SIZE, regenerator, backend=backend) as region:
         region.prefault()
         region.mark_volatile()
-        if request.param == "purge":
+        if discard == "purge":
             assert region.purge() == SIZE
         else:
             page_out(region)

@@ -424,6 +424,18 @@ int vr_sigbus_memfd_populate(vr_region *region, size_t first_chunk, size_t end_c
 int vr_sigbus_uffd_populate(vr_region *region, size_t first_chunk, size_t end_chunk, int dirty)
 {
     const struct vr_sigbus_trap *trap = &vr_sigbus_uffd_trap;
+    if (dirty && first_chunk < end_chunk) {
+        /* The common pin: every page present. One MADV_POPULATE_WRITE over the range dirties it
+         * all (no page of it may be discarded any more), instead of a mincore and a populate per
+         * chunk. A missing page fails it with EFAULT (the trap's SIGBUS mode), Linux < 5.14 with
+         * EINVAL: the pages it reached are dirtied all the same, and the loop below does the rest
+         * chunk by chunk. */
+        uintptr_t start;
+        size_t length;
+        vr_region_span(region, first_chunk, end_chunk, &start, &length);
+        if (madvise((void *)start, length, MADV_POPULATE_WRITE) == 0)
+            return 0;
+    }
     int first_error = 0;
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
         int rc = 0;

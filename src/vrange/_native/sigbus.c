@@ -111,28 +111,41 @@ static void count_refill(vr_region *region, size_t chunk)
 
 /* After serving a fault on `chunk`: fill the missing chunks after it if this thread is walking
  * forward (vr_region_ahead_window), one signal instead of one per chunk. Claimed like a fault's
- * chunk; a chunk that cannot be claimed, or is not wholly missing, ends the run. */
+ * chunk; a chunk that cannot be claimed, or is not wholly missing, ends the run. A Python
+ * regenerator's chunks are claimed one at a time, each just before its regenerator runs: the
+ * regenerator may read the chunks after its own (its nested fault must find them unclaimed and be
+ * served as usual, not find them claimed by this very thread, which would fail or wait for ever). */
 static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
 {
     size_t window = vr_region_ahead_window(region, chunk);
     size_t limit = vr_region_ahead_limit(region);
-    size_t end = chunk + 1;
-    while (end < limit && end - (chunk + 1) < window &&
-           vr_region_chunk_fillable_ahead(region, end) && claim_chunk(region, end))
-        end++;
-    if (end == chunk + 1)
-        return;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) == VR_OPEN) {
-        for (size_t ahead = chunk + 1; ahead < end; ahead++)
-            vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
-        vr_region_ahead_filled(region, end);
-        /* A chunk left missing faults as usual. */
-        if (trap->fill_ahead(region, chunk + 1, end, regenerate) == -EIO)
-            vr_stat_add(&region->stats.regeneration_errors, 1);
+    if (chunk + 1 + window < limit)
+        limit = chunk + 1 + window;
+    size_t batch = region->source_kind == VR_SOURCE_PYTHON ? 1 : window;
+    for (size_t first = chunk + 1; first < limit;) {
+        size_t end = first;
+        while (end < limit && end - first < batch && vr_region_chunk_fillable_ahead(region, end) &&
+               claim_chunk(region, end))
+            end++;
+        if (end == first)
+            return;
+        int rc = -ECANCELED;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+        if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) == VR_OPEN) {
+            for (size_t ahead = first; ahead < end; ahead++)
+                vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
+            vr_region_ahead_filled(region, end);
+            /* A chunk left missing faults as usual. */
+            rc = trap->fill_ahead(region, first, end, regenerate);
+            if (rc == -EIO)
+                vr_stat_add(&region->stats.regeneration_errors, 1);
+        }
+        for (size_t ahead = first; ahead < end; ahead++)
+            release_chunk(region, ahead);
+        if (rc != 0)
+            return;
+        first = end;
     }
-    for (size_t ahead = chunk + 1; ahead < end; ahead++)
-        release_chunk(region, ahead);
 }
 
 /* Serve a SIGBUS on a missing page: 1 if the access may restart, 0 to chain to the previous

@@ -224,49 +224,47 @@ static void fail_chunk(vr_region *region, size_t chunk_index)
 /* --- running a job ---------------------------------------------------------------------------------- */
 
 /* After a Python regenerator's fault was resolved: fill the chunks after it if the region is being
- * walked forward (vr_region_ahead_window), on the same thread (the faulting thread's signal handler
+ * walked forward (the job's ahead_window), on the same thread (the faulting thread's signal handler
  * or a worker), one by one through the job's buffer. The chunks are claimed without the handler's
  * lock: an atomic claim is exclusive all the same, and a fault the handler then sees on one of them
  * waits for its wake as on any chunk in flight (a thread that may hold the GIL waits in its signal
- * handler, without it). A regenerator that fails here leaves the rest missing, for real faults. */
+ * handler, without it). Each chunk is claimed just before its regenerator runs, never the whole
+ * window at once: a regenerator may read the chunks after its own, and its nested fault must find
+ * them unclaimed (served as usual), not claimed by this very thread (it would wait for itself).
+ * A regenerator that fails here leaves the chunk missing, for a real fault. */
 static void python_fill_ahead(vr_region *region, vr_job *job, int on_faulting_thread,
                               int at_unsafe_point)
 {
     uint64_t *served = on_faulting_thread ? &region->stats.faults_on_faulting_thread
                                           : &region->stats.faults_on_worker_thread;
     size_t chunk = job->chunk_index;
-    size_t window = job->ahead_window;
     size_t limit = vr_region_ahead_limit(region);
-    size_t end = chunk + 1;
-    while (end < limit && end - (chunk + 1) < window &&
-           vr_region_chunk_fillable_ahead(region, end) &&
-           !(vr_chunk_set(region, end, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT))
-        end++;
-    if (end == chunk + 1)
-        return;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-    if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
-        let_go_ahead(region, chunk + 1, end);
-        return;
-    }
-    for (size_t ahead = chunk + 1; ahead < end; ahead++)
-        vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
-    vr_region_ahead_filled(region, end);
+    if (chunk + 1 + job->ahead_window < limit)
+        limit = chunk + 1 + job->ahead_window;
     pid_t self = (pid_t)syscall(SYS_gettid);
-    for (size_t ahead = chunk + 1; ahead < end; ahead++) {
+    for (size_t ahead = chunk + 1; ahead < limit; ahead++) {
+        if (!vr_region_chunk_fillable_ahead(region, ahead) ||
+            (vr_chunk_set(region, ahead, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT))
+            return;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
+        if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
+            let_go_ahead(region, ahead, ahead + 1);
+            return;
+        }
+        vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
+        vr_region_ahead_filled(region, ahead + 1);
         region->owners[ahead] = self; /* its regenerator touching it fails, never waits */
-        int rc = vr_run_python_regenerator(region, (uint64_t)ahead * region->chunk_size, job->buffer,
-                                           vr_region_chunk_length(region, ahead), at_unsafe_point);
+        int rc = vr_run_python_regenerator(region, (uint64_t)ahead * region->chunk_size,
+                                                 job->buffer, vr_region_chunk_length(region, ahead),
+                                                 at_unsafe_point);
         region->owners[ahead] = 0;
         if (rc != 0) {
             vr_stat_add(&region->stats.regeneration_errors, 1);
-            let_go_ahead(region, ahead, end);
+            let_go_ahead(region, ahead, ahead + 1);
             return;
         }
-        if (resolve_run(region, ahead, ahead + 1, job->buffer, served) != 0) {
-            let_go_ahead(region, ahead + 1, end);
+        if (resolve_run(region, ahead, ahead + 1, job->buffer, served) != 0)
             return;
-        }
     }
 }
 

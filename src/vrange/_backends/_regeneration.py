@@ -43,7 +43,7 @@ logger = logging.getLogger("vrange")
 # the regenerator (not the regenerator itself); C calls again and delivers the interrupt afterwards.
 OK, FAILED, OK_INTERRUPTED, FAILED_INTERRUPTED, RETRY = 0, -1, 1, 2, 3
 # Flags passed by python_regenerator.c.
-AT_UNSAFE_POINT, OUTERMOST = 1, 2
+AT_UNSAFE_POINT, OUTERMOST, AHEAD = 1, 2, 4
 ATTEMPTS_WHEN_INTERRUPTED = 3
 MAX_KEPT_FAILURES = 64
 OTHER_THREAD_RAN_NS = 500_000  # CPU time another thread used meanwhile that means it ran
@@ -97,7 +97,7 @@ class Regeneration:
         self.retired = False
         """Set once the region is closed: a late callback fails instead of running."""
         self.failure_count = 0
-        self._failures: collections.deque[tuple[int, int, BaseException]] = \
+        self._failures: collections.deque[tuple[int, int, BaseException, bool]] = \
             collections.deque(maxlen=MAX_KEPT_FAILURES)
 
     def retire(self) -> None:
@@ -107,19 +107,22 @@ class Regeneration:
         self.retired = True
         self.regenerate = _closed_regenerator
 
-    def record_failure(self, offset: int, error: BaseException) -> None:
+    def record_failure(self, offset: int, error: BaseException, ahead: bool = False) -> None:
+        """``ahead``: a chunk filled ahead of a fault (fill-ahead) failed; no access did (the walk's
+        own fault regenerates it, and only that applies the policy), so no call is failed for it."""
         self.failure_count += 1
-        self._failures.append((self.failure_count, offset, error))
+        self._failures.append((self.failure_count, offset, error, ahead))
         logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
                        offset, error, self.on_error)
 
     def failures_since(self, count: int) -> list[tuple[int, BaseException]]:
-        """``(offset, exception)`` of the failures recorded after the ``count``-th, oldest first."""
-        return [(offset, error) for sequence, offset, error in list(self._failures)
-                if sequence > count]
+        """``(offset, exception)`` of the failures recorded after the ``count``-th, oldest first
+        (not those of chunks filled ahead of a fault: they failed no access)."""
+        return [(offset, error) for sequence, offset, error, ahead in list(self._failures)
+                if sequence > count and not ahead]
 
     def recent_failures(self) -> list[tuple[int, BaseException]]:
-        return [(offset, error) for _, offset, error in list(self._failures)]
+        return [(offset, error) for _, offset, error, _ in list(self._failures)]
 
 
 def _closed_regenerator(offset: int, buffer: memoryview) -> None:
@@ -215,13 +218,13 @@ def run(regeneration: Regeneration, offset: int, buffer: Any, length: int, flags
         entries.clear()  # entries an earlier interrupt left behind: no regenerator runs below
     entries.append(regeneration)
     try:
-        return _run(regeneration, offset, buffer, length, at_unsafe_point)
+        return _run(regeneration, offset, buffer, length, at_unsafe_point, bool(flags & AHEAD))
     finally:
         entries.pop()
 
 
 def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
-         at_unsafe_point: bool) -> int:
+         at_unsafe_point: bool, ahead: bool = False) -> int:
     scratch = _take_scratch(length)
     exported = ffi.buffer(scratch, length)
     view = memoryview(exported)
@@ -249,7 +252,7 @@ def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
                             "never awaited)")
                 except Exception as error:  # noqa: BLE001 - recorded, reported by policy
                     _keep_as_text(error)
-                    regeneration.record_failure(offset, error)
+                    regeneration.record_failure(offset, error, ahead)
                     break
                 except BaseException as error:  # noqa: BLE001 - delivered later, not a failure
                     if interrupt is None:
@@ -265,13 +268,13 @@ def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
                 stuck = RuntimeError(f"the regenerator was interrupted {ATTEMPTS_WHEN_INTERRUPTED} "
                                      f"times in a row ({interrupt!r})")
                 _keep_as_text(stuck)
-                regeneration.record_failure(offset, stuck)
+                regeneration.record_failure(offset, stuck, ahead)
         finally:
             if other_threads:
                 _warn_if_other_threads_ran(other_threads)
     except Exception as error:  # noqa: BLE001 - cffi would only print it
         _keep_as_text(error)
-        regeneration.record_failure(offset, error)
+        regeneration.record_failure(offset, error, ahead)
         failed = True
     # An interrupt that hits this code itself (not the regenerator) escapes: the callback's onerror
     # keeps it and native code calls again.

@@ -73,14 +73,14 @@ void vr_python_note_exit(void) { __atomic_store_n(&python_exited, 1, __ATOMIC_RE
 
 int vr_python_has_exited(void) { return __atomic_load_n(&python_exited, __ATOMIC_ACQUIRE); }
 
-int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
-                              int at_unsafe_point)
+static int run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                                  int at_unsafe_point, int extra_flags)
 {
     regenerator_depth++;
     if (at_unsafe_point)
         vr_hold_gil_switches(); /* no forced GIL switch until the faulting operation resumes */
     int flags = (at_unsafe_point ? VR_CALLBACK_AT_UNSAFE_POINT : 0) |
-                (regenerator_depth == 1 ? VR_CALLBACK_OUTERMOST : 0);
+                (regenerator_depth == 1 ? VR_CALLBACK_OUTERMOST : 0) | extra_flags;
     int rc, interrupted = 0;
     for (int attempt = 1;; attempt++) {
         rc = vr_python_regenerate(region->python_handle, offset, buffer, length, flags);
@@ -102,6 +102,19 @@ int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, 
         deliver_later();
     }
     return (rc == CALLBACK_OK || rc == CALLBACK_OK_INTERRUPTED) ? 0 : -1;
+}
+
+int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                              int at_unsafe_point)
+{
+    return run_python_regenerator(region, offset, buffer, length, at_unsafe_point, 0);
+}
+
+int vr_run_python_regenerator_ahead(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                                    int at_unsafe_point)
+{
+    return run_python_regenerator(region, offset, buffer, length, at_unsafe_point,
+                                  VR_CALLBACK_AHEAD);
 }
 
 int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,

@@ -14,13 +14,18 @@
 int vr_python_regenerate(void *python_handle, uint64_t offset, char *buf, size_t len, int flags);
 enum {
     VR_CALLBACK_AT_UNSAFE_POINT = 1, /* the thread faulted while holding the GIL */
-    VR_CALLBACK_OUTERMOST = 2        /* no other regenerator callback runs on this thread */
+    VR_CALLBACK_OUTERMOST = 2,       /* no other regenerator callback runs on this thread */
+    VR_CALLBACK_AHEAD = 4            /* a chunk filled ahead of a fault: a failure fails no access */
 };
 
 /* Run the region's Python regenerator; 0 or -1. `at_unsafe_point`: the calling thread faulted while
  * holding the GIL (no other Python thread may run until the faulting operation completes). */
 int vr_run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
                               int at_unsafe_point);
+/* The same for a chunk filled ahead of a fault (fill-ahead): its failure is recorded as such, and
+ * fails no library call (the walk's own fault on that chunk regenerates it, or fails by policy). */
+int vr_run_python_regenerator_ahead(vr_region *region, uint64_t offset, char *buffer, size_t length,
+                                    int at_unsafe_point);
 /* The same for a worker whose job may be cancelled while it waits for the GIL: takes the GIL, then
  * moves *state from 0 (queued) to 1 (running); -ECANCELED if it was cancelled meanwhile. */
 int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offset, char *buffer,

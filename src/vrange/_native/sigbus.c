@@ -87,18 +87,30 @@ static void release_chunk(vr_region *region, size_t chunk)
 /* Fill `buffer` with the chunk's bytes: a Python regenerator (through cffi, which takes the GIL if
  * this thread does not hold it) or a native source. 0, -EIO (the regenerator raised), -ESHUTDOWN
  * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. */
-static int regenerate(vr_region *region, size_t chunk, char *buffer)
+static int regenerate_chunk(vr_region *region, size_t chunk, char *buffer, int ahead)
 {
     if (region->source_kind != VR_SOURCE_PYTHON)
         return vr_fill_native(region, chunk, buffer);
     if (vr_python_has_exited())
         return -ESHUTDOWN;
     size_t length = vr_region_chunk_length(region, chunk);
+    uint64_t offset = (uint64_t)(chunk * region->chunk_size);
     /* Holding the GIL here means the thread faulted while holding it: an unsafe point. */
-    if (vr_run_python_regenerator(region, (uint64_t)(chunk * region->chunk_size), buffer, length,
-                                  PyGILState_Check()) != 0)
-        return -EIO;
-    return 0;
+    int rc = ahead ? vr_run_python_regenerator_ahead(region, offset, buffer, length,
+                                                     PyGILState_Check())
+                   : vr_run_python_regenerator(region, offset, buffer, length, PyGILState_Check());
+    return rc != 0 ? -EIO : 0;
+}
+
+static int regenerate(vr_region *region, size_t chunk, char *buffer)
+{
+    return regenerate_chunk(region, chunk, buffer, 0);
+}
+
+/* A chunk filled ahead of a fault (its failure fails no library call). */
+static int regenerate_ahead(vr_region *region, size_t chunk, char *buffer)
+{
+    return regenerate_chunk(region, chunk, buffer, 1);
 }
 
 /* A refill is about to start on a chunk this thread claimed: if it was filled before, the kernel or a
@@ -136,7 +148,7 @@ static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_t
                 vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
             vr_region_ahead_filled(region, end);
             /* A chunk left missing faults as usual. */
-            rc = trap->fill_ahead(region, first, end, regenerate);
+            rc = trap->fill_ahead(region, first, end, regenerate_ahead);
             if (rc == -EIO)
                 vr_stat_add(&region->stats.regeneration_errors, 1);
         }

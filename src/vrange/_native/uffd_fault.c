@@ -254,7 +254,7 @@ static void python_fill_ahead(vr_region *region, vr_job *job, int on_faulting_th
         vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
         vr_region_ahead_filled(region, ahead + 1);
         region->owners[ahead] = self; /* its regenerator touching it fails, never waits */
-        int rc = vr_run_python_regenerator(region, (uint64_t)ahead * region->chunk_size,
+        int rc = vr_run_python_regenerator_ahead(region, (uint64_t)ahead * region->chunk_size,
                                                  job->buffer, vr_region_chunk_length(region, ahead),
                                                  at_unsafe_point);
         region->owners[ahead] = 0;

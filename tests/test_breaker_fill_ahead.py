@@ -348,3 +348,167 @@ def test_the_proc_file_cache_is_bounded_and_gone_in_a_forked_child(backend: str)
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.forked
+@pytest.mark.hang_timeout(60)
+@pytest.mark.parametrize("chunk_size", [4096, 64 * 1024])
+def test_a_native_thread_without_a_thread_state_walks_forward(backend: str,
+                                                              chunk_size: int) -> None:
+    """A thread created by pthread_create (no Python thread state) runs strlen() over the region:
+    a forward walk served by a Python regenerator (on a worker or in its SIGBUS handler), with
+    fill-ahead. The length must be exact (every byte right, the NUL where the regenerator put it)."""
+    import ctypes
+
+    chunks = 64
+    size = chunks * chunk_size
+
+    def regenerate(offset: int, buffer: memoryview) -> None:
+        data = bytearray(b"y" * len(buffer))
+        if offset + len(buffer) == size:
+            data[-1] = 0
+        buffer[:] = bytes(data)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.pthread_create.argtypes = [ctypes.POINTER(ctypes.c_ulong), ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p]
+    libc.pthread_join.argtypes = [ctypes.c_ulong, ctypes.POINTER(ctypes.c_void_p)]
+    strlen = ctypes.cast(libc.strlen, ctypes.c_void_p).value
+    with vrange.Region(size, regenerate, backend=backend, chunk_size=chunk_size) as region:
+        region.mark_volatile()
+        for round_ in range(5):
+            region.purge()
+            thread = ctypes.c_ulong()
+            assert libc.pthread_create(ctypes.byref(thread), None, strlen, region.address) == 0
+            result = ctypes.c_void_p()
+            assert libc.pthread_join(thread.value, ctypes.byref(result)) == 0
+            assert result.value == size - 1, (round_, result.value)
+        assert region.stats().chunks_filled_ahead > 0
+
+
+EXIT_WHILE_WALKING = """
+    import time
+    def regenerate(offset, buf):
+        time.sleep(0.002)                     # lets the GIL go: the main thread gets to exit
+        buf[:] = bytes([offset // CHUNK % 251 + 1]) * len(buf)
+    from vrange._backends._memory import touch_pages
+    region = vrange.Region(256 * CHUNK, regenerate, backend=BACKEND)
+    region.mark_volatile()
+    def walker():
+        while True:
+            region.purge()
+            touch_pages(region.address, 256 * CHUNK, 4096, False)
+    for _ in range(2):
+        threading.Thread(target=walker, daemon=True).start()
+    time.sleep(0.5)
+    print("exiting", flush=True)
+"""
+
+
+@pytest.mark.hang_timeout(120)
+def test_interpreter_exit_while_daemon_threads_walk_forward(backend: str) -> None:
+    """Daemon threads walk forward (filling ahead with a Python regenerator) when the interpreter
+    exits: it must exit, promptly, without a crash."""
+    from conftest import run_python
+    for attempt in range(5):
+        try:
+            result = run_python(EXIT_WHILE_WALKING, backend=backend, timeout=20)
+        except Exception as error:  # subprocess.TimeoutExpired
+            pytest.fail(f"attempt {attempt}: the interpreter did not exit: {error!r}")
+        assert result.returncode == 0, (attempt, result.returncode, result.stderr[-3000:])
+        assert "exiting" in result.stdout
+
+
+class InterruptedOnceAt:
+    """Fills `pattern`; raises KeyboardInterrupt the first time it is asked for chunk `chunk`."""
+
+    def __init__(self, chunk: int) -> None:
+        self.offset = chunk * CHUNK
+        self.interrupted = False
+
+    def __call__(self, offset: int, buffer: memoryview) -> None:
+        if offset == self.offset and not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        buffer[:] = pattern(offset, len(buffer))
+
+
+@pytest.mark.forked
+@pytest.mark.hang_timeout(30)
+@pytest.mark.parametrize("gil", ["released", "held"])
+def test_keyboard_interrupt_in_a_regenerator_ahead_of_the_walk(backend: str, gil: str) -> None:
+    """Ctrl-C inside the regenerator of a chunk filled ahead: not a failure (retried), every byte
+    right, and the interrupt reaches the program once, after the walk."""
+    regenerate = InterruptedOnceAt(6)
+    with vrange.Region(SIZE, regenerate, backend=backend) as region:
+        with pytest.raises(KeyboardInterrupt):
+            if gil == "released":
+                walk(region, list(range(CHUNKS)))
+            else:
+                view = memoryview(region)
+                try:
+                    for index in range(CHUNKS):
+                        for page in range(0, CHUNK, PAGE):
+                            view[index * CHUNK + page]
+                finally:
+                    view.release()
+            for _ in range(10000):  # a safe point for the deferred interrupt
+                pass
+        assert regenerate.interrupted
+        assert region.stats().chunks_filled_ahead > 0
+        assert region.regeneration_failures == []
+        assert_pages_match(region, pattern(0, SIZE))
+
+
+@pytest.mark.forked
+@pytest.mark.hang_timeout(120)
+def test_fork_while_another_thread_fills_ahead(backend: str) -> None:
+    """A thread walks forward with a slow Python regenerator (it lets the GIL go, so the main thread
+    forks while chunks filled ahead are in flight); every child reads the whole region right and
+    exits, none hangs on a chunk its parent's thread had claimed."""
+    import signal
+
+    def regenerate(offset: int, buffer: memoryview) -> None:
+        time.sleep(0.0005)
+        buffer[:] = pattern(offset, len(buffer))
+
+    expected = pattern(0, SIZE)
+    stop = threading.Event()
+    with vrange.Region(SIZE, regenerate, backend=backend) as region:
+        region.mark_volatile()
+
+        def walker() -> None:
+            while not stop.is_set():
+                region.purge()
+                touch_pages(region.address, SIZE, PAGE, False)
+
+        thread = threading.Thread(target=walker)
+        thread.start()
+        try:
+            for round_ in range(40):
+                time.sleep(0.003 + (round_ % 7) * 0.001)
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        signal.alarm(10)
+                        view = memoryview(region)
+                        code = 0 if bytes(view) == expected else 3
+                        view.release()
+                    finally:
+                        os._exit(code)
+                deadline = time.monotonic() + 15
+                while True:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    if time.monotonic() > deadline:
+                        os.kill(pid, signal.SIGKILL)
+                        os.waitpid(pid, 0)
+                        pytest.fail(f"round {round_}: the child hung")
+                    time.sleep(0.01)
+                assert os.waitstatus_to_exitcode(status) == 0, (round_, status)
+        finally:
+            stop.set()
+            thread.join()
+        assert region.stats().chunks_filled_ahead > 0

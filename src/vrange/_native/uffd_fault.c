@@ -791,6 +791,19 @@ static void serve_while_closing(vr_uffd_handler *handler, vr_region *region, siz
     vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
 }
 
+/* Lock held, `chunk` in flight (claimed by someone else): a thread that may hold the GIL (a
+ * user-mode access) must not wait for it in the kernel, since the chunk's regenerator may need the
+ * GIL. Ask it to wait in its signal handler without it (a WAIT job). */
+static void ask_to_wait_without_gil(vr_uffd_handler *handler, vr_region *region, size_t chunk,
+                                    pid_t tid)
+{
+    if (region->source_kind != VR_SOURCE_PYTHON || region->gil_free_waiters[chunk] == tid)
+        return;
+    vr_job *wait = vr_uffd_job_new(region, chunk, tid, VR_JOB_WAIT);
+    if (wait && !(can_signal_thread(handler, tid, wait) && signal_job(handler, wait) == 0))
+        vr_uffd_job_free(wait);
+}
+
 void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t tid)
 {
     pthread_mutex_lock(&handler->lock);
@@ -814,11 +827,7 @@ void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t
         /* Someone is regenerating this chunk; clearing IN_FLIGHT and then UFFDIO_WAKE wakes this
          * thread too. If it may hold the GIL (a user-mode access), it must not wait in the kernel:
          * the regenerator may need the GIL. Ask it to wait in its signal handler without it. */
-        if (region->source_kind == VR_SOURCE_PYTHON && region->gil_free_waiters[chunk] != tid) {
-            vr_job *wait = vr_uffd_job_new(region, chunk, tid, VR_JOB_WAIT);
-            if (wait && !(can_signal_thread(handler, tid, wait) && signal_job(handler, wait) == 0))
-                vr_uffd_job_free(wait);
-        }
+        ask_to_wait_without_gil(handler, region, chunk, tid);
         pthread_mutex_unlock(&handler->lock);
         return;
     }
@@ -833,6 +842,11 @@ void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t
      * another thread) may hold it: then leave this thread asleep, the purge wakes the chunk when it
      * lets go (uffd_handler.c, wake_after_purge) and the access faults again. */
     if (vr_chunk_set(region, chunk, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT) {
+        /* Claimed since the check above, without this lock: by a purge, or by a Python
+         * regenerator's fill-ahead (python_fill_ahead), whose regenerator may be waiting for the
+         * GIL this thread holds. As for any chunk in flight, such a thread must wait in its signal
+         * handler without the GIL, not asleep in the kernel (that deadlocked). */
+        ask_to_wait_without_gil(handler, region, chunk, tid);
         pthread_mutex_unlock(&handler->lock);
         return;
     }

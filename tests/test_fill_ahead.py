@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -254,3 +255,20 @@ def test_a_library_call_regenerates_its_range_and_nothing_after_it(
         walk(region, list(range(24, CHUNKS)))
         assert region.stats().chunks_filled_ahead > 0
         assert_pages_match(region, pattern(0, SIZE))
+
+
+@pytest.mark.requires("uffd_handler")
+def test_a_late_worker_fills_nothing_ahead_after_a_purge(backend: str) -> None:
+    """Faults inside a system call go to workers, which may run after the call returned: a worker
+    that gets to its fill-ahead after vrange purged the region fills nothing (the walk it saw is
+    gone), so a purge that returned stays purged."""
+    for _ in range(20):
+        regenerator = CountingRegenerator()
+        with vrange.Region(16 * CHUNK, regenerator, backend=backend) as region:
+            region.mark_nonvolatile()  # MADV_POPULATE_WRITE: every fault goes to a worker
+            region.mark_volatile()
+            assert region.purge() == 16 * CHUNK
+            calls = regenerator.total
+            time.sleep(0.02)  # a late worker would have filled chunks ahead by now
+            assert region.stats().resident_bytes == 0
+            assert regenerator.total == calls

@@ -246,6 +246,8 @@ int vr_region_quiesce(vr_region *region, int timeout_ms)
 void vr_region_set_volatile(vr_region *region, size_t first_chunk, size_t end_chunk)
 {
     int64_t now = vr_monotonic_ns();
+    /* Chunks that may be discarded from now on (by vrange or the kernel): see python_fill_ahead. */
+    __atomic_fetch_add(&region->discard_epoch, 1, __ATOMIC_SEQ_CST);
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
         __atomic_store_n(&region->volatile_since[chunk], now, __ATOMIC_RELAXED);
         vr_chunk_set(region, chunk, VR_CHUNK_VOLATILE);
@@ -615,6 +617,7 @@ int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason)
     if (__atomic_fetch_or(&region->chunk_state[chunk_index], VR_CHUNK_IN_FLIGHT, __ATOMIC_SEQ_CST) &
         VR_CHUNK_IN_FLIGHT)
         return 0; /* being refilled or purged by another thread */
+    __atomic_fetch_add(&region->discard_epoch, 1, __ATOMIC_SEQ_CST); /* see python_fill_ahead */
     int64_t freed = 0;
     state = __atomic_load_n(&region->chunk_state[chunk_index], __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) == VR_OPEN &&

@@ -105,6 +105,9 @@ struct vr_region {
     size_t ahead_window;
     size_t ahead_max_chunks;
     size_t ahead_limit; /* no chunk at or past it is filled ahead (a library call's range end) */
+    /* Bumped by every mark_volatile and every purge of vrange's: a fill-ahead decided before a bump
+     * is stale (the memory it would fill may have been given up since). */
+    uint64_t discard_epoch;
     /* Make one claimed, volatile chunk missing (the backend's way: MADV_DONTNEED or the memfd trap);
      * 0 or -errno. `after_purge`, if set, runs once the chunk is released (the uffd backend wakes
      * faults that arrived meanwhile). */

@@ -55,7 +55,10 @@ struct vr_job {
     int64_t signalled_at_ms;
     uint64_t user_sp, user_pc; /* where the thread was stopped, from /proc/self/task/<tid>/syscall */
     char *buffer;
-    size_t ahead_window; /* chunks to fill ahead once served: decided when the event was read */
+    /* Fill-ahead once the fault is served, decided when the event was read: up to ahead_end, as long
+     * as nothing of the region was made volatile or purged since (ahead_epoch: its discard_epoch). */
+    size_t ahead_end;
+    uint64_t ahead_epoch;
     vr_job *next;
     /* A job for a worker whose faulting thread blocks the fault signal: that thread may hold the
      * GIL the worker needs. The handler thread watches it (gil_waiting) and, when the worker has

@@ -224,8 +224,8 @@ static void fail_chunk(vr_region *region, size_t chunk_index)
 /* --- running a job ---------------------------------------------------------------------------------- */
 
 /* After a Python regenerator's fault was resolved: fill the chunks after it if the region is being
- * walked forward (the job's ahead_window), on the same thread (the faulting thread's signal handler
- * or a worker), one by one through the job's buffer. The chunks are claimed without the handler's
+ * walked forward (up to the job's ahead_end, decided when its event was read), on the same thread
+ * (the faulting thread's signal handler or a worker), one by one through the job's buffer. The chunks are claimed without the handler's
  * lock: an atomic claim is exclusive all the same, and a fault the handler then sees on one of them
  * waits for its wake as on any chunk in flight (a thread that may hold the GIL waits in its signal
  * handler, without it). Each chunk is claimed just before its regenerator runs, never the whole
@@ -238,16 +238,18 @@ static void python_fill_ahead(vr_region *region, vr_job *job, int on_faulting_th
     uint64_t *served = on_faulting_thread ? &region->stats.faults_on_faulting_thread
                                           : &region->stats.faults_on_worker_thread;
     size_t chunk = job->chunk_index;
-    size_t limit = vr_region_ahead_limit(region);
-    if (chunk + 1 + job->ahead_window < limit)
-        limit = chunk + 1 + job->ahead_window;
     pid_t self = (pid_t)syscall(SYS_gettid);
-    for (size_t ahead = chunk + 1; ahead < limit; ahead++) {
+    for (size_t ahead = chunk + 1; ahead < job->ahead_end; ahead++) {
         if (!vr_region_chunk_fillable_ahead(region, ahead) ||
             (vr_chunk_set(region, ahead, VR_CHUNK_IN_FLIGHT) & VR_CHUNK_IN_FLIGHT))
             return;
         __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with vr_region_quiesce */
-        if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN) {
+        /* A job runs when a worker gets to it, possibly long after its fault: if part of the region
+         * was made volatile or purged since (purge() may even have returned, and the kernel may
+         * have reclaimed what was made volatile), the walk it saw is gone, and filling now would
+         * bring back memory that was just given up. */
+        if (__atomic_load_n(&region->closing, __ATOMIC_SEQ_CST) != VR_OPEN ||
+            __atomic_load_n(&region->discard_epoch, __ATOMIC_SEQ_CST) != job->ahead_epoch) {
             let_go_ahead(region, ahead, ahead + 1);
             return;
         }
@@ -888,7 +890,10 @@ void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t
     }
     /* Decided here, in the order the faults came, not when a worker gets to it (workers run in any
      * order, and a late one would make a walk out of faults that were not one). */
-    job->ahead_window = vr_region_ahead_window(region, chunk);
+    size_t window = vr_region_ahead_window(region, chunk);
+    size_t limit = vr_region_ahead_limit(region); /* a library call's range ends here */
+    job->ahead_end = chunk + 1 + window < limit ? chunk + 1 + window : limit;
+    job->ahead_epoch = __atomic_load_n(&region->discard_epoch, __ATOMIC_SEQ_CST);
     vr_region_unref(region); /* the job holds its own reference */
     if (!(can_signal_thread(handler, tid, job) && signal_job(handler, job) == 0))
         hand_to_worker(handler, job);

@@ -158,9 +158,10 @@ def test_forward_walks_of_every_shape(backend: str, chunk_size: int, tail_pages:
 
 @pytest.mark.forked
 @pytest.mark.hang_timeout(120)
+@pytest.mark.parametrize("on_error", [None, "zeros"])
 @pytest.mark.parametrize("kind", ["python", "file", "zeros"])
 def test_stress_forward_walks_against_purges_pins_and_page_out(backend: str, kind: str,
-                                                                tmp_path) -> None:
+                                                                on_error, tmp_path) -> None:
     """Two threads walk forward (from C, the GIL released; and from Python, the GIL held) while
     others purge, page out, pin and unpin, and prefault random ranges: every byte read is the
     region's, and nothing hangs."""
@@ -180,7 +181,7 @@ def test_stress_forward_walks_against_purges_pins_and_page_out(backend: str, kin
             buffer[:] = expected[offset:offset + len(buffer)]
     stop = time.monotonic() + 6
     errors: list[BaseException] = []
-    with vrange.Region(size, regenerate, backend=backend) as region:
+    with vrange.Region(size, regenerate, backend=backend, on_error=on_error) as region:
         region.mark_volatile()
 
         def guarded(body):

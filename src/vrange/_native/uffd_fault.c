@@ -793,6 +793,14 @@ static void serve_while_closing(vr_uffd_handler *handler, vr_region *region, siz
     vr_chunk_clear(region, chunk, VR_CHUNK_IN_FLIGHT);
 }
 
+/* Is thread `tid` blocked in a userfault right now (handler thread only: the /proc cache)? */
+static int thread_waits_in_userfault(vr_uffd_handler *handler, pid_t tid)
+{
+    char wchan[64];
+    return read_proc_task_file(handler, tid, VR_PROC_WCHAN, wchan, sizeof wchan) > 0 &&
+           strcmp(wchan, "handle_userfault") == 0;
+}
+
 /* Lock held, `chunk` in flight (claimed by someone else): a thread that may hold the GIL (a
  * user-mode access) must not wait for it in the kernel, since the chunk's regenerator may need the
  * GIL. Ask it to wait in its signal handler without it (a WAIT job). */
@@ -818,6 +826,15 @@ void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t
     size_t chunk = (address - region->base) / region->chunk_size;
     uint8_t state = vr_chunk_load(region, chunk);
     if (state & VR_CHUNK_IN_FLIGHT) {
+        if (tid > 0 && region->owners[chunk] == tid && !thread_waits_in_userfault(handler, tid)) {
+            /* A stale event: this thread faulted on the chunk again (woken by a wake of the range
+             * before its signal arrived) and is now regenerating the chunk in its signal handler
+             * (it may be waiting for the GIL there, for long). It is not waiting on this fault:
+             * nothing to do, and certainly not failing the page by policy (that poisoned or
+             * zero-filled a page of a chunk whose regenerator never failed). */
+            pthread_mutex_unlock(&handler->lock);
+            return;
+        }
         if (tid > 0 && region->owners[chunk] == tid) {
             /* The regenerator of this chunk reads the chunk itself: it would wait for ever. */
             vr_region_ref(region);

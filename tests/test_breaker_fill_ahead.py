@@ -236,7 +236,9 @@ def test_stress_forward_walks_against_purges_pins_and_page_out(backend: str, kin
         assert_pages_match(region, expected)
         stats = region.stats()
         assert stats.regeneration_errors == 0, stats
-        assert stats.chunks_filled_ahead > 0, stats  # the attack reached fill-ahead
+        # The attack reached fill-ahead (the attribute is missing before f607b4a, where this test
+        # is a plain stress test).
+        assert getattr(stats, "chunks_filled_ahead", 1) > 0, stats
 
 
 @pytest.mark.forked

@@ -111,10 +111,12 @@ def test_a_failure_ahead_does_not_fail_a_call_that_regenerated_everything(
         try:
             getattr(region, call)()
         except vrange.RegenerationError:
-            # Legitimate only if the call filled nothing ahead (the sigbus backend regenerates a
-            # call's chunks one by one): then the failing regenerator call was the access's own.
+            # Legitimate only if the failing regenerator call was the access's own: the call's
+            # fault reached chunk 6 before any fill ahead did (timing decides), so the chunk's
+            # regenerator ran once, and failed. A failure ahead followed by the access's own
+            # (successful) regeneration is two calls, and must not raise.
             ahead = getattr(region.stats(), "chunks_filled_ahead", 0) - ahead_before
-            assert ahead == 0, (
+            assert regenerate.calls == 1, (
                 f"raised for a failure of a speculative fill ahead ({ahead} chunks filled ahead, "
                 f"{regenerate.calls} calls for the chunk)")
             return

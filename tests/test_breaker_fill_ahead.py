@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import CHUNK, PAGE, assert_pages_match, pattern
@@ -43,6 +45,21 @@ class NextChunkReader:
             finally:
                 view.release()
         buffer[:] = pattern(offset, len(buffer))
+
+
+def source_of(kind: str, size: int, tmp_path: Path) -> tuple[bytes, Any]:
+    """The region's bytes and a regenerator of that kind (zeros, file, python) for them."""
+    expected = bytes(size) if kind == "zeros" else pattern(0, size)
+    if kind == "zeros":
+        return expected, sources.Zeros()
+    if kind == "file":
+        (tmp_path / "backing").write_bytes(expected)
+        return expected, sources.File(str(tmp_path / "backing"))
+
+    def regenerate(offset: int, buffer: memoryview) -> None:
+        buffer[:] = expected[offset:offset + len(buffer)]
+
+    return expected, regenerate
 
 
 @pytest.mark.forked
@@ -175,15 +192,7 @@ def test_stress_forward_walks_against_purges_pins_and_page_out(backend: str, kin
 
     chunks = 48
     size = chunks * CHUNK
-    expected = bytes(size) if kind == "zeros" else pattern(0, size)
-    if kind == "zeros":
-        regenerate = sources.Zeros()
-    elif kind == "file":
-        (tmp_path / "backing").write_bytes(expected)
-        regenerate = sources.File(str(tmp_path / "backing"))
-    else:
-        def regenerate(offset: int, buffer: memoryview) -> None:
-            buffer[:] = expected[offset:offset + len(buffer)]
+    expected, regenerate = source_of(kind, size, tmp_path)
     stop = time.monotonic() + 6
     errors: list[BaseException] = []
     with vrange.Region(size, regenerate, backend=backend, on_error=on_error) as region:
@@ -258,15 +267,7 @@ def test_walks_ending_mid_window_then_purge_close_pin_or_fork(backend: str, kind
     chunk = 4096
     chunks = 1024
     size = chunks * chunk
-    expected = bytes(size) if kind == "zeros" else pattern(0, size)
-    if kind == "zeros":
-        regenerate = sources.Zeros()
-    elif kind == "file":
-        (tmp_path / "backing").write_bytes(expected)
-        regenerate = sources.File(str(tmp_path / "backing"))
-    else:
-        def regenerate(offset: int, buffer: memoryview) -> None:
-            buffer[:] = expected[offset:offset + len(buffer)]
+    expected, regenerate = source_of(kind, size, tmp_path)
     fds_before = None
     for round_ in range(30):
         if round_ == 1:  # the process-wide handler and workers exist from now on

@@ -328,14 +328,7 @@ class Cache(Generic[K]):
             assert loaded is not None
             return _to_bytes(loaded)
         try:
-            if not entry.length:
-                return b""
-            view = memoryview(self._region)
-            try:
-                start = entry.first * self._chunk
-                return bytes(view[start:start + entry.length])
-            finally:
-                view.release()
+            return self._copy_out(entry)
         finally:
             with self._lock:
                 self._unpin(entry)
@@ -496,14 +489,7 @@ class Cache(Generic[K]):
                 self._reloads += 1
         try:
             if entry.valid:
-                if not entry.length:
-                    return b""
-                view = memoryview(self._region)
-                try:
-                    start = entry.first * self._chunk
-                    return bytes(view[start:start + entry.length])
-                finally:
-                    view.release()
+                return self._copy_out(entry)
         finally:
             with self._lock:
                 self._unpin(entry)
@@ -598,6 +584,17 @@ class Cache(Generic[K]):
         return (f"no room for a value of {nbytes} bytes: items in use (borrowed or being read) "
                 f"hold {len(self._pinned)} item(s) and leave no run of "
                 f"{-(-nbytes // self._chunk)} free chunk(s) in a cache of {self._capacity} bytes")
+
+    def _copy_out(self, entry: _Entry) -> bytes:
+        """The bytes of a pinned item (the caller holds its pin)."""
+        if not entry.length:
+            return b""
+        view = memoryview(self._region)
+        try:
+            start = entry.first * self._chunk
+            return bytes(view[start:start + entry.length])
+        finally:
+            view.release()
 
     def _span(self, entry: _Entry) -> tuple[int, int]:
         return entry.first * self._chunk, entry.chunks * self._chunk

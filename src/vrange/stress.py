@@ -458,6 +458,18 @@ class Worker:
             os.close(fd)
 
 
+def _reported_chunks(purged: list[tuple[int, int]], chunk_size: int, first: int, last: int,
+                     volatile: Sequence[bool]) -> tuple[set[int], list[int]]:
+    """The chunks a pin's report names as purged, and those among them it may not name: outside the
+    pinned chunks [first, last), or not volatile when the pin began (``volatile[i]``: chunk
+    ``first + i``)."""
+    reported: set[int] = set()
+    for start, size in purged:
+        reported.update(range(start // chunk_size, -(-(start + size) // chunk_size)))
+    stray = sorted(chunk for chunk in reported
+                   if not first <= chunk < last or not volatile[chunk - first])
+    return reported, stray
+
 class Stress:
     """One backend's stress run, in this process (the child)."""
 
@@ -1093,11 +1105,7 @@ class Stress:
                 observed = bytes(snapshot.view[snapshot.start:snapshot.end])
             finally:
                 self.end(snapshot)
-            reported: set[int] = set()
-            for start, size in purged:
-                reported.update(range(start // slot.chunk, -(-(start + size) // slot.chunk)))
-            stray = sorted(chunk for chunk in reported if not first <= chunk < last or
-                           not snapshot.volatile[chunk - first])
+            reported, stray = _reported_chunks(purged, slot.chunk, first, last, snapshot.volatile)
             if stray:
                 worker.metrics["violations"] += 1
                 self.fail(worker, f"mark_nonvolatile({offset}, {length}) of region {slot.index} "
@@ -1144,11 +1152,7 @@ class Stress:
                     purged = pin.purged_ranges
             finally:
                 self.end(snapshot)
-            reported: set[int] = set()
-            for start, size in purged:
-                reported.update(range(start // slot.chunk, -(-(start + size) // slot.chunk)))
-            stray = sorted(chunk for chunk in reported if not first <= chunk < last or
-                           not snapshot.volatile[chunk - first])
+            reported, stray = _reported_chunks(purged, slot.chunk, first, last, snapshot.volatile)
             if stray or discarded:
                 worker.metrics["violations"] += 1
                 self.fail(worker, f"pinned({offset}, {length}) of region {slot.index}: "

@@ -1,0 +1,443 @@
+"""Fault-injection attacks on pins, vrange.Cache, the mmap method overrides and regenerator
+validation (the breaker's tests): each one fails on a bug it found, or stands as a regression test
+of something that held."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import mmap
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import CHUNK, PAGE, CountingRegenerator, kernel_reclaims, pattern
+
+import vrange
+from vrange.testing import page_out
+
+SIZE = 8 * CHUNK
+
+
+def fill(offset: int, buf: memoryview) -> None:
+    buf[:] = pattern(offset, len(buf))
+
+
+def discard(region: vrange.Region, how: str) -> None:
+    if how == "kernel":
+        page_out(region)
+    else:
+        region.purge()
+
+
+def discard_kinds(backend: str) -> list[str]:
+    return ["purge", "kernel"] if kernel_reclaims(backend) else ["purge"]
+
+
+# --- regenerator validation ---------------------------------------------------------------------
+
+def generator_regenerator(offset: int, buf: memoryview) -> Iterator[None]:
+    """A sync def with a yield: calling it runs nothing of its body."""
+    buf[:] = pattern(offset, len(buf))
+    yield None
+
+
+def test_a_generator_function_regenerator_never_hands_out_zeros(backend: str) -> None:
+    """A generator function fills nothing when called (its body runs only when iterated): it must
+    be refused at construction, or fail at the fault, never leave the chunk's zeros."""
+    try:
+        region = vrange.Region(SIZE, generator_regenerator, backend=backend)
+    except TypeError:
+        return  # refused at construction: fine
+    with region:
+        with pytest.raises(vrange.RegenerationError):
+            region.mark_nonvolatile()
+
+
+def test_a_generator_function_regenerator_is_refused_at_construction(backend: str) -> None:
+    with pytest.raises(TypeError, match="generator"):
+        vrange.Region(SIZE, generator_regenerator, backend=backend)
+
+
+async def async_fill(offset: int, buf: memoryview) -> None:
+    buf[:] = pattern(offset, len(buf))
+
+
+ASYNC_BEHIND_WRAPPERS: dict[str, Any] = {
+    "lru_cache of async def": functools.lru_cache(maxsize=None)(async_fill),
+    "staticmethod of async def": staticmethod(async_fill),
+    "classmethod-bound async": None,  # filled below
+}
+
+
+class _WithAsyncClassmethod:
+    @classmethod
+    async def fill(cls, offset: int, buf: memoryview) -> None:
+        buf[:] = pattern(offset, len(buf))
+
+
+ASYNC_BEHIND_WRAPPERS["classmethod-bound async"] = _WithAsyncClassmethod.fill
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC_BEHIND_WRAPPERS))
+def test_async_behind_a_wrapper_is_refused_at_construction(name: str) -> None:
+    with pytest.raises(TypeError, match="async"):
+        vrange.region._check_regenerator(ASYNC_BEHIND_WRAPPERS[name])
+
+
+@pytest.mark.parametrize("name", sorted(ASYNC_BEHIND_WRAPPERS))
+def test_async_behind_a_wrapper_never_hands_out_zeros(backend: str, name: str) -> None:
+    try:
+        region = vrange.Region(SIZE, ASYNC_BEHIND_WRAPPERS[name], backend=backend)
+    except TypeError:
+        return
+    with region:
+        with pytest.raises(vrange.RegenerationError):
+            region.mark_nonvolatile()
+
+
+class _Filler:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, offset: int, buf: memoryview) -> None:
+        self.calls += 1
+        buf[:] = pattern(offset, len(buf))
+
+    def method(self, offset: int, buf: memoryview) -> None:
+        buf[:] = pattern(offset, len(buf))
+
+    @staticmethod
+    def static(offset: int, buf: memoryview) -> None:
+        buf[:] = pattern(offset, len(buf))
+
+    @classmethod
+    def klass(cls, offset: int, buf: memoryview) -> None:
+        buf[:] = pattern(offset, len(buf))
+
+
+def _sync_wrapping_async(offset: int, buf: memoryview) -> None:
+    import asyncio
+
+    asyncio.run(async_fill(offset, buf))
+
+
+VALID: dict[str, Any] = {
+    "callable instance": _Filler(),
+    "bound method": _Filler().method,
+    "staticmethod via class": _Filler.static,
+    "classmethod via class": _Filler.klass,
+    "partial of sync": functools.partial(lambda extra, offset, buf: fill(offset, buf), 1),
+    "lru_cache-free wraps of async (sync body)":
+        functools.wraps(async_fill)(_sync_wrapping_async),
+    "varargs": lambda *args: fill(*args),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VALID))
+def test_valid_regenerators_are_accepted_and_fill(backend: str, name: str) -> None:
+    with vrange.Region(SIZE, VALID[name], backend=backend) as region:
+        region.mark_nonvolatile()
+        assert bytes(region[0:SIZE]) == pattern(0, SIZE)
+
+
+# --- pins: counting, reports, purges --------------------------------------------------------------
+
+def chunk_volatile(region: vrange.Region, chunk: int) -> bool:
+    return bool(region._core.chunk_states()[chunk] & 1)  # VR_CHUNK_VOLATILE
+
+
+def test_refilled_by_access_then_pinned_is_reported(backend: str) -> None:
+    """A volatile chunk discarded and then refilled by a plain access (its writes lost) is still
+    reported as purged by the next pin, with and without populate."""
+    for how in discard_kinds(backend):
+        for populate in (True, False):
+            with vrange.Region(SIZE, fill, backend=backend) as region:
+                region.mark_nonvolatile()
+                region[0:PAGE] = b"\xaa" * PAGE  # a write the purge will lose
+                region.mark_volatile()
+                discard(region, how)
+                assert region[0] == pattern(0, 1)[0]  # refilled by the access: write lost
+                assert region.mark_nonvolatile(0, CHUNK, populate=populate), (how, populate)
+
+
+def test_partly_discarded_chunk_keeps_its_present_pages_after_a_cheap_pin(backend: str) -> None:
+    """The kernel takes some pages of a volatile chunk; a pin that does not fill reports it; a write
+    to a page still present survives the refill of the missing ones."""
+    if not kernel_reclaims(backend):
+        pytest.skip("the kernel discards nothing on the memfd trap")
+    with vrange.Region(SIZE, fill, backend=backend) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        # the kernel discards page 3 of chunk 0 only (stand-in: MADV_DONTNEED of one page)
+        mmap.mmap.madvise(region, mmap.MADV_DONTNEED, 3 * PAGE, PAGE)
+        assert region.mark_nonvolatile(0, CHUNK, populate=False)
+        region[0:PAGE] = b"\xbb" * PAGE            # a page that stayed present
+        assert bytes(region[3 * PAGE:4 * PAGE]) == pattern(3 * PAGE, PAGE)  # refilled
+        assert bytes(region[0:PAGE]) == b"\xbb" * PAGE, "the refill overwrote a present page"
+        assert bytes(region[PAGE:3 * PAGE]) == pattern(PAGE, 2 * PAGE)
+
+
+def test_pins_in_many_threads_with_exceptions_balance(backend: str) -> None:
+    with vrange.Region(SIZE, fill, backend=backend) as region:
+        region.mark_volatile()
+        barrier = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def worker(index: int) -> None:
+            try:
+                for round_ in range(30):
+                    offset = (index + round_) % 7 * CHUNK
+                    try:
+                        with region.pinned(offset, 2 * CHUNK, populate=bool(round_ % 2)) as pin:
+                            if round_ == 0:
+                                barrier.wait()
+                            region.purge()
+                            assert bytes(pin.view[:PAGE]) == pattern(offset, PAGE)
+                            assert bytes(pin.view[-PAGE:]) == pattern(offset + 2 * CHUNK - PAGE,
+                                                                     PAGE)
+                            with region.pinned(offset + CHUNK, CHUNK):
+                                if round_ % 3 == 0:
+                                    raise KeyError("inside")
+                    except KeyError:
+                        pass
+            except BaseException as error:  # noqa: BLE001
+                errors.append(error)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        for chunk in range(8):
+            assert region.pin_count(chunk * CHUNK) == 0
+            assert chunk_volatile(region, chunk), chunk
+
+
+def test_cheap_pin_access_purge_inside_and_after(backend: str) -> None:
+    for how in discard_kinds(backend):
+        with vrange.Region(SIZE, fill, backend=backend) as region:
+            region.mark_nonvolatile()
+            region.mark_volatile()
+            discard(region, how)
+            with region.pinned(CHUNK, 2 * CHUNK, populate=False) as pin:
+                assert pin.purged
+                pin.view[0:PAGE] = b"\xcc" * PAGE     # first access: refill, then write
+                discard(region, how)                 # must not take the pinned chunk
+                assert bytes(pin.view[0:PAGE]) == b"\xcc" * PAGE, how
+                assert bytes(pin.view[CHUNK:CHUNK + PAGE]) == pattern(2 * CHUNK, PAGE)
+            discard(region, how)
+            assert region.mark_nonvolatile(CHUNK, CHUNK, populate=False), how
+
+
+def test_unaligned_pinned_ranges_count_per_chunk(backend: str) -> None:
+    with vrange.Region(SIZE, fill, backend=backend) as region:
+        region.mark_volatile()
+        with region.pinned(CHUNK - PAGE, 2 * PAGE):        # chunks 0 and 1
+            with region.pinned(CHUNK + PAGE, PAGE):         # chunk 1 again
+                assert region.pin_count(0) == 1
+                assert region.pin_count(CHUNK) == 2
+                region.mark_volatile(0, 2 * CHUNK)           # cannot take a block's pin
+                region.purge()
+                assert region.pin_count(CHUNK) == 2
+            assert not chunk_volatile(region, 1)
+            region.purge()
+        assert region.pin_count(0) == region.pin_count(CHUNK) == 0
+        assert chunk_volatile(region, 0) and chunk_volatile(region, 1)
+
+
+# --- vrange.Cache ---------------------------------------------------------------------------------
+
+def value_of(key: object, size: int = CHUNK + 100) -> bytes:
+    seed = hash(key) & 0xFFFF
+    return pattern(seed * PAGE, size)
+
+
+def test_cache_borrow_ended_on_another_thread_releases_its_pin(backend: str) -> None:
+    """A borrow's context manager entered on one thread and exited on another (an ExitStack handed
+    to a worker, a pool thread finishing a request): the item must not stay pinned for ever, nor
+    the cache become unclosable."""
+    cache = vrange.Cache(4 * CHUNK, value_of, backend=backend)
+    manager = cache.borrow("a")
+    view = manager.__enter__()
+    assert bytes(view) == value_of("a")
+    problems: list[BaseException] = []
+
+    def finish() -> None:
+        try:
+            manager.__exit__(None, None, None)
+        except BaseException as error:  # noqa: BLE001
+            problems.append(error)
+
+    worker = threading.Thread(target=finish)
+    worker.start()
+    worker.join()
+    try:
+        assert not problems, problems
+        assert cache.stats().pinned_items == 0
+        cache.purge()
+        assert cache["a"] == value_of("a")
+    finally:
+        cache.close()  # BufferError if the borrow is still counted as open
+
+
+def test_cache_stale_borrow_view_read_after_purge_does_not_hide_the_purge(backend: str) -> None:
+    """A view kept past its borrow block reads zeros after a purge (documented) and so refills the
+    chunk with zeros; the next lookup must still see the purge and reload, never hand the zeros."""
+    for how in discard_kinds(backend):
+        with vrange.Cache(4 * CHUNK, value_of, backend=backend) as cache:
+            with cache.borrow("a") as view:
+                kept = view[:]
+            if how == "kernel":
+                page_out(cache.region)
+            else:
+                cache.purge()
+            assert bytes(kept[:16]) in (b"\0" * 16, value_of("a")[:16])  # refills the chunk
+            assert bytes(kept[-16:]) in (b"\0" * 16, value_of("a")[-16:])
+            kept.release()
+            assert cache["a"] == value_of("a"), how
+            with cache.borrow("a") as view:
+                assert bytes(view) == value_of("a")
+
+
+def test_cache_loads_of_changing_sizes_and_edge_values(backend: str) -> None:
+    sizes = iter([0, CHUNK, 3 * CHUNK + 1, 1, 4 * CHUNK, 2 * CHUNK, 0, 5])
+    current: dict[str, bytes] = {}
+
+    def load(key: str) -> bytes:
+        current[key] = value_of(key, next(sizes))
+        return current[key]
+
+    with vrange.Cache(4 * CHUNK, load, backend=backend) as cache:
+        for _ in range(6):
+            assert cache["k"] == current["k"]
+            assert cache["k"] == current["k"]  # a hit
+            with cache.borrow("k") as view:
+                assert bytes(view) == current["k"]
+            cache.purge()
+        stats = cache.stats()
+        assert stats.hits + stats.misses + stats.reloads == 18
+        assert stats.misses == 1
+
+
+def test_cache_value_of_exactly_capacity_evicts_everything_not_borrowed(backend: str) -> None:
+    with vrange.Cache(4 * CHUNK, backend=backend) as cache:
+        for key in range(4):
+            cache[key] = value_of(key, CHUNK)
+        with cache.borrow(2) as view:
+            with pytest.raises(vrange.CacheFullError):
+                cache["big"] = b"x" * (4 * CHUNK)
+            assert bytes(view) == value_of(2, CHUNK)
+        cache["big"] = b"y" * (4 * CHUNK)
+        assert cache["big"] == b"y" * (4 * CHUNK)
+        assert len(cache) == 1
+        cache[""] = b""
+        cache.purge()
+        assert cache.get("") == b""
+
+
+def test_cache_threads_never_see_a_wrong_value(backend: str) -> None:
+    """Readers, borrowers, writers, removers and purgers at once; every value seen is load(key)."""
+    keys = list(range(12))
+
+    def load(key: int) -> bytes:
+        return value_of(key, (key % 3 + 1) * CHUNK - 7)
+
+    cache = vrange.Cache(8 * CHUNK, load, backend=backend)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader(seed: int) -> None:
+        import random
+
+        rng = random.Random(seed)
+        try:
+            while not stop.is_set():
+                key = rng.choice(keys)
+                action = rng.randrange(8)
+                if action == 0:
+                    with cache.borrow(key) as view:
+                        assert bytes(view) == load(key), key
+                elif action == 1:
+                    try:
+                        cache[key] = load(key)
+                    except vrange.CacheFullError:
+                        pass  # documented: items in use hold the room
+                elif action == 2:
+                    got = cache.pop(key, None)
+                    assert got is None or got == load(key)
+                elif action == 3:
+                    cache.purge()
+                elif action == 4 and kernel_reclaims(backend):
+                    page_out(cache.region)
+                elif action == 5:
+                    del_ok = key in cache
+                    assert isinstance(del_ok, bool)
+                elif action == 6 and rng.random() < 0.05:
+                    cache.clear()
+                else:
+                    assert cache[key] == load(key), key
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+            stop.set()
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    stop.wait(4.0)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    stats = cache.stats()
+    assert stats.pinned_items == 0
+    cache.close()
+
+
+def test_cache_load_that_uses_the_cache(backend: str) -> None:
+    with vrange.Cache(8 * CHUNK, backend=backend) as plain:
+        pass
+
+    cache: vrange.Cache[str]
+
+    def load(key: str) -> bytes:
+        if key == "derived":
+            return cache["base"] + b"!"
+        if key == "self-removing":
+            cache.pop(key, None)
+            cache.clear()
+            return b"s" * 10
+        if key == "self":
+            return cache["self"]
+        return b"b" * 10
+
+    cache = vrange.Cache(8 * CHUNK, load, backend=backend)
+    with cache:
+        assert cache["derived"] == b"b" * 10 + b"!"
+        assert cache["self-removing"] == b"s" * 10
+        with pytest.raises(RuntimeError):
+            cache["self"]
+        assert cache["derived"] == b"b" * 10 + b"!"
+        assert cache.stats().pinned_items == 0
+
+
+def test_cache_fork_inside_a_borrow() -> None:
+    import os
+
+    cache = vrange.Cache(4 * CHUNK, value_of)
+    with cache.borrow("a") as view:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                assert bytes(view) == value_of("a")
+            except BaseException:  # noqa: BLE001
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+    cache.purge()
+    assert cache["a"] == value_of("a")
+    cache.close()

@@ -64,3 +64,12 @@ async def async_fill(offset: int, buf: memoryview) -> None:
 
 def returns_a_coroutine(offset: int, buf: memoryview) -> object:
     return async_fill(offset, buf)
+
+
+def generator_fill(offset: int, buf: memoryview) -> object:
+    buf[:] = bytes([1]) * len(buf)
+    yield None
+
+
+def returns_a_generator(offset: int, buf: memoryview) -> object:
+    return generator_fill(offset, buf)

@@ -60,6 +60,26 @@ def test_a_generator_function_regenerator_is_refused_at_construction(backend: st
         vrange.Region(SIZE, generator_regenerator, backend=backend)
 
 
+def test_a_function_returning_a_generator_fails_at_the_fault(backend: str) -> None:
+    """A plain function returning a generator slips past any check at construction: the fault must
+    fail (RegenerationError from the library call), never leave zeros."""
+    def returns_a_generator(offset: int, buf: memoryview) -> Any:
+        return generator_regenerator(offset, buf)
+
+    with vrange.Region(SIZE, returns_a_generator, backend=backend) as region:
+        with pytest.raises(vrange.RegenerationError, match="returned a generator"):
+            region.mark_nonvolatile()
+
+
+def test_isolated_generator_regenerators(backend: str) -> None:
+    with pytest.raises(TypeError, match="generator function"):
+        vrange.sources.Isolated("isolated_regenerators:generator_fill")
+    source = vrange.sources.Isolated("isolated_regenerators:returns_a_generator")
+    with vrange.Region(SIZE, source, backend=backend) as region:
+        with pytest.raises(vrange.RegenerationError, match="returned a generator"):
+            region.mark_nonvolatile()
+
+
 async def async_fill(offset: int, buf: memoryview) -> None:
     buf[:] = pattern(offset, len(buf))
 

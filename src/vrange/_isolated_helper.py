@@ -59,6 +59,10 @@ def serve(connection: socket.socket, view: memoryview, function: Callable[..., o
                         close()
                     raise TypeError("the regenerator returned an awaitable: it must fill the "
                                     "buffer synchronously")
+                if inspect.isgenerator(result):  # its body, which would fill, never runs
+                    result.close()
+                    raise TypeError("the regenerator returned a generator: it must fill the "
+                                    "buffer when called")
                 answer = REPLY.pack(0, 0)
             except BaseException:  # noqa: BLE001 - the parent reports it by its policy
                 text = traceback.format_exc().encode(errors="replace")[-ERROR_BYTES:]

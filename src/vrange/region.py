@@ -20,7 +20,7 @@ from ._backends import (ERROR_POLICIES, KNOWN_SPECS, PURGE_REASONS, BackendRegio
 from ._backends._registry import live_regions
 from ._mappings import mapping_budget
 from .errors import RegenerationError, VRangeError, errno_name, os_error
-from .sources import Isolated, Source, is_async_callable
+from .sources import Isolated, Source, is_async_callable, is_generator_callable
 
 __all__ = ["Region", "RegionStats", "Regenerator", "DEFAULT_CHUNK_SIZE", "Pin", "BackendName",
            "ErrorPolicy"]
@@ -84,6 +84,11 @@ def _check_regenerator(regenerate: object) -> None:
             f"regenerate must fill buf synchronously: {regenerate!r} is an async function "
             "(a regenerator runs inside a page fault, where nothing could await it, and its "
             "chunk would hold zeros); make it a plain function")
+    if is_generator_callable(regenerate):
+        raise TypeError(
+            f"regenerate must fill buf when called: {regenerate!r} is a generator function "
+            "(calling it runs nothing of its body until the generator is iterated, which nothing "
+            "does, and its chunk would hold zeros); make it a plain function")
     try:
         signature = inspect.signature(regenerate)  # type: ignore[arg-type]
     except (TypeError, ValueError):  # builtins and C callables may have none: accept them

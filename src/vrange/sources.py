@@ -34,11 +34,9 @@ __all__ = ["File", "Isolated", "Source", "Zeros"]
 PathOrFd = Union[str, "os.PathLike[str]", int]
 
 
-def is_async_callable(candidate: object) -> bool:
-    """Whether calling ``candidate`` makes a coroutine or an async generator instead of doing the
-    work: an ``async def`` function or method, an async generator function, either behind
-    ``functools.partial``, or an object whose ``__call__`` is one. A regenerator runs synchronously
-    inside a page fault (or a helper's request), where nothing could await it."""
+def _call_targets(candidate: object) -> list[object]:
+    """What calling ``candidate`` really calls: the callable itself, behind ``functools.partial``,
+    and the object's ``__call__`` for an instance."""
     target = candidate
     while isinstance(target, functools.partial):
         target = target.func
@@ -48,8 +46,23 @@ def is_async_callable(candidate: object) -> bool:
         call = getattr(type(target), "__call__", None)
         if call is not None:
             candidates.append(call)
+    return candidates
+
+
+def is_async_callable(candidate: object) -> bool:
+    """Whether calling ``candidate`` makes a coroutine or an async generator instead of doing the
+    work: an ``async def`` function or method, an async generator function, either behind
+    ``functools.partial``, or an object whose ``__call__`` is one. A regenerator runs synchronously
+    inside a page fault (or a helper's request), where nothing could await it."""
     return any(inspect.iscoroutinefunction(each) or inspect.isasyncgenfunction(each)
-               for each in candidates)
+               for each in _call_targets(candidate))
+
+
+def is_generator_callable(candidate: object) -> bool:
+    """Whether calling ``candidate`` makes a generator instead of doing the work (a ``def`` with a
+    ``yield``: its body runs only when the generator is iterated, which nothing does), also behind
+    ``functools.partial`` or as an object's ``__call__``."""
+    return any(inspect.isgeneratorfunction(each) for each in _call_targets(candidate))
 
 
 class Source:
@@ -187,6 +200,9 @@ class Isolated(Source):
             raise TypeError(f"the regenerator {target!r} is an async function: the helper process "
                             "calls it synchronously and would never await it; make it a plain "
                             "function")
+        if is_generator_callable(function):
+            raise TypeError(f"the regenerator {target!r} is a generator function: calling it runs "
+                            "nothing of its body (it fills nothing); make it a plain function")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         try:

@@ -250,6 +250,14 @@ def _run(regeneration: Regeneration, offset: int, buffer: Any, length: int,
                             f"the regenerator returned an awaitable ({type(result).__name__}): "
                             "regenerators must fill buf synchronously (an async regenerator is "
                             "never awaited)")
+                    if inspect.isgenerator(result):
+                        # A generator function that slipped past the check at construction (a
+                        # plain function returning one): its body, which would fill buf, never
+                        # runs. Never hand out the zeros.
+                        result.close()
+                        raise TypeError(
+                            "the regenerator returned a generator: regenerators must fill buf "
+                            "when called (a generator's body runs only when it is iterated)")
                 except Exception as error:  # noqa: BLE001 - recorded, reported by policy
                     _keep_as_text(error)
                     regeneration.record_failure(offset, error, ahead)

@@ -34,12 +34,25 @@ __all__ = ["File", "Isolated", "Source", "Zeros"]
 PathOrFd = Union[str, "os.PathLike[str]", int]
 
 
+_LRU_CACHE_WRAPPER = type(functools.lru_cache(maxsize=None)(lambda: None))
+"""The type of what ``functools.lru_cache``/``functools.cache`` make: calling one calls the function
+it wraps (``__wrapped__``) and returns what that returns."""
+
+
 def _call_targets(candidate: object) -> list[object]:
     """What calling ``candidate`` really calls: the callable itself, behind ``functools.partial``,
-    and the object's ``__call__`` for an instance."""
+    a ``staticmethod`` object or ``functools.lru_cache``, and the object's ``__call__`` for an
+    instance."""
     target = candidate
-    while isinstance(target, functools.partial):
-        target = target.func
+    while True:
+        if isinstance(target, functools.partial):
+            target = target.func
+        elif isinstance(target, staticmethod):  # callable since 3.10: calls its function
+            target = target.__func__
+        elif isinstance(target, _LRU_CACHE_WRAPPER):  # functools.lru_cache / functools.cache
+            target = target.__wrapped__  # type: ignore[attr-defined]
+        else:
+            break
     candidates = [target]
     if not inspect.isfunction(target) and not inspect.ismethod(target) and \
             not inspect.isclass(target):

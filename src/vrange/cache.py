@@ -396,7 +396,9 @@ class Cache(Generic[K]):
                     self._borrowers[thread] -= 1
                 else:
                     self._borrowers.pop(thread, None)
-                self._unpin(entry)
+                # The block may end on another thread than the one that entered it (a context
+                # manager handed over): the pin is the entering thread's.
+                self._unpin(entry, thread)
 
     def __contains__(self, key: object) -> bool:
         """True when ``key`` is stored. With ``load``, a purged item still counts (it is reloaded
@@ -610,10 +612,12 @@ class Cache(Generic[K]):
         thread = threading.get_ident()
         entry.holders[thread] = entry.holders.get(thread, 0) + 1
 
-    def _unpin(self, entry: _Entry) -> None:
-        """(lock held) One holder fewer; the last one makes the chunks volatile again, or frees
-        them if the item was removed meanwhile."""
-        thread = threading.get_ident()
+    def _unpin(self, entry: _Entry, thread: int | None = None) -> None:
+        """(lock held) One holder fewer (of ``thread``, the thread that pinned: by default this
+        one); the last one makes the chunks volatile again, or frees them if the item was removed
+        meanwhile."""
+        if thread is None:
+            thread = threading.get_ident()
         if entry.holders[thread] > 1:
             entry.holders[thread] -= 1
         else:

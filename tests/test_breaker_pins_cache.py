@@ -461,3 +461,65 @@ def test_cache_fork_inside_a_borrow() -> None:
     cache.purge()
     assert cache["a"] == value_of("a")
     cache.close()
+
+
+# --- a block abandoned in a reference cycle, finalized by the garbage collector -----------------
+
+def _abandon_in_a_cycle_then_work(kind: str, backend: str, allocations: int) -> None:
+    """(in a child) Enter a pinned()/borrow() block, drop it in a reference cycle, and go on using
+    the same object: the cyclic GC finalizes the block (its ``finally`` runs) at whatever
+    allocation it happens to run, also while this thread holds the object's lock."""
+    import os
+    import signal
+
+    signal.alarm(2)
+    target: Any
+    if kind == "cache":
+        target = vrange.Cache(8 * CHUNK, lambda key: b"v" * 100, backend=backend)
+        target["b"]
+    else:
+        target = vrange.Region(8 * CHUNK, vrange.sources.Zeros(), backend=backend)
+    gc.collect()
+    gc.disable()
+    manager = target.borrow("a") if kind == "cache" else target.pinned(0, CHUNK)
+    manager.__enter__()
+    holder: list[Any] = [manager]
+    holder.append(holder)
+    del manager, holder
+    gc.set_threshold(60, 10, 10)
+    gc.enable()
+    junk = [[] for _ in range(allocations)]
+    for _ in range(3):
+        if kind == "cache":
+            target["b"]
+        else:
+            target.mark_nonvolatile(CHUNK, CHUNK)
+            target.mark_volatile(CHUNK, CHUNK)
+    gc.collect()
+    del junk
+    if kind == "cache":
+        assert target.stats().pinned_items == 0
+    else:
+        assert target.pin_count(0) == 0
+    os._exit(0)
+
+
+@pytest.mark.hang_timeout(240)
+@pytest.mark.parametrize("kind", ["region", "cache"])
+def test_a_block_finalized_by_the_gc_under_the_lock_does_not_deadlock(backend: str,
+                                                                       kind: str) -> None:
+    import os
+
+    hung = []
+    for allocations in range(0, 42, 3):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _abandon_in_a_cycle_then_work(kind, backend, allocations)
+            finally:
+                os._exit(3)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            hung.append((allocations, "deadlock (SIGALRM)" if os.WIFSIGNALED(status) and
+                         os.WTERMSIG(status) == 14 else status))
+    assert not hung, hung

@@ -24,7 +24,7 @@ from typing import Generic, TypeVar, overload
 from . import policy
 from ._backends import on_fork_in_child
 from .errors import VRangeError
-from .region import DEFAULT_CHUNK_SIZE, BackendName, Region
+from .region import DEFAULT_CHUNK_SIZE, BackendName, Region, _end_elsewhere, _lock_is_free
 from .sources import Zeros
 
 __all__ = ["Cache", "CacheFullError", "CacheStats"]
@@ -370,6 +370,7 @@ class Cache(Generic[K]):
                 view.release()
             return
         thread = threading.get_ident()
+        closed_by_gc = False
         try:
             with self._lock:
                 self._borrowers[thread] = self._borrowers.get(thread, 0) + 1
@@ -384,6 +385,9 @@ class Cache(Generic[K]):
                 view = memoryview(b"")
             try:
                 yield view
+            except GeneratorExit:  # the block was abandoned: the GC (or close()) ends it
+                closed_by_gc = True
+                raise
             finally:
                 try:
                     view.release()
@@ -391,14 +395,23 @@ class Cache(Generic[K]):
                     pass
                 del view  # a traceback that keeps this frame must not keep the view
         finally:
-            with self._lock:
-                if self._borrowers.get(thread, 0) > 1:
-                    self._borrowers[thread] -= 1
-                else:
-                    self._borrowers.pop(thread, None)
-                # The block may end on another thread than the one that entered it (a context
-                # manager handed over): the pin is the entering thread's.
-                self._unpin(entry, thread)
+            if closed_by_gc and not (_lock_is_free(self._lock) and
+                                     _lock_is_free(self._region._state_lock)):
+                # Finalized by the garbage collector, which runs at any allocation: also while
+                # this thread holds the cache's lock or its region's (waiting would deadlock).
+                _end_elsewhere(self._end_borrow, entry, thread)
+            else:
+                self._end_borrow(entry, thread)
+
+    def _end_borrow(self, entry: _Entry, thread: int) -> None:
+        with self._lock:
+            if self._borrowers.get(thread, 0) > 1:
+                self._borrowers[thread] -= 1
+            else:
+                self._borrowers.pop(thread, None)
+            # The block may end on another thread than the one that entered it (a context manager
+            # handed over, an abandoned block): the pin is the entering thread's.
+            self._unpin(entry, thread)
 
     def __contains__(self, key: object) -> bool:
         """True when ``key`` is stored. With ``load``, a purged item still counts (it is reloaded

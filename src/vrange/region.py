@@ -51,6 +51,26 @@ def _reset_locks_after_fork() -> None:
 on_fork_in_child(_reset_locks_after_fork)
 
 
+def _lock_is_free(lock: threading.Lock) -> bool:
+    """Whether ``lock`` could be taken right now (it is not left taken)."""
+    if not lock.acquire(blocking=False):
+        return False
+    lock.release()
+    return True
+
+
+def _end_elsewhere(finish: Callable[..., None], *arguments: object) -> None:
+    """Run ``finish(*arguments)`` on a new thread: the end of a block the garbage collector
+    finalized while this thread may hold a lock the end needs. If no thread can start (interpreter
+    shutdown), what the block held stays held: a leak, never a deadlock."""
+    try:
+        threading.Thread(target=finish, args=arguments, name="vrange-end-abandoned-block",
+                         daemon=True).start()
+    except RuntimeError:
+        logger.warning("vrange: the pins of a block abandoned to the garbage collector could not "
+                       "be released (no thread can start now)")
+
+
 def find_region(address: int) -> Region | None:
     """The open region whose mapping contains ``address``, if any."""
     core = find_live_region(address)
@@ -613,23 +633,34 @@ class Region(mmap.mmap):
                 self._add_pins(self._scoped_pins, first, end)
             pin = Pin(offset, length, self._purged_ranges(first, purged), populate, first, end)
             self._active_pins[id(pin)] = pin
+        closed_by_gc = False
         try:
             whole = memoryview(self)
             try:
                 pin._view = whole[offset:offset + length]
             finally:
                 whole.release()
-            yield pin
+            try:
+                yield pin
+            except GeneratorExit:  # the block was abandoned: the GC (or close()) ends it
+                closed_by_gc = True
+                raise
         finally:
-            self._end_pin(pin)
+            self._end_pin(pin, closed_by_gc)
 
-    def _end_pin(self, pin: Pin) -> None:
+    def _end_pin(self, pin: Pin, closed_by_gc: bool = False) -> None:
         view, pin._view = pin._view, None
         if view is not None:
             try:
                 view.release()
             except BufferError:  # the block kept an export of the view: it keeps the region's
                 logger.debug("vrange: an export of a pin's view outlives its block")
+        if closed_by_gc and not _lock_is_free(self._state_lock):
+            # An abandoned block finalized by the garbage collector, which runs at any allocation:
+            # also while this very thread holds the state lock (waiting for it would deadlock).
+            # The pin ends on another thread, once the lock is free.
+            _end_elsewhere(self._end_pin, pin)
+            return
         runs: list[tuple[int, int]] = []
         with self._state_lock:
             if not pin._active:

@@ -547,3 +547,38 @@ def test_an_abandoned_block_dropped_by_refcount_ends_at_once(backend: str) -> No
         assert cache.stats().pinned_items == 1
         del borrow
         assert cache.stats().pinned_items == 0
+
+
+class _Failable:
+    def __init__(self) -> None:
+        self.fail = False
+
+    def __call__(self, offset: int, buf: memoryview) -> None:
+        if self.fail:
+            raise OSError("source unavailable")
+        buf[:] = pattern(offset, len(buf))
+
+
+def test_a_failed_populate_keeps_the_writes_of_a_pinned_partly_present_chunk(backend: str) -> None:
+    """An outer cheap pin holds a chunk the kernel took one page of; the program writes a present
+    page. A populating pin of the same chunk whose regeneration fails raises, but must not drop the
+    pinned chunk's present (written) pages."""
+    if not kernel_reclaims(backend):
+        pytest.skip("the kernel discards nothing on the memfd trap (chunks are trapped whole)")
+    regenerate = _Failable()
+    with vrange.Region(SIZE, regenerate, backend=backend, on_error="poison") as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        mmap.mmap.madvise(region, mmap.MADV_DONTNEED, 3 * PAGE, PAGE)  # the kernel took page 3
+        with region.pinned(0, CHUNK, populate=False) as outer:
+            assert outer.purged
+            outer.view[0:PAGE] = b"\xdd" * PAGE           # present page: no fault
+            regenerate.fail = True
+            with pytest.raises(vrange.RegenerationError):
+                region.mark_nonvolatile(0, CHUNK)
+            regenerate.fail = False
+            region.purge()
+            written = bytes(outer.view[0:PAGE])
+            refilled = bytes(outer.view[3 * PAGE:4 * PAGE])
+        assert written == b"\xdd" * PAGE, "the pinned chunk's written page was dropped"
+        assert refilled == pattern(3 * PAGE, PAGE)

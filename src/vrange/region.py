@@ -743,6 +743,12 @@ class Region(mmap.mmap):
         if result >= 0 and not new_failures and not zero_filled:
             return
         for chunk in {offset // self._chunk_size for offset, _ in new_failures}:
+            # A chunk another pin holds (or a non-volatile one) may have present pages the program
+            # wrote (a cheap pin leaves the pages the kernel took missing): keep those, drop only
+            # the failed pages (below). Only a volatile chunk may lose its bytes.
+            if self._explicit_pins[chunk] or self._scoped_pins[chunk] or \
+                    not self._wants_volatile[chunk]:
+                continue
             self._core.discard(chunk, chunk + 1, only_failed=False)
         self._core.discard(first, end, only_failed=True)
         if new_failures:

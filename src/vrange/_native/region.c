@@ -761,16 +761,57 @@ void vr_region_set_policy(vr_region *region, int priority, int group)
 
 /* Drop chunks so they are missing again (and regenerated on the next access): every chunk of the
  * range, or only those whose regeneration failed. Used to leave failed chunks missing. */
+/* Drop the pages of [start, start + length) that are not resident: poison markers count as missing
+ * for mincore (pte_none_mostly), and MADV_DONTNEED clears them. Present pages stay. 0 or -errno. */
+static int discard_missing_pages(vr_region *region, uintptr_t start, size_t length)
+{
+    unsigned char vector[MINCORE_BATCH];
+    size_t page = region->page_size;
+    size_t batch_bytes = MINCORE_BATCH * page;
+    for (size_t done = 0; done < length; done += batch_bytes) {
+        size_t part = length - done < batch_bytes ? length - done : batch_bytes;
+        size_t pages = part / page;
+        if (mincore((void *)(start + done), part, vector) < 0)
+            return -errno;
+        for (size_t first = 0; first < pages;) {
+            if (vector[first] & 1) {
+                first++;
+                continue;
+            }
+            size_t end = first;
+            while (end < pages && !(vector[end] & 1))
+                end++;
+            if (madvise((void *)(start + done + first * page), (end - first) * page,
+                        MADV_DONTNEED) < 0)
+                return -errno;
+            first = end;
+        }
+    }
+    return 0;
+}
+
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {
-        if (only_poisoned && !(vr_chunk_load(region, chunk) & (VR_CHUNK_POISONED | VR_CHUNK_FAILED)))
+        uint8_t state = vr_chunk_load(region, chunk);
+        if (only_poisoned && !(state & (VR_CHUNK_POISONED | VR_CHUNK_FAILED)))
             continue;
         uintptr_t start;
         size_t length;
         vr_region_span(region, chunk, chunk + 1, &start, &length);
-        if (madvise((void *)start, length, MADV_DONTNEED) < 0)
+        /* A poisoned chunk's markers sit on the pages that were missing: its present pages may
+         * hold bytes the program wrote under a pin that did not fill (they are not the failure's),
+         * so only the markers go. A chunk the zeros policy filled is dropped whole (its zero pages
+         * cannot be told from written ones). */
+        int keep_present = only_poisoned && (state & VR_CHUNK_POISONED) &&
+                           region->kernel_reclaims && region->trap_kind != VR_TRAP_MEMFD;
+        if (keep_present) {
+            int rc = discard_missing_pages(region, start, length);
+            if (rc < 0)
+                return rc;
+        } else if (madvise((void *)start, length, MADV_DONTNEED) < 0) {
             return -errno;
+        }
         vr_chunk_clear(region, chunk, VR_CHUNK_POISONED | VR_CHUNK_FAILED);
     }
     return 0;

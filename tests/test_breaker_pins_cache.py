@@ -582,3 +582,69 @@ def test_a_failed_populate_keeps_the_writes_of_a_pinned_partly_present_chunk(bac
             refilled = bytes(outer.view[3 * PAGE:4 * PAGE])
         assert written == b"\xdd" * PAGE, "the pinned chunk's written page was dropped"
         assert refilled == pattern(3 * PAGE, PAGE)
+
+
+def test_budget_never_takes_pinned_chunks(backend: str) -> None:
+    import vrange.policy
+
+    group = "breaker-pins"
+    vrange.policy.set_budget(0, group=group)
+    try:
+        with vrange.Region(SIZE, fill, backend=backend, group=group) as region:
+            region.mark_nonvolatile()
+            region.mark_volatile()
+            with region.pinned(2 * CHUNK, 2 * CHUNK, populate=False) as pin:
+                pin.view[0:PAGE] = b"\xee" * PAGE
+                region.mark_nonvolatile(5 * CHUNK, CHUNK)
+                region[5 * CHUNK:5 * CHUNK + PAGE] = b"\xef" * PAGE
+                region.mark_volatile(0, 2 * CHUNK)  # more volatile memory: budgets enforced
+                vrange.policy.enforce()
+                assert bytes(pin.view[0:PAGE]) == b"\xee" * PAGE
+                assert bytes(pin.view[CHUNK:CHUNK + PAGE]) == pattern(3 * CHUNK, PAGE)
+                assert bytes(region[5 * CHUNK:5 * CHUNK + PAGE]) == b"\xef" * PAGE
+            # the block's chunks are volatile again: the budget may take them now
+            vrange.policy.enforce()
+            region.mark_nonvolatile(0, CHUNK, populate=False)
+            assert region.stats().volatile_bytes <= SIZE
+    finally:
+        vrange.policy.set_budget(None, group=group)
+
+
+def test_cache_new_value_while_old_is_borrowed_then_evictions(backend: str) -> None:
+    with vrange.Cache(4 * CHUNK, backend=backend) as cache:
+        cache["k"] = b"old" * 1000
+        with cache.borrow("k") as view:
+            cache["k"] = b"new" * 1000
+            for key in range(10):                     # evictions all around the borrowed chunks
+                cache[key] = bytes([key]) * CHUNK
+            cache.purge()
+            assert bytes(view) == b"old" * 1000
+        assert cache.get("k") in (None, b"new" * 1000)
+        for key in range(10):
+            assert cache.get(key) in (None, bytes([key]) * CHUNK)
+        stats = cache.stats()
+        assert stats.pinned_items == 0
+        assert stats.evictions >= 7
+
+
+def test_cache_stats_after_page_out(backend: str) -> None:
+    if not kernel_reclaims(backend):
+        pytest.skip("the kernel reclaims nothing on the memfd trap")
+    loads: list[str] = []
+
+    def load(key: str) -> bytes:
+        loads.append(key)
+        return value_of(key)
+
+    with vrange.Cache(8 * CHUNK, load, backend=backend) as cache:
+        for key in "abc":
+            assert cache[key] == value_of(key)
+        page_out(cache.region)
+        for key in "abc":
+            assert cache[key] == value_of(key)
+            assert cache[key] == value_of(key)
+        stats = cache.stats()
+        assert stats.misses == 3
+        assert stats.hits + stats.reloads == 6
+        assert stats.reloads == len(loads) - 3
+        assert stats.resident_bytes <= 3 * 2 * CHUNK

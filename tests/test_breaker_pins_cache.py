@@ -648,3 +648,41 @@ def test_cache_stats_after_page_out(backend: str) -> None:
         assert stats.hits + stats.reloads == 6
         assert stats.reloads == len(loads) - 3
         assert stats.resident_bytes <= 3 * 2 * CHUNK
+
+
+def test_cache_concurrent_misses_of_one_key_with_a_failing_first_load(backend: str) -> None:
+    import time
+
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def load(key: str) -> bytes:
+        with lock:
+            calls.append(1)
+            first = len(calls) == 1
+        time.sleep(0.2)
+        if first:
+            raise OSError("first load fails")
+        return value_of(key)
+
+    with vrange.Cache(4 * CHUNK, load, backend=backend) as cache:
+        results: list[object] = []
+        barrier = threading.Barrier(4)
+
+        def reader() -> None:
+            barrier.wait()
+            try:
+                results.append(cache["k"])
+            except OSError as error:
+                results.append(error)
+
+        threads = [threading.Thread(target=reader) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(isinstance(each, OSError) for each in results) == 1
+        assert results.count(value_of("k")) == 3
+        assert len(calls) == 2
+        stats = cache.stats()
+        assert (stats.hits, stats.misses, stats.reloads) == (0, 4, 0)

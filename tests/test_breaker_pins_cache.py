@@ -686,3 +686,15 @@ def test_cache_concurrent_misses_of_one_key_with_a_failing_first_load(backend: s
         assert len(calls) == 2
         stats = cache.stats()
         assert (stats.hits, stats.misses, stats.reloads) == (0, 4, 0)
+
+
+def test_mocks_as_regenerators() -> None:
+    from unittest import mock
+
+    regenerate = mock.Mock(side_effect=fill)
+    with vrange.Region(SIZE, regenerate) as region:
+        region.mark_nonvolatile()
+        assert bytes(region[0:PAGE]) == pattern(0, PAGE)
+    assert regenerate.called
+    with pytest.raises(TypeError, match="async"):
+        vrange.Region(SIZE, mock.AsyncMock())

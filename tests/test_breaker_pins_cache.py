@@ -698,3 +698,50 @@ def test_mocks_as_regenerators() -> None:
     assert regenerate.called
     with pytest.raises(TypeError, match="async"):
         vrange.Region(SIZE, mock.AsyncMock())
+
+
+def test_cache_close_while_threads_read_frees_the_region(backend: str) -> None:
+    import time
+
+    def load(key: int) -> bytes:
+        time.sleep(0.001)
+        return value_of(key, 3 * CHUNK)
+
+    cache = vrange.Cache(16 * CHUNK, load, backend=backend)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        key = seed
+        while not stop.is_set():
+            key = (key + 1) % 9
+            try:
+                if key % 2:
+                    assert cache[key] == load(key)
+                else:
+                    with cache.borrow(key) as view:
+                        assert bytes(view[:64]) == load(key)[:64]
+            except ValueError as error:
+                if "closed" not in str(error):
+                    errors.append(error)
+                return
+            except BaseException as error:  # noqa: BLE001
+                errors.append(error)
+                return
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    while True:
+        try:
+            cache.close()
+            break
+        except BufferError:  # a borrow is open right now
+            time.sleep(0.001)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+    assert cache.closed
+    assert cache.region.closed, "the cache's memory was never freed"

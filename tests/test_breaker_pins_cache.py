@@ -745,3 +745,19 @@ def test_cache_close_while_threads_read_frees_the_region(backend: str) -> None:
     assert not errors, errors[0]
     assert cache.closed
     assert cache.region.closed, "the cache's memory was never freed"
+
+
+@pytest.mark.parametrize("populate", [True, False])
+def test_a_chunk_missing_one_page_is_reported(backend: str, populate: bool) -> None:
+    if not kernel_reclaims(backend):
+        pytest.skip("the kernel discards nothing on the memfd trap")
+    with vrange.Region(SIZE, fill, backend=backend) as region:
+        region.mark_nonvolatile()
+        region.mark_volatile()
+        for page in (0, 15):  # first and last page of a chunk
+            mmap.mmap.madvise(region, mmap.MADV_DONTNEED, 2 * CHUNK + page * PAGE, PAGE)
+        with region.pinned(CHUNK, 3 * CHUNK, populate=populate) as pin:
+            assert pin.purged_ranges == [(2 * CHUNK, CHUNK)]
+            assert bytes(pin.view) == pattern(CHUNK, 3 * CHUNK)
+        with region.pinned(CHUNK, 3 * CHUNK, populate=populate) as pin:
+            assert not pin.purged  # reported once

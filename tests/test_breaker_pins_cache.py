@@ -761,3 +761,19 @@ def test_a_chunk_missing_one_page_is_reported(backend: str, populate: bool) -> N
             assert bytes(pin.view) == pattern(CHUNK, 3 * CHUNK)
         with region.pinned(CHUNK, 3 * CHUNK, populate=populate) as pin:
             assert not pin.purged  # reported once
+
+
+def test_cache_on_the_memfd_trap_with_more_than_8192_chunks() -> None:
+    try:
+        cache = vrange.Cache(8193 * CHUNK, backend="sigbus:memfd")
+    except vrange.VRangeError as error:
+        pytest.skip(f"no memfd trap here: {error}")
+    with cache:
+        assert cache.capacity >= 8193 * CHUNK
+        assert cache.capacity % cache.chunk_size == 0
+        big = b"z" * cache.capacity
+        cache["big"] = big
+        cache.purge()
+        assert cache.get("big") is None  # no load: a purged item is gone
+        cache["small"] = b"s"
+        assert cache["small"] == b"s"

@@ -777,3 +777,24 @@ def test_cache_on_the_memfd_trap_with_more_than_8192_chunks() -> None:
         assert cache.get("big") is None  # no load: a purged item is gone
         cache["small"] = b"s"
         assert cache["small"] == b"s"
+
+
+def test_cache_borrow_survives_a_zero_budget(backend: str) -> None:
+    import vrange.policy
+
+    group = "breaker-cache"
+    vrange.policy.set_budget(0, group=group)
+    try:
+        with vrange.Cache(8 * CHUNK, value_of, backend=backend, group=group) as cache:
+            for key in "abcd":
+                cache[key]
+            with cache.borrow("b") as view:
+                vrange.policy.enforce()
+                cache.purge()
+                assert bytes(view) == value_of("b")
+            vrange.policy.enforce()
+            for key in "abcd":
+                assert cache[key] == value_of(key)
+            assert cache.stats().reloads >= 1
+    finally:
+        vrange.policy.set_budget(None, group=group)

@@ -798,3 +798,37 @@ def test_cache_borrow_survives_a_zero_budget(backend: str) -> None:
             assert cache.stats().reloads >= 1
     finally:
         vrange.policy.set_budget(None, group=group)
+
+
+def test_no_fd_or_mapping_leak_over_pins_and_caches(backend: str) -> None:
+    import os
+
+    def counts() -> tuple[int, int]:
+        with open("/proc/self/maps") as maps:
+            return len(os.listdir("/proc/self/fd")), sum(1 for _ in maps)
+
+    def cycle() -> None:
+        with vrange.Region(4 * CHUNK, fill, backend=backend) as region:
+            region.mark_volatile()
+            with region.pinned(0, 2 * CHUNK, populate=False) as pin:
+                pin.view[0] = 1
+                region.purge()
+            region.purge()
+            with region.pinned(0, CHUNK):
+                pass
+        with vrange.Cache(4 * CHUNK, value_of, backend=backend) as cache:
+            with cache.borrow("a"):
+                cache["b"]
+            cache.purge()
+            cache["a"]
+
+    for _ in range(5):
+        cycle()
+    gc.collect()
+    before = counts()
+    for _ in range(60):
+        cycle()
+    gc.collect()
+    after = counts()
+    assert after[0] <= before[0], ("fds", before, after)
+    assert after[1] <= before[1] + 4, ("mappings", before, after)

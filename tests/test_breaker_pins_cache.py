@@ -182,11 +182,10 @@ def test_refilled_by_access_then_pinned_is_reported(backend: str) -> None:
                 assert region.mark_nonvolatile(0, CHUNK, populate=populate), (how, populate)
 
 
+@pytest.mark.requires("kernel_reclaims")
 def test_partly_discarded_chunk_keeps_its_present_pages_after_a_cheap_pin(backend: str) -> None:
     """The kernel takes some pages of a volatile chunk; a pin that does not fill reports it; a write
     to a page still present survives the refill of the missing ones."""
-    if not kernel_reclaims(backend):
-        pytest.skip("the kernel discards nothing on the memfd trap")
     with vrange.Region(SIZE, fill, backend=backend) as region:
         region.mark_nonvolatile()
         region.mark_volatile()
@@ -559,12 +558,11 @@ class _Failable:
         buf[:] = pattern(offset, len(buf))
 
 
+@pytest.mark.requires("kernel_reclaims")
 def test_a_failed_populate_keeps_the_writes_of_a_pinned_partly_present_chunk(backend: str) -> None:
     """An outer cheap pin holds a chunk the kernel took one page of; the program writes a present
     page. A populating pin of the same chunk whose regeneration fails raises, but must not drop the
     pinned chunk's present (written) pages."""
-    if not kernel_reclaims(backend):
-        pytest.skip("the kernel discards nothing on the memfd trap (chunks are trapped whole)")
     regenerate = _Failable()
     with vrange.Region(SIZE, regenerate, backend=backend, on_error="poison") as region:
         region.mark_nonvolatile()
@@ -584,6 +582,7 @@ def test_a_failed_populate_keeps_the_writes_of_a_pinned_partly_present_chunk(bac
         assert refilled == pattern(3 * PAGE, PAGE)
 
 
+@pytest.mark.forked  # the policy (budgets, counters, its thread) is process-wide
 def test_budget_never_takes_pinned_chunks(backend: str) -> None:
     import vrange.policy
 
@@ -627,9 +626,8 @@ def test_cache_new_value_while_old_is_borrowed_then_evictions(backend: str) -> N
         assert stats.evictions >= 7
 
 
+@pytest.mark.requires("kernel_reclaims")
 def test_cache_stats_after_page_out(backend: str) -> None:
-    if not kernel_reclaims(backend):
-        pytest.skip("the kernel reclaims nothing on the memfd trap")
     loads: list[str] = []
 
     def load(key: str) -> bytes:
@@ -748,9 +746,8 @@ def test_cache_close_while_threads_read_frees_the_region(backend: str) -> None:
 
 
 @pytest.mark.parametrize("populate", [True, False])
+@pytest.mark.requires("kernel_reclaims")
 def test_a_chunk_missing_one_page_is_reported(backend: str, populate: bool) -> None:
-    if not kernel_reclaims(backend):
-        pytest.skip("the kernel discards nothing on the memfd trap")
     with vrange.Region(SIZE, fill, backend=backend) as region:
         region.mark_nonvolatile()
         region.mark_volatile()
@@ -779,6 +776,7 @@ def test_cache_on_the_memfd_trap_with_more_than_8192_chunks() -> None:
         assert cache["small"] == b"s"
 
 
+@pytest.mark.forked  # the policy (budgets, counters, its thread) is process-wide
 def test_cache_borrow_survives_a_zero_budget(backend: str) -> None:
     import vrange.policy
 

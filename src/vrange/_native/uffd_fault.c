@@ -225,10 +225,10 @@ static void fail_chunk(vr_region *region, size_t chunk_index)
 
 /* After a Python regenerator's fault was resolved: fill the chunks after it if the region is being
  * walked forward (up to the job's ahead_end, decided when its event was read), on the same thread
- * (the faulting thread's signal handler or a worker), one by one through the job's buffer. The chunks are claimed without the handler's
- * lock: an atomic claim is exclusive all the same, and a fault the handler then sees on one of them
- * waits for its wake as on any chunk in flight (a thread that may hold the GIL waits in its signal
- * handler, without it). Each chunk is claimed just before its regenerator runs, never the whole
+ * (the faulting thread's signal handler or a worker), one by one through the job's buffer. The
+ * chunks are claimed without the handler's lock: an atomic claim is exclusive all the same, and a
+ * fault the handler then sees on one of them waits for its wake as on any chunk in flight (a thread
+ * that may hold the GIL waits in its signal handler, without it). Each chunk is claimed just before its regenerator runs, never the whole
  * window at once: a regenerator may read the chunks after its own, and its nested fault must find
  * them unclaimed (served as usual), not claimed by this very thread (it would wait for itself).
  * A regenerator that fails here leaves the chunk missing, for a real fault. */

@@ -467,16 +467,10 @@ static void count_purge(vr_region *region, int reason, uint64_t bytes)
     vr_stat_add(&region->stats.bytes_purged_by_reason[reason], bytes);
 }
 
-/* Make the resident pages of `length` bytes at `start` dirty, so the kernel can no longer discard
- * them (a pin without filling, on a region the kernel reclaims). Runs of resident pages get
- * MADV_POPULATE_WRITE; missing pages are left alone (they refill on access). The race: reclaim may
- * take a lazy-free page between mincore and the madvise. On the uffd backend the madvise then faults
- * it in through the handler (a refill: correct, only not cheap); on the sigbus userfaultfd trap it
- * fails with EFAULT, and the run is redone page by page, skipping the pages that are missing now.
- * Without MADV_POPULATE_WRITE (Linux < 5.14) each resident page gets an atomic no-op write
- * (vr_dirty_page): a page reclaimed meanwhile faults like any access and is served. Called with the
- * GIL released. 0 or -errno. */
-static int dirty_resident_pages(vr_region *region, uintptr_t start, size_t length)
+/* Call `action` on each run of pages of [start, start + length) that mincore reports resident
+ * (`resident` 1) or missing (0), in order; stops at the first action that fails. 0 or -errno. */
+static int for_each_run_of_pages(vr_region *region, uintptr_t start, size_t length, int resident,
+                                 int (*action)(vr_region *region, uintptr_t run, size_t run_length))
 {
     unsigned char vector[MINCORE_BATCH];
     size_t page = region->page_size;
@@ -487,39 +481,61 @@ static int dirty_resident_pages(vr_region *region, uintptr_t start, size_t lengt
         if (mincore((void *)(start + done), part, vector) < 0)
             return -errno;
         for (size_t first = 0; first < pages;) {
-            if (!(vector[first] & 1)) {
+            if ((vector[first] & 1) != resident) {
                 first++;
                 continue;
             }
             size_t end = first;
-            while (end < pages && (vector[end] & 1))
+            while (end < pages && (vector[end] & 1) == resident)
                 end++;
-            uintptr_t run = start + done + first * page;
-            size_t run_length = (end - first) * page;
-            int rc;
-            while ((rc = madvise((void *)run, run_length, MADV_POPULATE_WRITE)) < 0 &&
-                   (errno == EINTR || errno == EAGAIN))
-                ;
-            if (rc < 0 && errno == EINVAL) {
-                for (size_t offset = 0; offset < run_length; offset += page)
-                    vr_dirty_page(run + offset);
-            } else if (rc < 0 && errno == EFAULT) {
-                /* A page of the run went missing meanwhile (or its refill failed): dirty the rest
-                 * one by one; a missing page stays missing and is refilled on access. */
-                for (size_t offset = 0; offset < run_length; offset += page) {
-                    while ((rc = madvise((void *)(run + offset), page, MADV_POPULATE_WRITE)) < 0 &&
-                           (errno == EINTR || errno == EAGAIN))
-                        ;
-                    if (rc < 0 && errno != EFAULT)
-                        return -errno;
-                }
-            } else if (rc < 0) {
-                return -errno;
-            }
+            int rc = action(region, start + done + first * page, (end - first) * page);
+            if (rc < 0)
+                return rc;
             first = end;
         }
     }
     return 0;
+}
+
+/* Make the resident pages of `length` bytes at `start` dirty, so the kernel can no longer discard
+ * them (a pin without filling, on a region the kernel reclaims). Runs of resident pages get
+ * MADV_POPULATE_WRITE; missing pages are left alone (they refill on access). The race: reclaim may
+ * take a lazy-free page between mincore and the madvise. On the uffd backend the madvise then faults
+ * it in through the handler (a refill: correct, only not cheap); on the sigbus userfaultfd trap it
+ * fails with EFAULT, and the run is redone page by page, skipping the pages that are missing now.
+ * Without MADV_POPULATE_WRITE (Linux < 5.14) each resident page gets an atomic no-op write
+ * (vr_dirty_page): a page reclaimed meanwhile faults like any access and is served. Called with the
+ * GIL released. One run of resident pages here; 0 or -errno. */
+static int dirty_run(vr_region *region, uintptr_t run, size_t run_length)
+{
+    size_t page = region->page_size;
+    int rc;
+    while ((rc = madvise((void *)run, run_length, MADV_POPULATE_WRITE)) < 0 &&
+           (errno == EINTR || errno == EAGAIN))
+        ;
+    if (rc < 0 && errno == EINVAL) {
+        for (size_t offset = 0; offset < run_length; offset += page)
+            vr_dirty_page(run + offset);
+    } else if (rc < 0 && errno == EFAULT) {
+        /* A page of the run went missing meanwhile (or its refill failed): dirty the rest one by
+         * one; a missing page stays missing and is refilled on access. */
+        for (size_t offset = 0; offset < run_length; offset += page) {
+            while ((rc = madvise((void *)(run + offset), page, MADV_POPULATE_WRITE)) < 0 &&
+                   (errno == EINTR || errno == EAGAIN))
+                ;
+            if (rc < 0 && errno != EFAULT)
+                return -errno;
+        }
+    } else if (rc < 0) {
+        return -errno;
+    }
+    return 0;
+}
+
+/* Every run of resident pages of the range made dirty, as dirty_run says. */
+static int dirty_resident_pages(vr_region *region, uintptr_t start, size_t length)
+{
+    return for_each_run_of_pages(region, start, length, 1, dirty_run);
 }
 
 /* A pin that does not fill (mark_nonvolatile(populate=False), Region.pinned(populate=False)). The
@@ -759,37 +775,22 @@ void vr_region_set_policy(vr_region *region, int priority, int group)
     region->group = group;
 }
 
-/* Drop chunks so they are missing again (and regenerated on the next access): every chunk of the
- * range, or only those whose regeneration failed. Used to leave failed chunks missing. */
+/* One run of pages made missing (MADV_DONTNEED). */
+static int discard_run(vr_region *region, uintptr_t run, size_t run_length)
+{
+    (void)region;
+    return madvise((void *)run, run_length, MADV_DONTNEED) < 0 ? -errno : 0;
+}
+
 /* Drop the pages of [start, start + length) that are not resident: poison markers count as missing
  * for mincore (pte_none_mostly), and MADV_DONTNEED clears them. Present pages stay. 0 or -errno. */
 static int discard_missing_pages(vr_region *region, uintptr_t start, size_t length)
 {
-    unsigned char vector[MINCORE_BATCH];
-    size_t page = region->page_size;
-    size_t batch_bytes = MINCORE_BATCH * page;
-    for (size_t done = 0; done < length; done += batch_bytes) {
-        size_t part = length - done < batch_bytes ? length - done : batch_bytes;
-        size_t pages = part / page;
-        if (mincore((void *)(start + done), part, vector) < 0)
-            return -errno;
-        for (size_t first = 0; first < pages;) {
-            if (vector[first] & 1) {
-                first++;
-                continue;
-            }
-            size_t end = first;
-            while (end < pages && !(vector[end] & 1))
-                end++;
-            if (madvise((void *)(start + done + first * page), (end - first) * page,
-                        MADV_DONTNEED) < 0)
-                return -errno;
-            first = end;
-        }
-    }
-    return 0;
+    return for_each_run_of_pages(region, start, length, 0, discard_run);
 }
 
+/* Drop chunks so they are missing again (and regenerated on the next access): every chunk of the
+ * range, or only those whose regeneration failed. Used to leave failed chunks missing. */
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned)
 {
     for (size_t chunk = first_chunk; chunk < end_chunk; chunk++) {

@@ -9,6 +9,7 @@ import logging
 import mmap
 import os
 import re
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -132,6 +133,9 @@ class RegionStats:
     ``budget`` (over a byte budget), ``kernel`` (found discarded by the kernel)."""
     bytes_purged_by_reason: dict[str, int] = field(default_factory=dict)
     """Bytes vrange itself gave back, by reason (the kernel's discards are not measured)."""
+
+
+PAGE_OUT_ATTEMPTS = 4
 
 
 class BackendRegion(abc.ABC):
@@ -264,8 +268,29 @@ class BackendRegion(abc.ABC):
         lib.vr_region_set_policy(self.pointer, priority, group_id)
 
     def page_out(self, first_byte: int, length: int) -> None:
-        """Make the kernel reclaim the byte range now (MADV_PAGEOUT), as memory pressure would."""
-        check(lib.vr_pageout(self.base + first_byte, length), "page the range out (MADV_PAGEOUT)")
+        """Make the kernel reclaim the byte range now (MADV_PAGEOUT), as memory pressure would.
+
+        The kernel skips pages it cannot isolate at that moment: a page that ``MADV_FREE`` has just
+        queued on another CPU's LRU batch is one (the call drains only its own CPU's). So while
+        pages of volatile chunks stay resident the call is repeated, a few times, a millisecond
+        apart (a lazy-free page written since stays for good: it is dirty again)."""
+        for attempt in range(PAGE_OUT_ATTEMPTS):
+            if attempt:
+                time.sleep(0.001)
+            check(lib.vr_pageout(self.base + first_byte, length),
+                  "page the range out (MADV_PAGEOUT)")
+            if not self._volatile_pages_resident(first_byte, length):
+                return
+
+    def _volatile_pages_resident(self, first_byte: int, length: int) -> bool:
+        states = self.chunk_states()
+        residency = self.residency()
+        page = mmap.PAGESIZE
+        for index in range(first_byte // page, (first_byte + length) // page):
+            if residency[index] & 1 and states[index * page // self.chunk_size] & \
+                    lib.VR_CHUNK_VOLATILE:
+                return True
+        return False
 
     def fence_in_child(self, reason: str) -> None:
         """Unserved in a forked child: a missing or discarded page would read as zeros. Make the

@@ -85,8 +85,8 @@ def page_out(region: Region, offset: int = 0, length: int | None = None) -> None
     served by the regenerator; non-volatile pages are kept (there is no swap to write them to, or
     they are swapped and come back unchanged). Use it to inject kernel purges into your own tests.
     The kernel skips pages it cannot isolate at that moment (a page just made lazy-free may still sit
-    in another CPU's batch): while pages of volatile chunks stay resident, the call is repeated up to
-    three more times, a millisecond apart. A volatile page written since it was marked is dirty and
+    in another CPU's batch): while pages of volatile chunks stay resident, the call is repeated from
+    each CPU the thread may run on in turn. A volatile page written since it was marked is dirty and
     stays.
     Works on every region the kernel reclaims (``region.kernel_reclaims``): the uffd backend and the
     sigbus backend's uffd trap. Needs ``MADV_PAGEOUT`` (Linux 5.4+): without it, raises

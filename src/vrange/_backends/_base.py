@@ -135,7 +135,7 @@ class RegionStats:
     """Bytes vrange itself gave back, by reason (the kernel's discards are not measured)."""
 
 
-PAGE_OUT_ATTEMPTS = 4
+PAGE_OUT_ATTEMPTS = 2  # repeats of MADV_PAGEOUT beyond one per CPU (see page_out)
 
 
 class BackendRegion(abc.ABC):
@@ -271,16 +271,21 @@ class BackendRegion(abc.ABC):
         """Make the kernel reclaim the byte range now (MADV_PAGEOUT), as memory pressure would.
 
         The kernel skips pages it cannot isolate at that moment: a page that ``MADV_FREE`` has just
-        queued on another CPU's LRU batch is one (the call drains only its own CPU's). So while
-        pages of volatile chunks stay resident the call is repeated, a few times, a millisecond
-        apart (a lazy-free page written since stays for good: it is dirty again)."""
-        for attempt in range(PAGE_OUT_ATTEMPTS):
-            if attempt:
-                time.sleep(0.001)
-            check(lib.vr_pageout(self.base + first_byte, length),
-                  "page the range out (MADV_PAGEOUT)")
-            if not self._volatile_pages_resident(first_byte, length):
-                return
+        queued on another CPU's LRU batch is one (the call drains only its own CPU's batch). So
+        while pages of volatile chunks stay resident the call is repeated from each CPU this thread
+        may run on in turn (a lazy-free page written since stays for good: it is dirty again)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        try:
+            for attempt in range(len(cpus) + PAGE_OUT_ATTEMPTS):
+                if attempt:
+                    os.sched_setaffinity(0, {cpus[attempt % len(cpus)]})  # this thread only
+                    time.sleep(0.001)
+                check(lib.vr_pageout(self.base + first_byte, length),
+                      "page the range out (MADV_PAGEOUT)")
+                if not self._volatile_pages_resident(first_byte, length):
+                    return
+        finally:
+            os.sched_setaffinity(0, cpus)
 
     def _volatile_pages_resident(self, first_byte: int, length: int) -> bool:
         states = self.chunk_states()

@@ -235,7 +235,6 @@ def test_pins_in_many_threads_with_exceptions_balance(backend: str) -> None:
             assert chunk_volatile(region, chunk), chunk
 
 
-@pytest.mark.xfail(strict=False, reason="known, open: failed once on uffd with a kernel discard in the full suite (CI 2026-11-27), not reproduced alone; to investigate next")
 def test_cheap_pin_access_purge_inside_and_after(backend: str) -> None:
     for how in discard_kinds(backend):
         with vrange.Region(SIZE, fill, backend=backend) as region:

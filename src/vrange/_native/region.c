@@ -41,6 +41,8 @@ void vr_region_unref(vr_region *region)
         for (int slot = 0; slot < VR_SCRATCH_SLOTS; slot++)
             if (region->scratch[slot])
                 munmap(region->scratch[slot], region->chunk_size);
+        if (region->drain_page)
+            munmap(region->drain_page, region->page_size);
         free(region->chunk_state);
         free(region->owners);
         free(region->gil_free_waiters);
@@ -310,6 +312,8 @@ int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_ch
     uintptr_t start;
     size_t length;
     vr_region_span(region, first_chunk, end_chunk, &start, &length);
+    if (region->before_lazy_free)
+        region->before_lazy_free(region);
     if (madvise((void *)start, length, MADV_FREE) < 0)
         return -errno;
     return 0;
@@ -328,21 +332,45 @@ int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_ch
  * MADV_FREE puts the chunk at the young end of the inactive list, so reclaim takes every older
  * lazy-free page first. If reclaim takes it anyway, the access faults again and is served again:
  * extra work, never wrong bytes. */
-void vr_region_keep_volatile(vr_region *region, size_t chunk_index)
+int vr_region_keep_volatile(vr_region *region, size_t chunk_index)
 {
     if (!(__atomic_load_n(&region->chunk_state[chunk_index], __ATOMIC_SEQ_CST) & VR_CHUNK_VOLATILE))
-        return;
+        return 0;
     /* Held for a system call (vrange.io): it must stay present until the call is done; the hold's
      * release makes it lazy-free again (vr_region_hold). */
     if (__atomic_load_n(&region->holds[chunk_index], __ATOMIC_SEQ_CST))
-        return;
+        return 0;
     uintptr_t start;
     size_t length;
     vr_region_span(region, chunk_index, chunk_index + 1, &start, &length);
     /* A failure leaves the chunk pinned (still correct, only not reclaimable): nothing to report
      * from a fault handler. */
-    if (madvise((void *)start, length, MADV_FREE) == 0)
-        vr_stat_add(&region->stats.volatile_refills, 1);
+    if (madvise((void *)start, length, MADV_FREE) != 0)
+        return 0;
+    vr_stat_add(&region->stats.volatile_refills, 1);
+    return 1;
+}
+
+/* --- lazy-free and the per-CPU LRU batches (docs/design.md#lazy-free-and-the-lru-batches) ------ */
+
+/* A page a fill installs (UFFDIO_COPY) waits in its CPU's LRU batch before it joins an LRU list (up
+ * to 31 pages, until the batch fills or that CPU drains it). MADV_FREE drains only its caller's CPU
+ * and skips a page that is not on a list yet: such a page is never made lazy-free, so with no swap
+ * the kernel can never take it back though vrange counts it volatile. A thread that fills pages
+ * another thread may mark volatile therefore drains its own CPU's batches first: MADV_FREE on a
+ * page that was never touched does exactly that (lru_add_drain) and nothing else, about 0.5 us.
+ * Async-signal-safe (one madvise); a failure changes nothing but when the batch drains. */
+void vr_drain_cpu_lru(void *drain_page, size_t page_size)
+{
+    if (drain_page)
+        (void)madvise(drain_page, page_size, MADV_FREE);
+}
+
+/* A page for vr_drain_cpu_lru (never touched, so it never costs memory), or NULL. */
+void *vr_drain_page_new(size_t page_size)
+{
+    void *page = mmap(NULL, page_size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return page == MAP_FAILED ? NULL : page;
 }
 
 /* First step of mark_nonvolatile: the chunks stop being volatile now, before they are populated, and

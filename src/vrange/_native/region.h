@@ -97,6 +97,7 @@ struct vr_region {
     uint16_t *holds;         /* per chunk: system calls holding it (atomic) */
     vr_monitor *monitor;     /* set while the policy manages this region */
     int kernel_reclaims;     /* volatile = MADV_FREE (uffd backend, sigbus userfaultfd trap) */
+    void *drain_page;        /* sigbus userfaultfd trap: a page never touched (vr_drain_cpu_lru) */
     /* Fill-ahead (vr_region_ahead_window): where the next fault of a forward walk would be, how many
      * chunks to fill past it, and the most ever (0: off). A heuristic only: racing threads may
      * update it with relaxed atomics, which at worst fills less or more ahead. */
@@ -113,6 +114,9 @@ struct vr_region {
      * faults that arrived meanwhile). */
     int (*discard_chunk)(vr_region *region, size_t chunk);
     void (*after_purge)(vr_region *region, size_t chunk);
+    /* Called (if set) just before vr_region_mark_volatile makes a range lazy-free: the uffd backend
+     * waits there for its handler thread to put the pages it filled on the LRU lists. */
+    void (*before_lazy_free)(vr_region *region);
 };
 
 enum vr_closing_state { VR_OPEN = 0, VR_CLOSING = 1, VR_CLOSED = 2 };
@@ -205,7 +209,9 @@ void vr_region_span(const vr_region *region, size_t first_chunk, size_t end_chun
                     uintptr_t *start_out, size_t *length_out);
 int vr_fill_native(vr_region *region, size_t chunk_index, char *buffer);
 void vr_abort_for_policy(void) __attribute__((noreturn));
-void vr_region_keep_volatile(vr_region *region, size_t chunk_index);
+int vr_region_keep_volatile(vr_region *region, size_t chunk_index);
+void *vr_drain_page_new(size_t page_size);
+void vr_drain_cpu_lru(void *drain_page, size_t page_size);
 void vr_region_note_discard_found(vr_region *region, size_t chunk_index);
 int64_t vr_region_purge_chunk(vr_region *region, size_t chunk_index, int reason);
 int vr_region_discard_pages(vr_region *region, size_t chunk_index);

@@ -160,8 +160,23 @@ static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_t
     }
 }
 
+/* serve_fault's answer for a thread without the GIL that needs a Python regenerator after Python
+ * exited (atexit ran, so the threads left are daemon threads or threads Python does not know): the
+ * regenerator can never run, and failing by policy would kill the process with SIGBUS as it exits.
+ * The thread waits instead, as a daemon thread waiting for the GIL does, until the exit ends it. */
+#define PARK_FOR_EXIT 2
+
+/* Wait, with every signal blocked, until the process exits. Async-signal-safe (sigsuspend). */
+static void park_until_exit(void)
+{
+    sigset_t all;
+    sigfillset(&all);
+    for (;;)
+        sigsuspend(&all);
+}
+
 /* Serve a SIGBUS on a missing page: 1 if the access may restart, 0 to chain to the previous
- * handler. Called with the region entered (`active` raised). */
+ * handler, PARK_FOR_EXIT. Called with the region entered (`active` raised). */
 static int serve_chunk(vr_region *region, uintptr_t address, const struct vr_sigbus_trap *trap)
 {
     size_t chunk = (address - region->base) / region->chunk_size;
@@ -183,6 +198,11 @@ static int serve_chunk(vr_region *region, uintptr_t address, const struct vr_sig
     count_refill(region, chunk);
     int handled = 1;
     if (trap->refill(region, chunk, regenerate) != 0) {
+        if (region->source_kind == VR_SOURCE_PYTHON && vr_python_has_exited() &&
+            !PyGILState_Check()) {
+            release_chunk(region, chunk);
+            return PARK_FOR_EXIT;
+        }
         vr_stat_add(&region->stats.regeneration_errors, 1);
         switch (region->on_error) {
         case VR_ON_ERROR_ZEROS:
@@ -293,6 +313,8 @@ static void sigbus_handler(int signal_number, siginfo_t *info, void *context)
         if (region) {
             handled = serve_fault(region, (uintptr_t)info->si_addr);
             __atomic_fetch_sub(&region->active, 1, __ATOMIC_ACQ_REL);
+            if (handled == PARK_FOR_EXIT)
+                park_until_exit(); /* the region is left first: closing it never waits for us */
         }
     }
     handler_depth--;

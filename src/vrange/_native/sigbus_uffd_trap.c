@@ -97,6 +97,10 @@ int vr_sigbus_uffd_trap_probe(int uffd)
 
 static int attach(vr_region *region, int trap_uffd)
 {
+    if (!region->drain_page)
+        region->drain_page = vr_drain_page_new(region->page_size);
+    if (!region->drain_page)
+        return -errno;
     int rc = register_range(trap_uffd, region->base, region->size);
     if (rc == 0) {
         region->trap_uffd = trap_uffd;
@@ -161,8 +165,9 @@ static void give_scratch(vr_region *region, char *scratch, int slot)
 }
 
 /* After filling chunks [first, end) (`rc` 0) or failing to (`rc`, returned): record them filled and
- * make the volatile ones lazy-free again (the access restarts right after the handler returns). */
-static int finish_refill(vr_region *region, size_t first, size_t end, int rc)
+ * make the volatile ones lazy-free again (the access restarts right after the handler returns).
+ * 1 in *needs_drain if a chunk was not made lazy-free here (see drain_after_fill). */
+static int finish_refill(vr_region *region, size_t first, size_t end, int rc, int *needs_drain)
 {
     if (rc != 0)
         return rc;
@@ -170,9 +175,19 @@ static int finish_refill(vr_region *region, size_t first, size_t end, int rc)
         vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
         vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
         vr_stat_add(&region->stats.bytes_regenerated, vr_region_chunk_length(region, chunk));
-        vr_region_keep_volatile(region, chunk);
+        if (!vr_region_keep_volatile(region, chunk))
+            *needs_drain = 1;
     }
     return 0;
+}
+
+/* The filling thread may run on another CPU than a thread that marks the chunks volatile later:
+ * unless a MADV_FREE of finish_refill did it, its CPU's LRU batch is drained before the access
+ * restarts (see vr_drain_cpu_lru). Once per signal: a run filled ahead drains once. */
+static void drain_after_fill(vr_region *region, int needs_drain)
+{
+    if (needs_drain)
+        vr_drain_cpu_lru(region->drain_page, region->page_size);
 }
 
 /* Fill the missing pages of a chunk the caller holds (IN_FLIGHT): regenerated, or zeros for the
@@ -187,10 +202,15 @@ static int refill_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator r
                                   VR_FILL_ZEROPAGE);
     } else {
         vr_monitor_note_refill(region, length, 1);
-        if (region->source_kind == VR_SOURCE_ZEROS) /* copied from zeros: no buffer, no memset */
-            return finish_refill(region, chunk, chunk + 1,
-                                 vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size,
-                                                             start, length, NULL, VR_FILL_ZEROS));
+        if (region->source_kind == VR_SOURCE_ZEROS) { /* copied from zeros: no buffer, no memset */
+            int needs_drain = 0;
+            rc = finish_refill(region, chunk, chunk + 1,
+                               vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size,
+                                                           start, length, NULL, VR_FILL_ZEROS),
+                               &needs_drain);
+            drain_after_fill(region, needs_drain);
+            return rc;
+        }
         int slot;
         char *scratch = take_scratch(region, &slot);
         if (!scratch)
@@ -204,7 +224,10 @@ static int refill_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator r
                                       VR_FILL_COPY);
         give_scratch(region, scratch, slot);
     }
-    return finish_refill(region, chunk, chunk + 1, rc);
+    int needs_drain = 0;
+    rc = finish_refill(region, chunk, chunk + 1, rc, &needs_drain);
+    drain_after_fill(region, needs_drain);
+    return rc;
 }
 
 /* Chunks [first, end) filled ahead of a fault (see the trap op): zeros in one copy; other sources
@@ -222,13 +245,16 @@ static int fill_ahead(vr_region *region, size_t first, size_t end, vr_sigbus_reg
             vr_stat_add(&region->stats.chunks_filled_ahead, end - first);
             vr_stat_add(&region->stats.faults_on_faulting_thread, end - first); /* this thread's */
         }
-        return finish_refill(region, first, end, rc);
+        int needs_drain = 0;
+        rc = finish_refill(region, first, end, rc, &needs_drain);
+        drain_after_fill(region, needs_drain);
+        return rc;
     }
     int slot;
     char *scratch = take_scratch(region, &slot);
     if (!scratch)
         return -ENOMEM;
-    int rc = 0;
+    int rc = 0, needs_drain = 0;
     size_t chunk = first;
     for (; rc == 0 && chunk < end; chunk++) {
         rc = regenerate(region, chunk, scratch);
@@ -240,10 +266,11 @@ static int fill_ahead(vr_region *region, size_t first, size_t end, vr_sigbus_reg
         if (rc == 0) {
             vr_stat_add(&region->stats.chunks_filled_ahead, 1);
             vr_stat_add(&region->stats.faults_on_faulting_thread, 1); /* served on this thread */
-            finish_refill(region, chunk, chunk + 1, 0);
+            finish_refill(region, chunk, chunk + 1, 0, &needs_drain);
         }
     }
     give_scratch(region, scratch, slot);
+    drain_after_fill(region, needs_drain);
     return rc;
 }
 

@@ -109,6 +109,9 @@ struct vr_uffd_handler {
     int64_t spin_ns; /* how long the thread looks for the next event before it sleeps */
     struct vr_proc_files proc_cache[VR_PROC_CACHE_SLOTS]; /* handler thread only */
     uint64_t proc_clock;
+    void *drain_page; /* one untouched private page: see vr_uffd_drain_lru (NULL: none) */
+    int undrained;    /* atomic: the handler thread filled pages since its last drain */
+    int drain_wanted; /* atomic: a mark_volatile waits for that drain (wait_for_handler_drain) */
 };
 
 /* cffi: begin (exported to Python; build.py reads these blocks) */
@@ -129,6 +132,7 @@ void vr_uffd_handler_forget_in_child(vr_uffd_handler *handler);
 /* uffd_fault.c: the fault path. Called by the handler thread (lock not held). */
 void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t tid);
 void vr_uffd_collect_verdicts(vr_uffd_handler *handler);
+void vr_uffd_drain_lru(vr_uffd_handler *handler);
 void vr_uffd_run_job_on_worker(vr_job *job);
 int vr_uffd_regenerate_for_call(vr_region *region, size_t chunk); /* uffd_fault.c: a library call's refill */
 /* 1 if the fault signal reaches vrange's handler, 0 if other code replaced it, or -errno. */

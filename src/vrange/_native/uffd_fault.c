@@ -30,6 +30,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,16 +117,25 @@ static int resolve_run(vr_region *region, size_t first, size_t end, const char *
     vr_monitor_note_refill(region, length, 0);
     int rc = fill_missing_pages(region, start, length, source, source ? VR_FILL_COPY : VR_FILL_ZEROS);
     if (rc == 0) {
-        int any_volatile = 0;
+        int any_volatile = 0, all_volatile = 1;
         for (size_t chunk = first; chunk < end; chunk++) {
             vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
-            any_volatile |= vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED) & VR_CHUNK_VOLATILE;
+            int was_volatile = vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED) & VR_CHUNK_VOLATILE;
+            any_volatile |= was_volatile;
+            all_volatile &= was_volatile != 0;
         }
         vr_stat_add(&region->stats.bytes_regenerated, length);
         if (ahead) {
             vr_stat_add(&region->stats.chunks_filled_ahead, end - first);
             vr_stat_add(ahead_counter, end - first);
         }
+        /* Filled by a worker, a fault signal handler or a library call: the pages reach the LRU
+         * lists before anyone wakes and may mark them volatile (vr_uffd_drain_lru); a MADV_FREE of
+         * vr_region_keep_volatile below does it too. The handler thread drains later, when asked
+         * (pthread_self only reads the thread pointer: safe in a signal handler). */
+        int drains_here = !pthread_equal(pthread_self(), region->handler->thread);
+        if (drains_here && !all_volatile)
+            vr_uffd_drain_lru(region->handler);
         /* A chunk refilled while volatile must stay as discardable as it was: UFFDIO_COPY installs
          * ordinary dirty pages. Wake the faulting thread first, so that its access restarts on a
          * present page before the chunk becomes lazy-free again (see vr_region_keep_volatile for
@@ -133,8 +143,11 @@ static int resolve_run(vr_region *region, size_t first, size_t end, const char *
          * concurrent mark_nonvolatile waits for (vr_region_begin_pin). */
         if (any_volatile) {
             wake_range(region, start, length);
+            int made_lazy_free = 0;
             for (size_t chunk = first; chunk < end; chunk++)
-                vr_region_keep_volatile(region, chunk);
+                made_lazy_free |= vr_region_keep_volatile(region, chunk);
+            if (drains_here && all_volatile && !made_lazy_free)
+                vr_uffd_drain_lru(region->handler); /* all held for system calls */
         }
     } else if (!ahead) {
         /* The copy itself failed (ENOMEM, ...): by policy, or the access would refault for ever. */

@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +58,11 @@ int vr_uffd_handler_new(int signal_number, vr_uffd_handler **out)
     rc = vr_userfaultfd_api(handler->uffd, UFFD_FEATURE_THREAD_ID, &handler->features, &ioctls);
     if (rc < 0)
         goto fail;
+    handler->drain_page = vr_drain_page_new(handler->page_size);
+    if (!handler->drain_page) {
+        rc = -errno;
+        goto fail;
+    }
     handler->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (handler->wake_fd < 0) {
         rc = -errno;
@@ -77,8 +83,56 @@ int vr_uffd_handler_new(int signal_number, vr_uffd_handler **out)
 fail:
     if (handler->uffd >= 0)
         close(handler->uffd);
+    if (handler->drain_page)
+        munmap(handler->drain_page, handler->page_size);
     free(handler);
     return rc;
+}
+
+/* Put the pages this thread's CPU filled last on the LRU lists now (see vr_drain_cpu_lru in
+ * region.c for why):
+ *  - a worker, a fault signal handler or a library call drains right after its fill, before it
+ *    wakes anyone (uffd_fault.c, resolve_run): these fills ran a regenerator, beside which the drain
+ *    is small;
+ *  - the handler thread, whose native fills are the fast path, drains when it goes to sleep, and
+ *    sooner when a mark_volatile asks (wait_for_handler_drain). */
+void vr_uffd_drain_lru(vr_uffd_handler *handler)
+{
+    vr_drain_cpu_lru(handler->drain_page, handler->page_size);
+}
+
+/* The most a mark_volatile waits for the handler thread's drain: the thread drains at its next loop
+ * (microseconds) unless a regeneration or the scheduler holds it up; the wait never blocks for ever. */
+#define DRAIN_WAIT_NS (2 * 1000 * 1000)
+
+/* Before a range is marked volatile (MADV_FREE): if the handler thread filled pages since its last
+ * drain, ask it to drain now and wait, bounded, until it has (see vr_uffd_drain_lru). Called by
+ * vr_region_mark_volatile on the caller's thread, without the GIL (cffi releases it), possibly in a
+ * regenerator inside a fault signal handler: only atomics, clock_gettime and sched_yield, all
+ * async-signal-safe. `undrained` is set before the handler fills anything it read, and a woken
+ * thread runs after the fill, so a thread marking pages the handler filled for it sees it set. */
+static void wait_for_handler_drain(vr_region *region)
+{
+    vr_uffd_handler *handler = region->handler;
+    if (!handler || !__atomic_load_n(&handler->undrained, __ATOMIC_SEQ_CST))
+        return;
+    __atomic_store_n(&handler->drain_wanted, 1, __ATOMIC_SEQ_CST);
+    int64_t deadline = vr_monotonic_ns() + DRAIN_WAIT_NS;
+    while (__atomic_load_n(&handler->undrained, __ATOMIC_SEQ_CST) && vr_monotonic_ns() < deadline)
+        sched_yield();
+}
+
+/* Drain (vr_uffd_drain_lru) if pages were filled since the last drain and the thread is going to
+ * sleep (`sleeping`) or a mark_volatile waits for it. */
+static void drain_if_due(vr_uffd_handler *handler, int sleeping)
+{
+    if (!__atomic_load_n(&handler->undrained, __ATOMIC_SEQ_CST))
+        return;
+    if (!sleeping && !__atomic_load_n(&handler->drain_wanted, __ATOMIC_SEQ_CST))
+        return;
+    vr_uffd_drain_lru(handler);
+    __atomic_store_n(&handler->drain_wanted, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&handler->undrained, 0, __ATOMIC_SEQ_CST);
 }
 
 static void *handler_main(void *arg)
@@ -92,6 +146,7 @@ static void *handler_main(void *arg)
         struct pollfd fds[2] = { { .fd = handler->uffd, .events = POLLIN },
                                  { .fd = handler->wake_fd, .events = POLLIN } };
         int timeout = 0;
+        drain_if_due(handler, !spin_until);
         if (!spin_until) {
             pthread_mutex_lock(&handler->lock);
             timeout = handler->signalled || handler->gil_waiting ? VERDICT_POLL_MS : -1;
@@ -118,6 +173,7 @@ static void *handler_main(void *arg)
         ssize_t n = read(handler->uffd, messages, sizeof messages);
         if (n <= 0)
             continue; /* EAGAIN: a spurious wake-up */
+        __atomic_store_n(&handler->undrained, 1, __ATOMIC_SEQ_CST); /* before any fill */
         for (size_t i = 0; i < (size_t)n / sizeof messages[0]; i++) {
             if (messages[i].event != UFFD_EVENT_PAGEFAULT)
                 continue;
@@ -154,6 +210,8 @@ void vr_uffd_handler_free(vr_uffd_handler *handler)
     close(handler->wake_fd);
     free(handler->regions);
     free(handler->staging);
+    if (handler->drain_page)
+        munmap(handler->drain_page, handler->page_size);
     free(handler);
 }
 
@@ -188,6 +246,7 @@ static void wake_after_purge(vr_region *region, size_t chunk)
 int vr_uffd_register(vr_region *region)
 {
     region->after_purge = wake_after_purge;
+    region->before_lazy_free = wait_for_handler_drain;
     region->kernel_reclaims = 1;
     /* In the table first: a fault can arrive as soon as the range is registered. */
     int rc = table_add(region->handler, region);

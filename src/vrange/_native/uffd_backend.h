@@ -77,6 +77,7 @@ enum vr_job_state { VR_JOB_QUEUED = 0, VR_JOB_RUNNING = 1, VR_JOB_CANCELLED = 2 
 
 /* /proc files of a faulting thread the handler keeps open (uffd_fault.c, read_proc_task_file). */
 #define VR_PROC_CACHE_SLOTS 8
+#define VR_SELF_FAULT_SLOTS 16
 enum { VR_PROC_SYSCALL, VR_PROC_WCHAN, VR_PROC_STATUS, VR_PROC_FILES };
 struct vr_proc_files {
     pid_t tid; /* 0: a free slot */
@@ -110,6 +111,16 @@ struct vr_uffd_handler {
     struct vr_proc_files proc_cache[VR_PROC_CACHE_SLOTS]; /* handler thread only */
     uint64_t proc_clock;
     void *drain_page; /* one untouched private page: see vr_uffd_drain_lru (NULL: none) */
+    /* Faults of a chunk's own regenerating thread that looked stale when read (the thread was not
+     * asleep in the kernel yet): looked at again until they resolve (handler thread only). */
+    struct vr_self_fault {
+        vr_region *region; /* holds a reference */
+        uintptr_t address;
+        size_t chunk;
+        pid_t tid;
+        int64_t asleep_since_ms; /* first seen asleep in the kernel (0: not yet) */
+    } self_faults[VR_SELF_FAULT_SLOTS];
+    int self_fault_count;
     int undrained;    /* atomic: the handler thread filled pages since its last drain */
     int drain_wanted; /* atomic: a mark_volatile waits for that drain (wait_for_handler_drain) */
 };
@@ -133,6 +144,7 @@ void vr_uffd_handler_forget_in_child(vr_uffd_handler *handler);
 void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t tid);
 void vr_uffd_collect_verdicts(vr_uffd_handler *handler);
 void vr_uffd_drain_lru(vr_uffd_handler *handler);
+void vr_uffd_recheck_self_faults(vr_uffd_handler *handler);
 void vr_uffd_run_job_on_worker(vr_job *job);
 int vr_uffd_regenerate_for_call(vr_region *region, size_t chunk); /* uffd_fault.c: a library call's refill */
 /* 1 if the fault signal reaches vrange's handler, 0 if other code replaced it, or -errno. */

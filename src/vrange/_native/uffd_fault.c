@@ -827,6 +827,65 @@ static void ask_to_wait_without_gil(vr_uffd_handler *handler, vr_region *region,
         vr_uffd_job_free(wait);
 }
 
+/* How long a chunk's regenerating thread must be seen asleep in the kernel, in two looks, before its
+ * own fault on the chunk is failed: a nested fault on another region's page, which the handler
+ * serves meanwhile, sleeps there too, but not across two looks with the events read between. */
+#define SELF_FAULT_ASLEEP_MS 1
+
+/* Lock held. Look at a fault of a chunk's own regenerating thread again from the handler loop
+ * (vr_uffd_recheck_self_faults); with every slot taken, it is dropped as stale (the former rule). */
+static void remember_self_fault(vr_uffd_handler *handler, vr_region *region, uintptr_t address,
+                                size_t chunk, pid_t tid)
+{
+    if (handler->self_fault_count == VR_SELF_FAULT_SLOTS)
+        return;
+    vr_region_ref(region);
+    handler->self_faults[handler->self_fault_count++] = (struct vr_self_fault){
+        .region = region, .address = address, .chunk = chunk, .tid = tid, .asleep_since_ms = 0 };
+}
+
+/* Handler thread, each time round its loop while faults are remembered (it then polls every
+ * millisecond): a remembered fault whose regeneration ended was stale (that regeneration's wake
+ * reached the thread if it waited); one whose thread stays asleep in the kernel is the
+ * regenerator reading its own chunk: fail the page by policy. */
+void vr_uffd_recheck_self_faults(vr_uffd_handler *handler)
+{
+    int64_t now = vr_monotonic_ms();
+    struct vr_self_fault finished[VR_SELF_FAULT_SLOTS];
+    int fail[VR_SELF_FAULT_SLOTS];
+    int finished_count = 0;
+    pthread_mutex_lock(&handler->lock);
+    for (int i = 0; i < handler->self_fault_count;) {
+        struct vr_self_fault *fault = &handler->self_faults[i];
+        vr_region *region = fault->region;
+        int stale = !(vr_chunk_load(region, fault->chunk) & VR_CHUNK_IN_FLIGHT) ||
+                    region->owners[fault->chunk] != fault->tid;
+        int reads_itself = 0;
+        if (!stale) {
+            if (!thread_waits_in_userfault(handler, fault->tid))
+                fault->asleep_since_ms = 0;
+            else if (!fault->asleep_since_ms)
+                fault->asleep_since_ms = now;
+            else
+                reads_itself = now - fault->asleep_since_ms >= SELF_FAULT_ASLEEP_MS;
+        }
+        if (!stale && !reads_itself) {
+            i++;
+            continue;
+        }
+        fail[finished_count] = reads_itself;
+        finished[finished_count++] = *fault;
+        *fault = handler->self_faults[--handler->self_fault_count];
+    }
+    pthread_mutex_unlock(&handler->lock);
+    /* As for any failed page: outside the lock, the region kept alive by the reference. */
+    for (int i = 0; i < finished_count; i++) {
+        if (fail[i])
+            fail_page(finished[i].region, finished[i].address);
+        vr_region_unref(finished[i].region);
+    }
+}
+
 void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t tid)
 {
     pthread_mutex_lock(&handler->lock);
@@ -839,21 +898,17 @@ void vr_uffd_handle_pagefault(vr_uffd_handler *handler, uintptr_t address, pid_t
     size_t chunk = (address - region->base) / region->chunk_size;
     uint8_t state = vr_chunk_load(region, chunk);
     if (state & VR_CHUNK_IN_FLIGHT) {
-        if (tid > 0 && region->owners[chunk] == tid && !thread_waits_in_userfault(handler, tid)) {
-            /* A stale event: this thread faulted on the chunk again (woken by a wake of the range
-             * before its signal arrived) and is now regenerating the chunk in its signal handler
-             * (it may be waiting for the GIL there, for long). It is not waiting on this fault:
-             * nothing to do, and certainly not failing the page by policy (that poisoned or
-             * zero-filled a page of a chunk whose regenerator never failed). */
-            pthread_mutex_unlock(&handler->lock);
-            return;
-        }
         if (tid > 0 && region->owners[chunk] == tid) {
-            /* The regenerator of this chunk reads the chunk itself: it would wait for ever. */
-            vr_region_ref(region);
+            /* The thread regenerating this chunk faulted on it. Either its regenerator reads the
+             * chunk itself (it would wait for ever: fail the page), or the event is stale: the
+             * thread faulted on the chunk again (woken by a wake of the range before its signal
+             * arrived) and is now regenerating it in its signal handler, not waiting on this
+             * fault (failing the page then would poison or zero-fill a page of a chunk whose
+             * regenerator never failed). Only the first kind sleeps in the kernel, but a thread
+             * that has just queued its fault may not be asleep yet: look again until the thread
+             * is seen asleep (fail) or the regeneration ends (stale). */
+            remember_self_fault(handler, region, address, chunk, tid);
             pthread_mutex_unlock(&handler->lock);
-            fail_page(region, address);
-            vr_region_unref(region);
             return;
         }
         /* Someone is regenerating this chunk; clearing IN_FLIGHT and then UFFDIO_WAKE wakes this

@@ -29,6 +29,8 @@
 
 #define EVENT_BATCH 16
 #define VERDICT_POLL_MS 100
+/* How often remembered faults of a chunk's own regenerating thread are looked at again. */
+#define SELF_FAULT_POLL_MS 1
 
 /* After serving an event the handler thread keeps looking for the next one, without sleeping, for
  * this long (microseconds; $VRANGE_UFFD_SPIN_US, read once per handler, 0 turns it off). A thread
@@ -150,6 +152,8 @@ static void *handler_main(void *arg)
         if (!spin_until) {
             pthread_mutex_lock(&handler->lock);
             timeout = handler->signalled || handler->gil_waiting ? VERDICT_POLL_MS : -1;
+            if (handler->self_fault_count)
+                timeout = SELF_FAULT_POLL_MS;
             pthread_mutex_unlock(&handler->lock);
         }
         int ready = poll(fds, 2, timeout);
@@ -167,6 +171,8 @@ static void *handler_main(void *arg)
             (void)!read(handler->wake_fd, &count, sizeof count);
         }
         vr_uffd_collect_verdicts(handler);
+        if (handler->self_fault_count)
+            vr_uffd_recheck_self_faults(handler);
         if (!(fds[0].revents & POLLIN))
             continue;
         struct uffd_msg messages[EVENT_BATCH];

@@ -5,7 +5,9 @@ The rules the docs follow (checked below):
   empty directory, and must succeed; ```sh blocks are commands: every ``python -m vrange ...`` line
   must parse with the real command line (``--list`` and ``features`` ones are run), and every file a
   command names must exist; ```text blocks are output or illustrations and are not run;
-- no indented code blocks and no fences without a language (they could hide code from this test).
+- no indented code blocks and no fences without a language (they could hide code from this test);
+- every page of docs/ is in the site's nav (mkdocs.yml; `.ci/docs` builds the site), and every nav
+  entry exists.
 """
 
 from __future__ import annotations
@@ -145,3 +147,25 @@ def test_shell_blocks_name_real_commands(block: Block) -> None:
                     and not word.endswith("/"):
                 path = word.split("::")[0]
                 assert (ROOT / path).exists(), f"{block.name}: {path} does not exist"
+
+
+NAV_ENTRY = re.compile(r"^\s+- (?:[^:\n]+:\s+)?([\w./-]+\.md)\s*$")
+
+
+def nav_pages() -> list[str]:
+    """The pages mkdocs.yml's ``nav`` lists, read without a YAML parser: the section runs from
+    ``nav:`` to the next top-level key, one ``- Title: page.md`` (or ``- page.md``) a line."""
+    lines = (ROOT / "mkdocs.yml").read_text().splitlines()
+    start = lines.index("nav:") + 1
+    end = next((index for index in range(start, len(lines))
+                if lines[index] and not lines[index][0].isspace()), len(lines))
+    return [match.group(1) for line in lines[start:end] if (match := NAV_ENTRY.match(line))]
+
+
+def test_every_docs_page_is_in_the_site_nav_and_every_nav_entry_exists() -> None:
+    listed = nav_pages()
+    assert listed, "mkdocs.yml: no nav entries found"
+    assert len(listed) == len(set(listed)), f"mkdocs.yml: pages listed twice in nav: {listed}"
+    pages = sorted(path.name for path in (ROOT / "docs").glob("*.md"))
+    assert sorted(set(pages) - set(listed)) == [], "docs pages missing from mkdocs.yml's nav"
+    assert sorted(set(listed) - set(pages)) == [], "mkdocs.yml's nav names pages that do not exist"

@@ -159,6 +159,8 @@ def test_ctrl_c_stops_cleanly_with_partial_results() -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert process.stderr is not None
+        announced = process.stderr.readline()  # said at once, terminal or not
+        assert announced.startswith("python -m vrange bench: measuring "), announced
         first = process.stderr.readline()
         assert first.startswith("[1/"), first
         time.sleep(0.3)
@@ -173,6 +175,7 @@ def test_ctrl_c_stops_cleanly_with_partial_results() -> None:
     assert process.returncode == 130, stdout + stderr
     assert "INTERRUPTED (Ctrl-C): partial results" in stdout
     assert "Traceback" not in stderr
+    assert stderr.splitlines()[-1] == "python -m vrange bench: interrupted"
 
 
 def test_plot_needs_matplotlib_or_draws(tmp_path: Path) -> None:

@@ -52,7 +52,11 @@ def test_every_cell_is_one_line_with_the_six_keys(
     assert set(cells) == {(profile, scenario, backend) for profile in PROFILES
                           for scenario in SCENARIOS for backend in BACKENDS}
     assert {cell["kernel"] for cell in lines} == {os.uname().release}
-    assert full_run.stderr == ""  # no progress without a terminal unless asked
+    # One line as it starts, and no progress without a terminal unless asked.
+    assert full_run.stderr.splitlines() == [
+        f"python -m vrange compat: {len(lines)} cells ({len(PROFILES)} profiles x "
+        f"{len(SCENARIOS)} scenarios x {len(BACKENDS)} backend specs), each profile in a process "
+        "of its own (--progress shows each profile)"]
 
 
 def test_no_cell_fails(full_run: subprocess.CompletedProcess[str],
@@ -141,7 +145,8 @@ def test_bad_options_exit_2_with_a_clear_error(option: str, value: str) -> None:
     result = run_compat(option, value)
     assert result.returncode == 2
     assert result.stdout == ""
-    assert value in result.stderr and "python -m vrange compat" in result.stderr
+    assert value in result.stderr and "python -m vrange compat: error: " in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_table_mode_subset_with_progress() -> None:
@@ -158,7 +163,8 @@ def test_table_mode_subset_with_progress() -> None:
     assert len(rows) == 2 and rows[0][3] == "n/a"  # sigbus:memfd, with its note number
     assert lines[-1].startswith("12 cells: ") and lines[-1].endswith(" 0 fail")
     assert "n/a" in result.stdout and "Notes:" in result.stdout
-    progress = result.stderr.splitlines()
+    announced, *progress = result.stderr.splitlines()
+    assert announced.startswith("python -m vrange compat: 12 cells (2 profiles x 2 scenarios x 3 ")
     assert len(progress) == 2 and "profile native done" in progress[0], result.stderr
     assert "profile seccomp-enosys done" in progress[1]
 

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._backends import usable_specs
+from ._tool import (ArgumentParser, StatusLine, UsageError, child_process, configure_logging,
+                    remove_cgroup, show_progress)
 
 if TYPE_CHECKING:
     from .region import BackendName
@@ -273,10 +275,7 @@ def memory_cgroup(limit: int, name: str) -> Iterator[tuple[str, Path] | None]:
     try:
         yield version, path
     finally:
-        try:
-            path.rmdir()
-        except OSError:
-            pass
+        remove_cgroup(path)  # the run's process was reaped (or killed, on Ctrl-C) just before
 
 
 def _cgroup_peak(version: str, path: Path) -> int | None:
@@ -293,8 +292,8 @@ def _child(arguments: list[str], cgroup: Path | None,
     command = [sys.executable, "-m", "vrange.demo", "--worker", *arguments]
     if cgroup is not None:
         command += ["--cgroup-procs", str(cgroup / "cgroup.procs")]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as process:
+    with child_process(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) as process:
         assert process.stdout is not None and process.stderr is not None
         result: RunResult | None = None
         for line in process.stdout:
@@ -328,16 +327,70 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a small, fast run (32M, 3000 reads)")
     parser.add_argument("--budget-only", action="store_true",
                         help="keep the cache in bounds with a byte budget even as root")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as JSON on stdout (the running commentary goes "
+                             "to stderr)")
+    parser.add_argument("--progress", action="store_true",
+                        help="show each run's progress on stderr even when it is not a terminal")
 
 
-def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = print) -> bool:
-    """Run the demo; True when every tile read back was right on every run."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """UsageError for option values the demo cannot run with."""
+    if args.limit <= 0 or args.reads <= 0 or (args.cache is not None and args.cache < TILE):
+        raise UsageError(f"--limit and --reads must be positive and --cache at least one tile "
+                         f"({_mib(TILE)})")
+
+
+@dataclass
+class DemoReport:
+    """What :func:`run` did: the workload, how memory was bounded, and each approach's result
+    (or why its run failed)."""
+
+    tiles: int
+    reads: int
+    limit: int
+    confined: bool
+    results: list[RunResult | tuple[str, str]]
+
+    @property
+    def ok(self) -> bool:
+        """Every run finished and every tile read back was right."""
+        return all(isinstance(result, RunResult) and result.correct for result in self.results)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "tiles": self.tiles, "tile_bytes": TILE, "reads": self.reads,
+                "limit_bytes": self.limit,
+                "bounded_by": "memory cgroup" if self.confined else "byte budget",
+                "runs": [result.__dict__ if isinstance(result, RunResult)
+                         else {"approach": result[0], "failed": result[1]}
+                         for result in self.results]}
+
+
+def command(args: argparse.Namespace) -> int:
+    """``python -m vrange demo``: 0 when every tile read back was right on every run."""
+    check_arguments(args)
+    commentary = sys.stderr if args.json else sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=commentary, flush=True)
+
+    report = run(args, say, StatusLine(sys.stderr) if show_progress(args) else None)
+    if report is None:
+        return 1
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.ok else 1
+
+
+def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = print,
+        status: StatusLine | None = None) -> DemoReport | None:
+    """Run the demo, telling what happens with ``say`` (and each run's progress on ``status``);
+    the report, or None when no backend can run here."""
     if args is None:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         args = parser.parse_args([])
-    if args.limit <= 0 or args.reads <= 0 or (args.cache is not None and args.cache < TILE):
-        raise ValueError("--limit and --reads must be positive and --cache at least one tile")
+    check_arguments(args)
     if args.quick:
         args.limit, args.reads = min(args.limit, 32 << 20), min(args.reads, 3000)
     cache_bytes = args.cache or 3 * args.limit
@@ -348,7 +401,7 @@ def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = pri
 
         say(f"No backend can run here: {features().auto_reason}")
         say("Run `python -m vrange features` for the details.")
-        return False
+        return None
     source = TileSource()
     say(f"vrange demo: a map of {tiles} tiles ({_mib(tiles * TILE)} decoded, "
         f"{_mib(source.compressed_bytes)} compressed sources), {args.reads} reads, "
@@ -369,26 +422,28 @@ def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = pri
             say(f"Not root (or no memory cgroup): a byte budget of {_mib(args.limit)} keeps the "
                 "resident cache in bounds instead (vrange.policy.set_budget)")
             budget_arguments = ["--budget", str(args.limit)]
-        interactive = sys.stdout.isatty()
         for spec in specs:
             label = f"vrange {spec}"
+            last: list[str] = []
 
-            def show(progress: dict[str, object], label: str = label) -> None:
+            def show(progress: dict[str, object], label: str = label,
+                     last: list[str] = last) -> None:
                 line = (f"  {label:<20} reads {progress['reads']:>6}  hits {progress['hits']:>6}"
                         f"  regenerations {progress['regenerations']:>6}  purges "
                         f"{progress['purges']:>6}  resident "
                         f"{_mib(float(progress['resident']))}")  # type: ignore[arg-type]
-                if interactive:
-                    print("\r" + line, end="", flush=True)
-                elif progress["reads"] == args.reads:
-                    say(line)
+                last[:] = [line]
+                if status is not None:
+                    status.show(line)
 
             with memory_cgroup(args.limit if confined else 0, spec.replace(":", "-")) as cgroup:
                 outcome = _child(["--spec", spec, *common, *budget_arguments],
                                  cgroup[1] if cgroup else None, show)
                 peak = _cgroup_peak(*cgroup) if cgroup else None
-            if interactive:
-                print()
+            if status is not None:
+                status.clear()
+            if last:
+                say(last[0])
             if isinstance(outcome, RunResult) and peak is not None:
                 outcome.peak_rss = peak
                 outcome.note = "cgroup peak"
@@ -406,7 +461,7 @@ def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = pri
         say("A system call on purged memory:")
         for approach, outcome in efaults:
             say(f"  {approach}: {outcome}")
-    return all(isinstance(result, RunResult) and result.correct for result in results)
+    return DemoReport(tiles, args.reads, args.limit, confined, results)
 
 
 def format_table(results: list[RunResult | tuple[str, str]], limit: int) -> str:
@@ -441,6 +496,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--budget", type=int)
     parser.add_argument("--cgroup-procs")
     args = parser.parse_args(list(argv))
+    configure_logging()
     if args.cgroup_procs:
         with open(args.cgroup_procs, "w") as procs:
             procs.write(str(os.getpid()))
@@ -462,6 +518,6 @@ def _worker_main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         sys.exit(_worker_main(sys.argv[2:]))
-    main_parser = argparse.ArgumentParser(prog="python -m vrange.demo", description=__doc__)
+    main_parser = ArgumentParser(prog="python -m vrange.demo", description=__doc__)
     add_arguments(main_parser)
-    sys.exit(0 if run(main_parser.parse_args()) else 1)
+    sys.exit(command(main_parser.parse_args()))

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, cast
 
 from ._backends import features, usable_specs
+from ._tool import StatusLine, UsageError, child_process, kill_process_group, show_progress
 
 logger = logging.getLogger("vrange.stress")
 
@@ -1445,13 +1446,17 @@ def _classify_exit(report: BackendReport, returncode: int, stderr: str) -> None:
 def run_child_process(spec: str, options: StressOptions,
                       progress: Callable[[BackendReport], None] | None = None) -> BackendReport:
     """Stress one backend in a child process (``python -m vrange stress --child``); a hang or a
-    crash of the child is counted in the report it returns."""
+    crash of the child is counted in the report it returns. The child's temporary files are made in
+    a directory of this process's, removed afterwards; on Ctrl-C (KeyboardInterrupt) the child is
+    killed with every process it started."""
     command = [sys.executable, "-m", "vrange", "stress", "--child", "--backend", spec,
                *options.arguments()]
     last: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
-    with tempfile.TemporaryFile("w+") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    with tempfile.TemporaryDirectory(prefix="vrange-stress-") as scratch, \
+            tempfile.TemporaryFile("w+") as stderr, \
+            child_process(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                          env={**os.environ, "TMPDIR": scratch}) as process:
         assert process.stdout is not None
 
         def read() -> None:
@@ -1476,9 +1481,12 @@ def run_child_process(spec: str, options: StressOptions,
             process.wait(timeout=limit)
             killed = False
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            kill_process_group(process)
             killed = True
+        except BaseException:  # Ctrl-C: the reader sees the end of the output before it closes
+            kill_process_group(process)
+            reader.join(timeout=10)
+            raise
         reader.join(timeout=10)
         stderr.seek(0)
         errors = stderr.read()
@@ -1502,16 +1510,17 @@ def run_child_process(spec: str, options: StressOptions,
 
 
 def run(options: StressOptions, specs: Sequence[str] | None = None,
-        say: Callable[[str], None] | None = None) -> list[BackendReport]:
+        say: Callable[[str], None] | None = None,
+        progress: Callable[[BackendReport], None] | None = None) -> list[BackendReport]:
     """Stress each backend spec (default: every one usable here) in a child process of its own,
-    one after the other; their reports."""
+    one after the other; their reports. ``progress`` gets each child's report every second."""
     chosen = list(specs) if specs else usable_specs()
     reports = []
     for spec in chosen:
         if say:
             say(f"stress {spec}: {options.seconds:g} s, {options.threads} threads, "
                 f"{options.regions} regions ...")
-        report = run_child_process(spec, options)
+        report = run_child_process(spec, options, progress)
         if say:
             say(f"  {summary_line(report)}")
         reports.append(report)
@@ -1606,14 +1615,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--regenerators", type=_regenerator_list, default=REGENERATORS,
                         help=f"regenerator kinds, comma-separated (default {','.join(REGENERATORS)})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--progress", action="store_true",
+                        help="show each backend's progress every second on stderr even when it is "
+                             "not a terminal")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--inject", choices=INJECTIONS, default="", help=argparse.SUPPRESS)
 
 
 def options_from(args: argparse.Namespace) -> StressOptions:
-    """StressOptions from parsed arguments (ValueError when out of range)."""
+    """StressOptions from parsed arguments (UsageError when out of range)."""
     if not args.seconds > 0 or args.threads < 1 or args.regions < 1 or not args.watchdog > 0:
-        raise ValueError("--seconds, --threads, --regions and --watchdog must be positive")
+        raise UsageError("--seconds, --threads, --regions and --watchdog must be positive")
     return StressOptions(seconds=args.seconds, threads=args.threads, regions=args.regions,
                          seed=args.seed, watchdog=args.watchdog,
                          regenerators=tuple(args.regenerators),
@@ -1621,12 +1633,56 @@ def options_from(args: argparse.Namespace) -> StressOptions:
 
 
 def parse_specs(args: argparse.Namespace) -> Optional[list[str]]:
-    """The backend specs asked for (None: every usable one); ValueError for an unknown one."""
+    """The backend specs asked for (None: every usable one); UsageError for an unknown one."""
     from ._backends import KNOWN_SPECS
 
     specs = list(args.backend) if args.backend else None
     for spec in specs or ():
         if spec not in KNOWN_SPECS or spec == "auto":
-            raise ValueError(f"unknown backend spec {spec!r}: choose among uffd, sigbus, "
+            raise UsageError(f"unknown backend spec {spec!r}: choose among uffd, sigbus, "
                              "sigbus:uffd, sigbus:memfd")
     return specs
+
+
+def _progress_text(report: BackendReport, seconds: float) -> str:
+    return (f"stress {report.backend}: {report.seconds:.0f}/{seconds:g} s, "
+            f"{report.total_operations} operations, {report.faults} faults, {report.checks} "
+            f"checks, {report.wrong_bytes} wrong bytes, {report.errors} errors")
+
+
+def command(args: argparse.Namespace) -> int:
+    """``python -m vrange stress``: 0 when every backend ran clean, 1 otherwise."""
+    options = options_from(args)
+    specs = parse_specs(args)
+    if args.child:  # one backend, in this process: JSON lines for the parent
+        if not specs or len(specs) != 1:
+            raise UsageError("--child needs exactly one --backend")
+        lock = threading.Lock()
+
+        def emit(message: dict[str, Any]) -> None:
+            with lock:  # the watchdog thread emits too
+                sys.stdout.write(json.dumps(message) + "\n")
+                sys.stdout.flush()
+
+        emit({"result": run_backend(specs[0], options, emit).as_dict()})
+        return 0
+    status = StatusLine(sys.stderr) if show_progress(args) else None
+
+    def say(line: str) -> None:
+        if status is not None:
+            status.clear()
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    def progress(report: BackendReport) -> None:
+        if status is not None:
+            status.show(_progress_text(report, options.seconds))
+
+    reports = run(options, specs, say, progress)
+    ok = bool(reports) and all(report.ok for report in reports)
+    if args.json:
+        print(json.dumps({"ok": ok, "options": options.__dict__,
+                          "backends": [report.as_dict() for report in reports]}, indent=2))
+    else:
+        print()
+        print(format_reports(reports) if reports else "No backend can run here.")
+    return 0 if ok else 1

@@ -12,6 +12,7 @@ the order ``auto`` tries them in, is the table in ``_table``.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .._feature_report import Features
@@ -27,10 +28,10 @@ from ._table import AUTO_ORDER, BACKENDS, KNOWN_SPECS
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "BACKEND_ENVIRONMENT_VARIABLE", "ERROR_POLICIES", "KNOWN_SPECS",
-    "PURGE_REASONS", "BackendChoice", "BackendRegion", "Plan", "Regeneration", "RegionStats",
-    "SourceSpec", "any_regenerating_on_this_thread", "available_backends", "buffer_address",
-    "features", "find_live_region", "invalidate", "live_regions", "on_fork_in_child",
-    "on_fork_reset_lock", "resolve_backend", "usable_specs",
+    "PURGE_REASONS", "BackendChoice", "BackendRegion", "DefaultBackend", "Plan", "Regeneration",
+    "RegionStats", "SourceSpec", "any_regenerating_on_this_thread", "available_backends",
+    "buffer_address", "default_backend", "features", "find_live_region", "invalidate",
+    "live_regions", "on_fork_in_child", "on_fork_reset_lock", "resolve_backend", "usable_specs",
 ]
 
 BACKEND_ENVIRONMENT_VARIABLE = "VRANGE_BACKEND"
@@ -103,3 +104,57 @@ def resolve_backend(requested: str | None) -> BackendChoice:
                                      f"here{source}: {variant_support.reason}")
         return BackendChoice(name, variant, backend)
     return BackendChoice(name, backend.default_variant(support), backend)
+
+
+@dataclass(frozen=True)
+class DefaultBackend:
+    """What a region made without ``backend=`` uses here, and whether ``$VRANGE_BACKEND`` chose it
+    instead of ``auto``."""
+
+    spec: str
+    """``$VRANGE_BACKEND`` where it is set (and not empty), else ``"auto"``."""
+    from_environment: bool
+    backend: str | None
+    """The backend spec that runs, with its trap (``"uffd"``, ``"sigbus:memfd"``); None where
+    ``spec`` cannot run here."""
+    problem: str | None
+    """Why ``spec`` cannot run here (or is no backend spec at all); None where it runs."""
+    auto: str | None
+    """What ``auto`` picks here (backend and trap); None where no backend can run."""
+
+    def describe(self) -> str:
+        """One line: the backend, and where the choice comes from."""
+        auto = f"auto would pick {self.auto}" if self.auto else "auto finds no backend here"
+        if not self.from_environment:
+            return (f"{self.backend} (auto; ${BACKEND_ENVIRONMENT_VARIABLE} is not set)"
+                    if self.backend else f"none: {self.problem}")
+        source = f"${BACKEND_ENVIRONMENT_VARIABLE}={self.spec}"
+        if self.backend is None:
+            return f"none: {source} cannot run here ({self.problem}); {auto}"
+        return f"{self.backend} (from {source}; {auto})"
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields, and the :meth:`describe` line as ``text``."""
+        return {"spec": self.spec, "from_environment": self.from_environment,
+                "backend": self.backend, "problem": self.problem, "auto": self.auto,
+                "text": self.describe()}
+
+
+def _spec_of(choice: BackendChoice) -> str:
+    return f"{choice.name}:{choice.trap}" if choice.trap else choice.name
+
+
+def default_backend() -> DefaultBackend:
+    """What regions made without ``backend=`` use in this process now (``$VRANGE_BACKEND`` or
+    ``auto``), for ``python -m vrange features``."""
+    requested = os.environ.get(BACKEND_ENVIRONMENT_VARIABLE) or ""
+    try:
+        auto: str | None = _spec_of(resolve_backend("auto"))
+    except BackendUnavailable:
+        auto = None
+    try:
+        chosen: str | None = _spec_of(resolve_backend(requested or "auto"))
+        problem = None
+    except (ValueError, BackendUnavailable) as error:
+        chosen, problem = None, str(error)
+    return DefaultBackend(requested or "auto", bool(requested), chosen, problem, auto)

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 
+from .._tool import INTERRUPTED_EXIT, UsageError, announce
 from ._rows import GROUPS, Row, all_rows
 from ._runner import (DEFAULT_REPEATS, QUICK_REPEATS, BenchRun, RowResult, ctrl_c_stops,
                       format_run, progress_for, run, select)
@@ -22,9 +23,6 @@ from ._stats import SPREAD_RULE, Sample, Summary, compare, percentile, summarize
 __all__ = ["BenchRun", "GROUPS", "Row", "RowResult", "SPREAD_RULE", "Sample", "Summary",
            "add_arguments", "all_rows", "command", "compare", "format_run", "percentile", "run",
            "select", "summarize"]
-
-INTERRUPTED_EXIT = 130
-
 
 def _command_line() -> list[str]:
     """How this run was started, as a user would type it."""
@@ -51,37 +49,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    try:
-        return _command(args)
-    except KeyboardInterrupt:  # before the run started (probing, imports), or twice during it
-        print("python -m vrange bench: interrupted", file=sys.stderr)
-        return INTERRUPTED_EXIT
-
-
-def _command(args: argparse.Namespace) -> int:
-    repeats = args.repeats or (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
+    """``python -m vrange bench``: 0, or 130 when Ctrl-C stopped the run (the rows measured so far
+    are reported); a bad option raises UsageError."""
+    repeats = args.repeats if args.repeats is not None else \
+        (QUICK_REPEATS if args.quick else DEFAULT_REPEATS)
     if repeats < 1:
-        print("python -m vrange bench: --repeats must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError("--repeats must be at least 1")
     if args.plot:
         from ._plot import PlotUnavailable, _pyplot
 
         try:
             _pyplot()  # fail before measuring, not after
         except PlotUnavailable as error:
-            print(f"python -m vrange bench: {error}", file=sys.stderr)
-            return 2
+            raise UsageError(str(error)) from None
     rows = select(all_rows(), args.rows, args.quick)
     if args.list:
         for row in rows:
             print(row.name + (f"  ({row.skip})" if row.skip else ""))
         return 0
     if not rows:
-        print("python -m vrange bench: no row matches" if args.rows
-              else "python -m vrange bench: no backend can run here", file=sys.stderr)
-        return 2
+        raise UsageError("no row matches" if args.rows else "no backend can run here")
+    progress = progress_for(args.progress)
+    measured = sum(1 for row in rows if not row.skip)
+    announce(args, f"measuring {measured} rows, {repeats} repeats each"
+                   + ("" if progress.stream else " (--progress shows each row)")
+                   + "; Ctrl-C stops and reports what was measured")
     with ctrl_c_stops() as ctrl_c:
-        bench = run(rows, repeats, args.quick, progress_for(args.progress), ctrl_c)
+        bench = run(rows, repeats, args.quick, progress, ctrl_c)
         ctrl_c.finishing = True  # a Ctrl-C from here on is ignored: the report is short
         code = _report(bench, args)
     if bench.interrupted and threading.current_thread() is threading.main_thread():

@@ -26,6 +26,7 @@ from typing import IO, Any
 
 import vrange
 
+from .._tool import UsageError, announce, child_process, kill_process_group, show_progress
 from . import scenarios
 from .profiles import PROFILES, Profile
 from .scenarios import SCENARIOS, NotApplicable, Scenario
@@ -40,7 +41,6 @@ BACKENDS = ("uffd", "sigbus:uffd", "sigbus:memfd")
 
 RESULTS = ("pass", "fail", "n/a")
 DEFAULT_TIMEOUT_S = 60.0
-COMMAND = "python -m vrange compat"
 
 
 @dataclass(frozen=True)
@@ -258,11 +258,21 @@ def _run_profile_process(profile: Profile, selection: Selection, matrix: Matrix,
     started = time.monotonic()
     info = ProfileInfo(profile.name, profile.description, profile.kind, False,
                        "its process gave no report")
-    got: set[tuple[str, str]] = set()
     budget = selection.cells_per_profile * (selection.timeout + 15) + 60
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(_child_command(profile.name, selection), stdout=subprocess.PIPE,
-                                   stderr=errors, stdin=subprocess.DEVNULL)
+    try:
+        return _read_profile_process(profile, selection, matrix, on_cell, info, started, budget)
+    except BaseException:  # Ctrl-C: the process and its cells are killed; so are their cgroups
+        scenarios.remove_stale_cgroups()
+        raise
+
+
+def _read_profile_process(profile: Profile, selection: Selection, matrix: Matrix,
+                          on_cell: Callable[[Cell], None], info: ProfileInfo, started: float,
+                          budget: float) -> ProfileInfo:
+    got: set[tuple[str, str]] = set()
+    with tempfile.TemporaryFile() as errors, \
+            child_process(_child_command(profile.name, selection), stdout=subprocess.PIPE,
+                          stderr=errors, stdin=subprocess.DEVNULL) as process:
         assert process.stdout is not None
         deadline = started + budget
         timed_out = False
@@ -283,7 +293,7 @@ def _run_profile_process(profile: Profile, selection: Selection, matrix: Matrix,
                 on_cell(cell)
         if process.poll() is None:
             timed_out = True
-            process.kill()
+            kill_process_group(process)
         status = process.wait()
         tail = _stderr_tail(errors)
     if len(got) < selection.cells_per_profile:
@@ -467,27 +477,29 @@ def format_list() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``python -m vrange compat``: 0 when no cell failed, 1 when one did, 2 for bad options."""
+    """``python -m vrange compat``: 0 when no cell failed, 1 when one did; a bad option raises
+    UsageError."""
     if args.list:
         print(format_list())
         return 0
     try:
         selection = selection_from(args)
     except ValueError as error:
-        print(f"{COMMAND}: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     if args.child:  # one profile, in this process: JSON lines for the parent
-        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-
         def emit(message: dict[str, Any]) -> None:
             sys.stdout.write(json.dumps(message) + "\n")
             sys.stdout.flush()
 
         run_profile_here(PROFILES[args.child], selection, emit)
         return 0
-    progress = Progress(sys.stderr, len(selection.profiles) * selection.cells_per_profile,
-                        updating=sys.stderr.isatty())
-    show = args.progress or sys.stderr.isatty()
+    total = len(selection.profiles) * selection.cells_per_profile
+    show = show_progress(args)
+    announce(args, f"{total} cells ({len(selection.profiles)} profiles x "
+                   f"{len(selection.scenarios)} scenarios x {len(selection.backends)} backend "
+                   f"specs), each profile in a process of its own"
+                   + ("" if show else " (--progress shows each profile)"))
+    progress = Progress(sys.stderr, total, updating=sys.stderr.isatty())
     matrix = run(selection, on_cell=progress.cell if show else lambda cell: None,
                  on_profile=progress.profile if show else lambda info, cells: None)
     if show:

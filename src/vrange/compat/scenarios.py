@@ -29,6 +29,7 @@ from typing import Literal, cast
 import vrange
 
 from .. import testing
+from .._tool import process_gone, remove_cgroup
 
 __all__ = ["SCENARIOS", "NotApplicable", "Scenario", "scenario_names"]
 
@@ -504,27 +505,24 @@ def _oom_kills(version: str, path: Path) -> int:
     return 0
 
 
-def _remove_cgroup(path: Path) -> None:
-    for _ in range(50):  # the reaped grandchild may take a moment to leave it
-        try:
-            path.rmdir()
+def remove_stale_cgroups(parent: Path | None = None) -> None:
+    """Remove the memory cgroups of cells whose process is gone (killed by its alarm, or with the
+    whole run by Ctrl-C): ``vrange-compat-PID`` beneath ``parent`` (default: this process's memory
+    cgroup), never another live run's."""
+    if parent is None:
+        directory = vrange.features().cgroup.directory
+        if os.geteuid() != 0 or directory is None:
             return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
+        parent = Path(directory)
+    for stale in parent.glob("vrange-compat-*"):
+        owner = stale.name.rpartition("-")[2]
+        if owner.isdigit() and process_gone(int(owner)):  # not another run's
+            remove_cgroup(stale)
 
 
 def memory_pressure(spec: str) -> str:
     version, parent = _memory_cgroup_parent()
-    for stale in parent.glob("vrange-compat-*"):  # left by a cell killed by its alarm
-        owner = stale.name.rpartition("-")[2]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):  # not another run's
-            try:
-                if not (stale / "cgroup.procs").read_text().strip():
-                    _remove_cgroup(stale)
-            except OSError:
-                pass
+    remove_stale_cgroups(parent)
     path = parent / f"vrange-compat-{os.getpid()}"
     path.mkdir()
     try:
@@ -551,7 +549,7 @@ def memory_pressure(spec: str) -> str:
         status, output = _in_grandchild(fill_cache, timeout=60)
         oom_kills = _oom_kills(version, path)
     finally:
-        _remove_cgroup(path)
+        remove_cgroup(path)
     assert not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL), \
         f"OOM-killed (oom_kill count {oom_kills}): {output[-500:]}"
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, \

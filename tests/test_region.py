@@ -542,6 +542,8 @@ def run_python(script: str, backend: str) -> subprocess.CompletedProcess[str]:
 
 def test_raw_access_to_a_failing_chunk_raises_sigbus_by_default(backend: str) -> None:
     result = run_python("""
+        import logging
+        logging.basicConfig()  # vrange's logger shows the failure (it has only a NullHandler)
         def broken(offset, buf):
             raise RuntimeError("no source")
         region = vrange.Region(4 * CHUNK, broken, backend=BACKEND)

@@ -70,6 +70,8 @@ def test_faulthandler_installed_first_still_reports_foreign_sigbus(backend: str)
 @sigbus_handler
 def test_a_replaced_handler_is_detected_and_vrange_goes_back_in_front(backend: str) -> None:
     result = run_python("""
+        import logging
+        logging.basicConfig()        # vrange's logger says it (it has only a NullHandler)
         region = purged_region()
         faulthandler.enable()        # replaces vrange's SIGBUS handler
         region.purge()               # vrange notices, re-installs itself, chains to faulthandler

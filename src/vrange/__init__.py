@@ -6,6 +6,8 @@ pressure, and it is refilled transparently, page by page, the next time anything
 
 from __future__ import annotations
 
+import logging
+
 from . import io, policy, sources
 from ._backends import RegionStats, available_backends, features
 from ._feature_report import Features
@@ -37,3 +39,7 @@ __all__ = [
     "policy",
     "sources",
 ]
+
+# A library never configures logging: without a handler of the application's, vrange's messages go
+# nowhere (instead of Python's last-resort handler). ``python -m vrange`` shows them on stderr.
+logging.getLogger("vrange").addHandler(logging.NullHandler())

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 import weakref
 from bisect import bisect_left
 from collections import OrderedDict
@@ -211,7 +212,7 @@ def _reset_after_fork() -> None:
             try:
                 cache._unpin(entry)
             except Exception:  # noqa: BLE001 - a region this child cannot use: nothing to release
-                logger.debug("vrange: a cache item pinned at fork stays pinned in the child",
+                logger.debug("a cache item pinned at fork stays pinned in the child",
                              exc_info=True)
 
 
@@ -259,6 +260,7 @@ class Cache(Generic[K]):
             size = -(-max_bytes // chunk) * chunk
         region = Region(size, Zeros(), backend, chunk_size, priority=priority, group=group,
                         managed=managed)
+        region._warn_if_unclosed = False  # the cache's own: an unclosed cache is what warns
         if len(region) % region.chunk_size:
             # The backend chose larger chunks (the memfd trap's 8192-chunk limit): a size in whole
             # chunks of that size, so that no chunk is short.
@@ -266,6 +268,7 @@ class Cache(Generic[K]):
             region.close()
             region = Region(-(-size // chunk) * chunk, Zeros(), backend, chunk, priority=priority,
                             group=group, managed=managed)
+            region._warn_if_unclosed = False
         self._region = region
         self._chunk = region.chunk_size
         self._size = len(region)
@@ -576,8 +579,13 @@ class Cache(Generic[K]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and not getattr(self, "_closing", True):
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # _warn is bound at definition: at interpreter shutdown the warnings module may be gone.
+        if getattr(self, "_closed", True) or getattr(self, "_closing", True):
+            return
+        try:
+            _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+        finally:  # closed even where the warning is an error (-W error::ResourceWarning)
             try:
                 self.close()
             except Exception:  # noqa: BLE001 - interpreter shutdown, an exported region

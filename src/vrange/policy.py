@@ -129,7 +129,7 @@ class _Monitor:
         try:
             usage_fd = os.open(plan.usage_file, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:
-            logger.warning("vrange: the pressure monitor cannot read %s (%s): no pressure purges",
+            logger.warning("the pressure monitor cannot read %s (%s): no pressure purges",
                            plan.usage_file, error)
             check(self.native.configure(-1, "none", 0, 0, -1), "configure the pressure monitor")
             self.high_water = self.low_water = 0
@@ -382,14 +382,14 @@ def _after_fork_in_child() -> None:
         try:
             _monitor.apply()
         except (OSError, ValueError) as error:
-            logger.error("vrange: the forked child has no pressure monitor: %s", error)
+            logger.error("the forked child has no pressure monitor: %s", error)
     for core in live_regions():
         if core.managed or core.unusable or not should_manage(core):
             continue
         try:
             manage(core, core.priority, core.group)
         except (OSError, VRangeError) as error:
-            logger.error("vrange: a region of the forked child has no pressure policy: %s", error)
+            logger.error("a region of the forked child has no pressure policy: %s", error)
 
 
 on_fork_reset_lock(_new_lock_after_fork)

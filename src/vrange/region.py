@@ -9,6 +9,7 @@ import logging
 import mmap
 import os
 import threading
+import warnings
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Literal, Union, cast, get_args, overload
@@ -67,7 +68,7 @@ def _end_elsewhere(finish: Callable[..., None], *arguments: object) -> None:
         threading.Thread(target=finish, args=arguments, name="vrange-end-abandoned-block",
                          daemon=True).start()
     except RuntimeError:
-        logger.warning("vrange: the pins of a block abandoned to the garbage collector could not "
+        logger.warning("the pins of a block abandoned to the garbage collector could not "
                        "be released (no thread can start now)")
 
 
@@ -256,6 +257,7 @@ class Region(mmap.mmap):
     _scoped_pins: array[int]
     _wants_volatile: bytearray
     _active_pins: dict[int, Pin]
+    _warn_if_unclosed: bool
 
     def __new__(cls, nbytes: int, regenerate: Regenerator, backend: BackendName | None = None,
                 chunk_size: int | None = None, on_error: ErrorPolicy | None = None, *,
@@ -300,6 +302,7 @@ class Region(mmap.mmap):
             plan.release()
             raise
         self._closed = False
+        self._warn_if_unclosed = True
         self._size = size
         self._io_holds = 0
         self._backend_name = choice.name
@@ -654,7 +657,7 @@ class Region(mmap.mmap):
             try:
                 view.release()
             except BufferError:  # the block kept an export of the view: it keeps the region's
-                logger.debug("vrange: an export of a pin's view outlives its block")
+                logger.debug("an export of a pin's view outlives its block")
         if closed_by_gc and not _lock_is_free(self._state_lock):
             # An abandoned block finalized by the garbage collector, which runs at any allocation:
             # also while this very thread holds the state lock (waiting for it would deadlock).
@@ -892,8 +895,14 @@ class Region(mmap.mmap):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+    def __del__(self, _warn: Callable[..., None] = warnings.warn) -> None:
+        # _warn is bound at definition: at interpreter shutdown the warnings module may be gone.
+        if getattr(self, "_closed", True):
+            return
+        try:
+            if getattr(self, "_warn_if_unclosed", True):  # a Cache's region: the Cache warns
+                _warn(f"unclosed {self!r}", ResourceWarning, source=self)
+        finally:  # closed even where the warning is an error (-W error::ResourceWarning)
             try:
                 self.close()
             except Exception:  # noqa: BLE001 - an exporter outlived us, or interpreter shutdown

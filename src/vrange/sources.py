@@ -272,7 +272,7 @@ class Isolated(Source):
             with self._lock:
                 if self._helper_gone():
                     self.restarts += 1
-                    logger.warning("vrange: restarting the helper of %r (it died or hung)", self)
+                    logger.warning("restarting the helper of %r (it died or hung)", self)
                     self._start_locked()
 
     def last_error(self) -> str:
@@ -322,7 +322,7 @@ class Isolated(Source):
             os.ftruncate(memfd, self._slot_size * SLOTS)
             self._channel.remap(memfd)
         except OSError as error:
-            logger.error("vrange: the forked child cannot map its own buffer for %r: %s",
+            logger.error("the forked child cannot map its own buffer for %r: %s",
                          self, error)
             return
         os.close(self._memfd)
@@ -333,7 +333,7 @@ class Isolated(Source):
         try:
             self._start_locked()
         except OSError as error:
-            logger.error("vrange: the forked child cannot start its own helper for %r: %s",
+            logger.error("the forked child cannot start its own helper for %r: %s",
                          self, error)
 
     def __del__(self) -> None:

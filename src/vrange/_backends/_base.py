@@ -304,7 +304,7 @@ class BackendRegion(abc.ABC):
         self.unusable = (f"this {self.name}-backend region cannot be used here: {reason}; its "
                          "memory is made inaccessible rather than handing out zeros for purged "
                          "pages")
-        logger.error("vrange: %s%s", self.unusable,
+        logger.error("%s%s", self.unusable,
                      "" if result >= 0 else f" (and mprotect failed: {os.strerror(-result)})")
 
     @abc.abstractmethod

@@ -112,7 +112,7 @@ class Regeneration:
         own fault regenerates it, and only that applies the policy), so no call is failed for it."""
         self.failure_count += 1
         self._failures.append((self.failure_count, offset, error, ahead))
-        logger.warning("vrange: regenerator failed at offset %d: %r (policy: %s)",
+        logger.warning("regenerator failed at offset %d: %r (policy: %s)",
                        offset, error, self.on_error)
 
     def failures_since(self, count: int) -> list[tuple[int, BaseException]]:
@@ -186,7 +186,7 @@ def _warn_if_other_threads_ran(before: dict[int, int]) -> None:
                 _warned_about_other_threads = True
             if first:
                 logger.warning(
-                    "vrange: another Python thread ran while a regenerator ran inside a faulting "
+                    "another Python thread ran while a regenerator ran inside a faulting "
                     "operation of a thread holding the GIL; that thread may have changed the "
                     "objects the interrupted operation is using. Run such a regenerator in a "
                     "helper process with vrange.sources.Isolated (docs/design.md, 'Which "
@@ -326,7 +326,7 @@ def _callback_raised(exception: type[BaseException] | None, value: BaseException
         value.__context__ = None
         _deferred_interrupts.append(value)
         return RETRY
-    logger.error("vrange: internal error while running a regenerator", exc_info=(
+    logger.error("internal error while running a regenerator", exc_info=(
         exception, value, trace) if exception is not None and value is not None else None)
     return FAILED
 

@@ -110,7 +110,7 @@ def _after_fork_in_child() -> None:
         try:
             listener()
         except Exception:  # noqa: BLE001 - one layer's failure must not leave the others undone
-            logger.exception("vrange: an after-fork step failed in the child")
+            logger.exception("an after-fork step failed in the child")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -95,7 +95,7 @@ def ensure_handler() -> None:
         if state == 1:
             return
         if _registry.live_regions(SigbusRegion):
-            logger.warning("vrange: another SIGBUS handler replaced vrange's; re-installing vrange's "
+            logger.warning("another SIGBUS handler replaced vrange's; re-installing vrange's "
                            "in front of it (SIGBUS that are not vrange's still reach it)")
         check(lib.vr_sigbus_install(), "install the SIGBUS handler")
 
@@ -173,7 +173,7 @@ class SigbusRegion(BackendRegion):
             return Plan(chunk_size)
         if -(-size // chunk_size) > MAX_MEMFD_TRAP_CHUNKS:
             floor = 1 << (-(-size // MAX_MEMFD_TRAP_CHUNKS) - 1).bit_length()
-            logger.debug("vrange: memfd-trap region of %d bytes uses %d-byte chunks (asked: %d)",
+            logger.debug("memfd-trap region of %d bytes uses %d-byte chunks (asked: %d)",
                          size, floor, chunk_size)
             chunk_size = floor
         # Worst case: every chunk refilled is a mapping of its own, plus the region's (_mappings).
@@ -197,7 +197,7 @@ class SigbusRegion(BackendRegion):
         except OSError as error:
             _child_trap_fd = None
             _child_trap_error = str(error)
-            logger.error("vrange: the forked child cannot open its own userfaultfd: %s", error)
+            logger.error("the forked child cannot open its own userfaultfd: %s", error)
 
     def __init__(self, owner: object, base: int, size: int, plan: Plan, source: SourceSpec,
                  on_error: str, variant: str | None, regeneration: Regeneration) -> None:
@@ -264,10 +264,10 @@ class SigbusRegion(BackendRegion):
             self.unusable = (f"this sigbus region cannot be used in this forked child (no "
                              f"userfaultfd: {os.strerror(-result)}; no memfd trap: "
                              f"{os.strerror(-taken_over)}); its memory is made inaccessible")
-            logger.error("vrange: %s", self.unusable)
+            logger.error("%s", self.unusable)
             return
         self.mappings_reserved += mappings
-        logger.warning("vrange: the forked child cannot register its userfaultfd-trap region (%s); "
+        logger.warning("the forked child cannot register its userfaultfd-trap region (%s); "
                        "it uses the memfd trap now (the kernel cannot reclaim it)",
                        os.strerror(-result))
         self.trap, self.kernel_reclaims = "memfd", False
@@ -327,7 +327,7 @@ class SigbusRegion(BackendRegion):
                 _detached.append(self)
             return
         if result < 0:
-            logger.warning("vrange: a SIGBUS handler was still running 5 s after the region closed; "
+            logger.warning("a SIGBUS handler was still running 5 s after the region closed; "
                            "its bookkeeping is kept for good")
             _leaked.append(self)
             return

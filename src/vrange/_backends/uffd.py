@@ -38,7 +38,7 @@ class _Handler:
         """Take the fault signal back if other code replaced vrange's handler since."""
         if lib.vr_uffd_handler_signal_is_ours(self.pointer) == 1:
             return
-        logger.warning("vrange: the handler of signal %d (SIGRTMIN+6) was replaced; "
+        logger.warning("the handler of signal %d (SIGRTMIN+6) was replaced; "
                        "re-installing vrange's", FAULT_SIGNAL)
         check(lib.vr_uffd_fault_signal_install(FAULT_SIGNAL, 1), "re-install the fault signal handler")
 

@@ -8,6 +8,7 @@ memory to spare), wrong after the first purge under pressure.
 
     pytest examples/test_forgetful_cache.py                          # 2 passed
     pytest examples/test_forgetful_cache.py --vrange-purge=every:1   # test_forgetful_index fails
+    python examples/test_forgetful_cache.py --vrange-purge=every:1   # the same, through main()
 
 The fix shown here (``SnapshotPriceCache``) makes the regenerator rebuild the bytes the program saw:
 it renders from the catalogue as it was when the cache was built, and a refresh is an explicit new
@@ -18,6 +19,9 @@ differs. See docs/testing-with-vrange.md.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
+from collections.abc import Sequence
 
 import vrange
 
@@ -111,3 +115,14 @@ def test_forgetful_index() -> None:
 def test_snapshot_cache() -> None:
     """Passes with or without purges: a regenerated chunk is the chunk the index was built from."""
     check_prices_survive_an_update(SnapshotPriceCache)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run this file's tests in a pytest process with vrange's plugin (``-p vrange``), passing
+    ``argv`` on (``--vrange-purge=...``, ``-k ...``); pytest's exit status."""
+    options = sys.argv[1:] if argv is None else list(argv)
+    return subprocess.call([sys.executable, "-m", "pytest", "-p", "vrange", __file__, *options])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -349,6 +351,20 @@ def assert_pages_match(region: vrange.Region, expected: bytes, offset: int = 0) 
             assert got == want, f"page at offset {offset + page_offset} differs"
     finally:
         view.release()
+
+
+@contextlib.contextmanager
+def dropped_open() -> Iterator[None]:
+    """For a block that drops the last reference to an open region (on purpose: reference counting
+    alone must free it): expect the region's ResourceWarning ("unclosed"), and let the region go
+    (the recorded warning holds it as its ``source``)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+    found = [(warning.category, str(warning.message)) for warning in caught]
+    caught.clear()
+    assert len(found) == 1 and found[0][0] is ResourceWarning and \
+        found[0][1].startswith("unclosed <vrange.Region "), found
 
 
 def backend_name(spec: str) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import CHUNK, PAGE, has_trait, helper_processes, pattern
+from conftest import CHUNK, PAGE, dropped_open, has_trait, helper_processes, pattern
 
 import vrange
 from vrange import sources
@@ -130,8 +130,12 @@ def cycles(backend: str, path: str, count: int, give_back: Callable[[vrange.Regi
         assert region.purge() == len(TOUCHED) * CHUNK
         page = region[2 * CHUNK:2 * CHUNK + PAGE]  # a refill
         assert page == (bytes(PAGE) if kind == 1 else expected)
-        give_back(region)
-        del region
+        if give_back is drop:
+            with dropped_open():
+                del region
+        else:
+            give_back(region)
+            del region
 
 
 def close(region: vrange.Region) -> None:

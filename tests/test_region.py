@@ -17,9 +17,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from conftest import (CHUNK, PAGE, CountingRegenerator, assert_pages_match, backend_name,
-                      kernel_reclaims, pattern, python_command, raw_failure_signal, resident_pages,
-                      run_python as run_python_in, syscalls_are_served, threads_waiting_in_userfault,
-                      wait_until)
+                      dropped_open, kernel_reclaims, pattern, python_command, raw_failure_signal,
+                      resident_pages, run_python as run_python_in, syscalls_are_served,
+                      threads_waiting_in_userfault, wait_until)
 
 import vrange
 from vrange import sources
@@ -1524,7 +1524,8 @@ def test_a_dropped_region_is_freed_by_reference_counting(backend: str) -> None:
                           size=64 << 20)
             region[:]  # every page resident
             alive = weakref.ref(region)
-            del region
+            with dropped_open():
+                del region
             assert alive() is None
         assert resident_mib() - before < 64
     finally:

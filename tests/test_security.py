@@ -58,10 +58,10 @@ def children(task: str) -> list[int]:
         return [int(pid) for pid in listing.read().split()]
 
 
-def exercise(spec: str, path: str) -> list[object]:
+def exercise(spec: str, path: str) -> list[vrange.Region]:
     """Regions of one backend with every kind of regenerator, each used so that its backend opens
     what it opens (handler threads and workers, traps, the pressure monitor); kept alive."""
-    kept: list[object] = []
+    kept: list[vrange.Region] = []
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         file_by_fd = sources.File(fd)
@@ -142,7 +142,8 @@ def test_every_descriptor_vrange_opens_is_close_on_exec(report: vrange.Features,
         shared = theirs & (set(targets) - handed)
         assert not shared, f"the helper {helper} holds descriptors it was not handed: {shared}"
         assert "anon_inode:[userfaultfd]" not in theirs
-    del kept
+    for region in kept:
+        region.close()
 
 
 # --- temporary files -----------------------------------------------------------------------------

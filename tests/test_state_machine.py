@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CHUNK, PAGE, kernel_reclaims
+from conftest import CHUNK, PAGE, dropped_open, kernel_reclaims
 from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
@@ -383,7 +383,8 @@ def build_machine(backend: str, file_path: str, file_data: bytes,
             model = self.pick(data)
             say(f"del {model!r}")
             reference = weakref.ref(model.region)
-            model.region = None
+            with dropped_open():
+                model.region = None
             self.models.remove(model)
             assert reference() is None, "the region outlived its last reference"
 

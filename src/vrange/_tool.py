@@ -87,16 +87,29 @@ class StatusLine:
             self.shown = False
 
 
+class _InterruptState:
+    """Where the first SIGINT goes: raised at once, or held while a child process is being started
+    (a KeyboardInterrupt raised inside ``subprocess.Popen`` after its fork would leave the child
+    running with nobody to kill it)."""
+
+    held = 0          # depth of ``interrupts_held`` blocks
+    pending = False   # a SIGINT arrived while held
+
+
 @contextlib.contextmanager
 def interrupt_once() -> Iterator[None]:
-    """For the block (main thread only): the first SIGINT raises KeyboardInterrupt and every later
-    one is ignored, until the process ends."""
+    """For the block (main thread only): the first SIGINT raises KeyboardInterrupt (or, inside
+    :func:`interrupts_held`, when that block ends) and every later one is ignored, until the
+    process ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_sigint(number: int, frame: object) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if _InterruptState.held:
+            _InterruptState.pending = True
+            return
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -105,6 +118,24 @@ def interrupt_once() -> Iterator[None]:
     finally:
         if signal.getsignal(signal.SIGINT) is on_sigint:  # not interrupted: as it was
             signal.signal(signal.SIGINT, previous)
+
+
+def interrupts_held() -> contextlib.AbstractContextManager[None]:
+    """A block the first Ctrl-C does not cut: :func:`interrupt_once`'s KeyboardInterrupt is raised
+    when the outermost such block ends instead (main thread; elsewhere nothing changes)."""
+    return _held_block()
+
+
+@contextlib.contextmanager
+def _held_block() -> Iterator[None]:
+    _InterruptState.held += 1
+    try:
+        yield
+    finally:
+        _InterruptState.held -= 1
+        if not _InterruptState.held and _InterruptState.pending:
+            _InterruptState.pending = False
+            raise KeyboardInterrupt
 
 
 def _status(pid: int) -> tuple[str, int] | None:
@@ -153,9 +184,16 @@ def child_process(command: Sequence[str], **options: Any) -> Iterator[subprocess
     Ctrl-C reaches only this process. When the block ends with an exception (Ctrl-C), the child is
     killed with its whole process group (its forks and helper processes) before the pipes are
     closed and it is reaped."""
-    process = subprocess.Popen(command, start_new_session=True, **options)
+    held = interrupts_held()
+    held.__enter__()  # a Ctrl-C during Popen is raised below, once the child can be killed
+    try:
+        process = subprocess.Popen(command, start_new_session=True, **options)
+    except BaseException:
+        held.__exit__(None, None, None)
+        raise
     with process:
         try:
+            held.__exit__(None, None, None)  # raises a Ctrl-C that came meanwhile
             yield process
         except BaseException:
             kill_process_group(process)

@@ -136,6 +136,7 @@ class RegionStats:
 
 
 PAGE_OUT_ATTEMPTS = 2  # repeats of MADV_PAGEOUT beyond one per CPU (see page_out)
+PAGE_OUT_REFILL_WAIT_MS = 200  # the most page_out waits for a refill in flight (see page_out)
 
 
 class BackendRegion(abc.ABC):
@@ -280,6 +281,11 @@ class BackendRegion(abc.ABC):
                 if attempt:
                     os.sched_setaffinity(0, {cpus[attempt % len(cpus)]})  # this thread only
                     time.sleep(0.001)
+                # A refill of a volatile chunk in the range may still be making it lazy-free
+                # again: paging out meanwhile would keep its pages for good (see the C side).
+                lib.vr_region_wait_for_refills(
+                    self.pointer, first_byte // self.chunk_size,
+                    -(-(first_byte + length) // self.chunk_size), PAGE_OUT_REFILL_WAIT_MS)
                 check(lib.vr_pageout(self.base + first_byte, length),
                       "page the range out (MADV_PAGEOUT)")
                 if not self._volatile_pages_resident(first_byte, length):

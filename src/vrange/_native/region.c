@@ -856,6 +856,27 @@ int vr_region_count_failed(vr_region *region, size_t first_chunk, size_t end_chu
     return failed;
 }
 
+/* vrange.testing.page_out, before each MADV_PAGEOUT: wait (bounded) until no chunk of the range is
+ * being refilled. A refill of a volatile chunk wakes the faulting thread before it makes the chunk
+ * lazy-free again (vr_region_keep_volatile), so that thread may page the range out while the
+ * MADV_FREE runs: the isolation for reclaim makes MADV_FREE skip the pages, and they stay resident
+ * for good though volatile. 0, or -ETIMEDOUT (a regenerator paging out its own chunk). */
+int vr_region_wait_for_refills(vr_region *region, size_t first_chunk, size_t end_chunk,
+                               int timeout_ms)
+{
+    int64_t deadline = vr_deadline_ns(timeout_ms);
+    for (size_t chunk = first_chunk; chunk < end_chunk;) {
+        if (!(vr_chunk_load(region, chunk) & VR_CHUNK_IN_FLIGHT)) {
+            chunk++;
+            continue;
+        }
+        if (vr_monotonic_ns() > deadline)
+            return -ETIMEDOUT;
+        vr_pause_briefly();
+    }
+    return 0;
+}
+
 int vr_pageout(uintptr_t address, size_t length)
 {
     return madvise((void *)address, length, MADV_PAGEOUT) < 0 ? -errno : 0;

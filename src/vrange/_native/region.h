@@ -182,6 +182,8 @@ int vr_region_pin_without_fill(vr_region *region, size_t first_chunk, size_t end
 int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_chunk);
 int vr_region_discard(vr_region *region, size_t first_chunk, size_t end_chunk, int only_poisoned);
 int vr_pageout(uintptr_t address, size_t length);
+int vr_region_wait_for_refills(vr_region *region, size_t first_chunk, size_t end_chunk,
+                               int timeout_ms);
 int vr_region_count_failed(vr_region *region, size_t first_chunk, size_t end_chunk);
 int64_t vr_region_purge_range(vr_region *region, size_t first_chunk, size_t end_chunk, int reason);
 void vr_region_hold(vr_region *region, size_t first_chunk, size_t end_chunk, int delta);

@@ -146,8 +146,14 @@ static int resolve_run(vr_region *region, size_t first, size_t end, const char *
             int made_lazy_free = 0;
             for (size_t chunk = first; chunk < end; chunk++)
                 made_lazy_free |= vr_region_keep_volatile(region, chunk);
-            if (drains_here && all_volatile && !made_lazy_free)
-                vr_uffd_drain_lru(region->handler); /* all held for system calls */
+            /* MADV_FREE only queues the pages on this CPU's lazy-free batch: they stay swap-backed
+             * until the batch moves them, and a move that finds a page isolated (MADV_PAGEOUT,
+             * compaction) skips it for good, leaving it resident though volatile. The woken thread
+             * is running already (it may call page_out now): move the batch before the chunks are
+             * let go, on every thread, the handler thread too (vrange.testing.page_out waits for
+             * chunks in flight). The drain also covers a run held for system calls. */
+            if (made_lazy_free || (drains_here && all_volatile))
+                vr_uffd_drain_lru(region->handler);
         }
     } else if (!ahead) {
         /* The copy itself failed (ENOMEM, ...): by policy, or the access would refault for ever. */

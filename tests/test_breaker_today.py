@@ -93,9 +93,8 @@ def test_page_out_right_after_a_syscall_refill_reclaims_it(backend: str) -> None
 #
 # atexit handlers run last-registered first: one registered before vrange was imported runs after
 # vrange's own, with the interpreter still whole. A common one stops a daemon worker and joins it.
-# If the worker faults on a purged chunk with a Python regenerator in between, the sigbus backend
-# parks it for good (vrange's atexit ran), and the join never returns: the process hangs at exit.
-# The uffd backend serves that fault on a worker and exits cleanly.
+# If the worker faults on a purged chunk with a Python regenerator in between, it must be served (the
+# sigbus backend parked it for good once vrange's atexit had run, and the join never returned).
 
 JOIN_IN_LATE_ATEXIT = """
     import atexit, threading, time
@@ -124,15 +123,10 @@ JOIN_IN_LATE_ATEXIT = """
 
 
 @pytest.mark.hang_timeout(90)
-def test_a_late_atexit_handler_can_join_a_thread_that_faults(backend: str,
-                                                             request: pytest.FixtureRequest) -> None:
+def test_a_late_atexit_handler_can_join_a_thread_that_faults(backend: str) -> None:
     import subprocess
 
     from conftest import run_python
-    if backend.startswith("sigbus"):
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="open: a thread parked after vrange's atexit is never served, "
-            "though atexit handlers registered before vrange still run Python and may join it"))
     try:
         result = run_python(JOIN_IN_LATE_ATEXIT.format(backend=backend), timeout=20)
     except subprocess.TimeoutExpired:

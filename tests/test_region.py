@@ -187,15 +187,27 @@ def test_refilled_chunks_stay_reclaimable_while_volatile(
     """Marked volatile once: every refill is lazy-free again, so the kernel can take it back again."""
     with make(backend, regenerator) as region:
         region.mark_volatile()
+        chunks = SIZE // CHUNK
+        expected_refills = expected_purges = 0
+        discarded = chunks  # the first round fills every chunk
         for round_number in range(3):
             assert_pages_match(region, pattern(0, SIZE))  # first touch, then refills
             stats = region.stats()
             assert stats.resident_bytes == SIZE
-            assert stats.volatile_refills >= 16 * (round_number + 1)
+            # Every chunk the last page_out took came back through the regenerator, and was made
+            # lazy-free again (counted): the kernel may keep a few pages of a page_out (a page
+            # still in another CPU's LRU batch when it was marked), never most of them.
+            expected_refills += discarded
+            assert stats.volatile_refills >= expected_refills, f"round {round_number}"
+            if round_number:
+                expected_purges += discarded
             page_out(region)  # as memory pressure would
             assert region.stats().resident_bytes <= SIZE // 4, f"round {round_number}: kept"
+            resident = resident_pages(region)
+            discarded = sum(not any(resident[chunk * (CHUNK // PAGE):(chunk + 1) * (CHUNK // PAGE)])
+                            for chunk in range(chunks))
         stats = region.stats()
-        assert stats.purges >= 32  # each discard counts: two rounds of kernel discards were found
+        assert stats.purges >= expected_purges >= 3 * chunks // 2  # each discard found counts
         assert stats.purges_by_reason["kernel"] == stats.purges
         assert stats.purges_by_reason["explicit"] == stats.bytes_purged_by_reason["explicit"] == 0
         # Pinned: refilled and dirty, so the kernel keeps it whatever the pressure.

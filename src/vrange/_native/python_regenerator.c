@@ -73,6 +73,16 @@ void vr_python_note_exit(void) { __atomic_store_n(&python_exited, 1, __ATOMIC_RE
 
 int vr_python_has_exited(void) { return __atomic_load_n(&python_exited, __ATOMIC_ACQUIRE); }
 
+/* Async-signal-safe: one atomic load of the interpreter's state. */
+int vr_python_finalizing(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return Py_IsFinalizing();
+#else
+    return _Py_IsFinalizing();
+#endif
+}
+
 static int run_python_regenerator(vr_region *region, uint64_t offset, char *buffer, size_t length,
                                   int at_unsafe_point, int extra_flags)
 {

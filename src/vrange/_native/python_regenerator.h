@@ -35,6 +35,9 @@ int vr_run_python_regenerator_unless_cancelled(vr_region *region, uint64_t offse
  * (a thread that waits for it then may wait for ever). Async-signal-safe. */
 void vr_python_note_exit(void);
 int vr_python_has_exited(void);
+/* The interpreter is finalizing (past every atexit handler): a thread that asks for the GIL from
+ * now on is ended by CPython (3.10-3.13) or never gets it. Async-signal-safe. */
+int vr_python_finalizing(void);
 
 /* A thread faulted on a chunk another thread is regenerating: wait until it is done, with the GIL
  * released meanwhile if this thread holds it. */

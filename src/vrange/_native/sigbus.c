@@ -16,6 +16,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,12 +87,16 @@ static void release_chunk(vr_region *region, size_t chunk)
 
 /* Fill `buffer` with the chunk's bytes: a Python regenerator (through cffi, which takes the GIL if
  * this thread does not hold it) or a native source. 0, -EIO (the regenerator raised), -ESHUTDOWN
- * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. */
+ * (the interpreter is finalizing: Python cannot run any more), or a native source's -errno. If
+ * finalizing begins while this thread waits for the GIL, CPython 3.10-3.13 ends the thread here
+ * (a forced unwind): the callers let go of what they hold then (let_go_at_thread_exit). */
 static int regenerate_chunk(vr_region *region, size_t chunk, char *buffer, int ahead)
 {
     if (region->source_kind != VR_SOURCE_PYTHON)
         return vr_fill_native(region, chunk, buffer);
-    if (vr_python_has_exited())
+    /* Not vr_python_has_exited: atexit handlers registered before vrange run after its own, with
+     * Python whole, and may join a thread that faults here (it must be served). */
+    if (vr_python_finalizing())
         return -ESHUTDOWN;
     size_t length = vr_region_chunk_length(region, chunk);
     uint64_t offset = (uint64_t)(chunk * region->chunk_size);
@@ -127,6 +132,26 @@ static void count_refill(vr_region *region, size_t chunk)
  * regenerator's chunks are claimed one at a time, each just before its regenerator runs: the
  * regenerator may read the chunks after its own (its nested fault must find them unclaimed and be
  * served as usual, not find them claimed by this very thread, which would fail or wait for ever). */
+/* What a handler holds while a regenerator runs: chunks [first, end) claimed, and the region entered
+ * (`active` raised by enter_region). */
+struct held_at_regeneration {
+    vr_region *region;
+    size_t first, end;
+};
+
+/* Run by the forced unwind when CPython ends this thread while it waits for the GIL in a regenerator
+ * (the interpreter began finalizing meanwhile: PyThread_exit_thread): let go of the chunks and the
+ * region, so that other threads faulting on those chunks are not left waiting for a thread that is
+ * gone, and a close does not wait for it. The chunks stay missing. Registered with
+ * pthread_cleanup_push, so it runs only then (pthread_cleanup_pop(0) on the ordinary return). */
+static void let_go_at_thread_exit(void *arg)
+{
+    const struct held_at_regeneration *held = arg;
+    for (size_t chunk = held->first; chunk < held->end; chunk++)
+        release_chunk(held->region, chunk);
+    __atomic_fetch_sub(&held->region->active, 1, __ATOMIC_ACQ_REL);
+}
+
 static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_trap *trap)
 {
     size_t window = vr_region_ahead_window(region, chunk);
@@ -148,7 +173,10 @@ static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_t
                 vr_region_note_discard_found(region, ahead); /* filled before: the kernel took it */
             vr_region_ahead_filled(region, end);
             /* A chunk left missing faults as usual. */
+            struct held_at_regeneration held = { region, first, end };
+            pthread_cleanup_push(let_go_at_thread_exit, &held);
             rc = trap->fill_ahead(region, first, end, regenerate_ahead);
+            pthread_cleanup_pop(0);
             if (rc == -EIO)
                 vr_stat_add(&region->stats.regeneration_errors, 1);
         }
@@ -160,10 +188,11 @@ static void fill_ahead(vr_region *region, size_t chunk, const struct vr_sigbus_t
     }
 }
 
-/* serve_fault's answer for a thread without the GIL that needs a Python regenerator after Python
- * exited (atexit ran, so the threads left are daemon threads or threads Python does not know): the
- * regenerator can never run, and failing by policy would kill the process with SIGBUS as it exits.
- * The thread waits instead, as a daemon thread waiting for the GIL does, until the exit ends it. */
+/* serve_fault's answer for a thread without the GIL that needs a Python regenerator once the
+ * interpreter is finalizing (every atexit handler has run: the threads left are daemon threads or
+ * threads Python does not know): the regenerator can never run, and failing by policy would kill
+ * the process with SIGBUS as it exits. The thread waits instead, as a daemon thread waiting for the
+ * GIL does, until the exit ends it. */
 #define PARK_FOR_EXIT 2
 
 /* Wait, with every signal blocked, until the process exits. Async-signal-safe (sigsuspend). */
@@ -197,8 +226,13 @@ static int serve_chunk(vr_region *region, uintptr_t address, const struct vr_sig
     }
     count_refill(region, chunk);
     int handled = 1;
-    if (trap->refill(region, chunk, regenerate) != 0) {
-        if (region->source_kind == VR_SOURCE_PYTHON && vr_python_has_exited() &&
+    int refilled;
+    struct held_at_regeneration held = { region, chunk, chunk + 1 };
+    pthread_cleanup_push(let_go_at_thread_exit, &held);
+    refilled = trap->refill(region, chunk, regenerate);
+    pthread_cleanup_pop(0);
+    if (refilled != 0) {
+        if (region->source_kind == VR_SOURCE_PYTHON && vr_python_finalizing() &&
             !PyGILState_Check()) {
             release_chunk(region, chunk);
             return PARK_FOR_EXIT;

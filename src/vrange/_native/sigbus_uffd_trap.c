@@ -166,7 +166,7 @@ static void give_scratch(vr_region *region, char *scratch, int slot)
 
 /* After filling chunks [first, end) (`rc` 0) or failing to (`rc`, returned): record them filled and
  * make the volatile ones lazy-free again (the access restarts right after the handler returns).
- * 1 in *needs_drain if a chunk was not made lazy-free here (see drain_after_fill). */
+ * 1 in *needs_drain once anything was filled (see drain_after_fill). */
 static int finish_refill(vr_region *region, size_t first, size_t end, int rc, int *needs_drain)
 {
     if (rc != 0)
@@ -175,15 +175,18 @@ static int finish_refill(vr_region *region, size_t first, size_t end, int rc, in
         vr_chunk_set(region, chunk, VR_CHUNK_MATERIALIZED);
         vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
         vr_stat_add(&region->stats.bytes_regenerated, vr_region_chunk_length(region, chunk));
-        if (!vr_region_keep_volatile(region, chunk))
-            *needs_drain = 1;
+        vr_region_keep_volatile(region, chunk);
+        *needs_drain = 1;
     }
     return 0;
 }
 
-/* The filling thread may run on another CPU than a thread that marks the chunks volatile later:
- * unless a MADV_FREE of finish_refill did it, its CPU's LRU batch is drained before the access
- * restarts (see vr_drain_cpu_lru). Once per signal: a run filled ahead drains once. */
+/* The pages just filled wait in this CPU's LRU batches: those UFFDIO_COPY added (a thread on
+ * another CPU may mark them volatile later), and those MADV_FREE of finish_refill queued to become
+ * lazy-free (until that batch moves they stay swap-backed; a page_out or compaction that finds them
+ * meanwhile, e.g. after this thread moved to another CPU, leaves them unreclaimable for good). So
+ * this CPU's batches are drained before the access restarts (see vr_drain_cpu_lru); once per
+ * signal: a run filled ahead drains once. */
 static void drain_after_fill(vr_region *region, int needs_drain)
 {
     if (needs_drain)

@@ -135,8 +135,21 @@ def test_list_names_every_scenario_and_profile() -> None:
     result = run_compat("--list")
     assert result.returncode == 0, result.stderr
     for name in [*SCENARIOS, *PROFILES]:
-        assert f"\n  {name} " in result.stdout, name
-    assert SCENARIOS["foreign-sigbus"].description in result.stdout
+        assert f"\n  {name} " in result.stdout or f"\n  {name}\n" in result.stdout, name
+    assert SCENARIOS["foreign-sigbus"].description in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("width", ["60", "80", "100", "160"])
+def test_the_list_fits_the_terminal(width: str) -> None:
+    """A description wraps beside its name instead of running past the terminal's edge into the
+    next line's name column."""
+    result = run_python(module="vrange", args=["compat", "--list"], env={"COLUMNS": width})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= int(width) for line in lines), \
+        [line for line in lines if len(line) > int(width)]
+    for description in [scenario.description for scenario in SCENARIOS.values()]:
+        assert description in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize("option, value", [("--profile", "docker"), ("--scenario", "nope"),

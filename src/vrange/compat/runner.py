@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -464,15 +465,20 @@ def selection_from(args: argparse.Namespace) -> Selection:
                      _chosen(args.scenario, list(SCENARIOS), "scenario"), args.timeout)
 
 
-def format_list() -> str:
-    """The scenarios and profiles, with what each checks or simulates."""
-    width = max(len(name) for name in [*SCENARIOS, *PROFILES]) + 2
-    lines = ["Scenarios (each runs on " + ", ".join(BACKENDS) + "):"]
-    lines += [f"  {name:<{width}}{scenario.description}" for name, scenario in SCENARIOS.items()]
-    lines += ["", "Profiles (each in a process of its own):"]
-    lines += [f"  {name:<{width}}{profile.description}"
-              + (" [simulated kernel]" if profile.kind == "kernel" else "")
-              for name, profile in PROFILES.items()]
+def format_list(width: int | None = None) -> str:
+    """The scenarios and profiles, with what each checks or simulates, in lines of at most
+    ``width`` characters (default: the terminal's, as the feature report)."""
+    from ..cli import report_width, table_lines
+
+    width = report_width() if width is None else width
+    label_width = max(len(name) for name in [*SCENARIOS, *PROFILES])
+    lines = textwrap.wrap("Scenarios (each runs on " + ", ".join(BACKENDS) + "):", width)
+    lines += table_lines([(name, scenario.description) for name, scenario in SCENARIOS.items()],
+                         width, label_width)
+    lines += ["", *textwrap.wrap("Profiles (each in a process of its own):", width)]
+    lines += table_lines([(name, profile.description
+                           + (" [simulated kernel]" if profile.kind == "kernel" else ""))
+                          for name, profile in PROFILES.items()], width, label_width)
     return "\n".join(lines)
 
 

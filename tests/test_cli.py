@@ -111,6 +111,22 @@ def test_the_readme_demo_confines_itself_and_is_never_oom_killed() -> None:
     assert "*" in rows["keep everything (dict)"]  # it needs more than the limit
 
 
+def test_ctrl_c_while_the_commands_are_loaded_is_one_line() -> None:
+    """A Ctrl-C in the first few tens of milliseconds, while main() imports the commands' modules
+    to build the parser (before any command's own handling): one line and exit status 130, no
+    traceback."""
+    result = run_python("import sys\n"
+                        "import vrange.cli as cli\n"
+                        "def interrupted(parser):\n"
+                        "    raise KeyboardInterrupt\n"
+                        "cli.COMMANDS = (cli.COMMANDS[0], cli.Command('slow', 'x', 'x', "
+                        "interrupted, lambda args: 0))\n"
+                        "sys.exit(cli.main(['features']))")
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == ["python -m vrange: interrupted"]
+
+
 def test_unknown_command_is_an_error() -> None:
     result = run_vrange("nonsense")
     assert result.returncode == 2

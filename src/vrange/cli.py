@@ -315,7 +315,11 @@ def check_backend_environment(command: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; the exit status (0, 1 a check failed, 2 usage, 130 interrupted)."""
-    parser = build_parser()
+    try:  # imports every command's module: a Ctrl-C here is no traceback either
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print(f"{_program_name()}: interrupted", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT
     args, extra = parser.parse_known_args(argv)  # a bad option: one line, SystemExit(2)
     if extra:  # said by the command's parser, which names the command
         _subparsers(parser)[args.command].error(f"unrecognized arguments: {' '.join(extra)}")

@@ -54,6 +54,23 @@ def test_the_example_passes_without_purges_and_fails_with_them(example: pytest.P
     assert tests == 2
 
 
+def test_the_replay_command_runs_from_where_pytest_was_run(pytester: pytest.Pytester,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from a directory below the rootdir, the replay line names the test as pytest's own
+    summary does (relative to the working directory), so that it can be pasted as it is."""
+    pytester.makeini("[pytest]\n")
+    tests = pytester.mkdir("tests")
+    (tests / "test_forgetful_cache.py").write_text(EXAMPLE.read_text())
+    monkeypatch.chdir(tests)
+    purged = pytester.runpytest_subprocess("test_forgetful_cache.py", "--vrange-purge=every:1")
+    purged.assert_outcomes(passed=1, failed=1)
+    replay = re.search(r"replay: pytest '([^']+)' (--vrange-purge=\S+)", purged.stdout.str())
+    assert replay, purged.stdout.str()
+    assert replay.group(1) == "test_forgetful_cache.py::test_forgetful_index"
+    again = pytester.runpytest_subprocess(replay.group(1), replay.group(2))
+    again.assert_outcomes(failed=1)
+
+
 def test_random_purges_replay_with_the_seed(example: pytest.Pytester) -> None:
     first = example.runpytest_subprocess("--vrange-purge=random:0.3")
     seed = re.search(r"--vrange-purge=random:0.3,seed=(\d+) \(replay", first.stdout.str())

@@ -295,7 +295,8 @@ class VRangeSession:
                 item.add_report_section(
                     "call", "vrange",
                     f"{injector.injections} injected purges ({injector.bytes_discarded} bytes) at "
-                    f"{injector.points} points; replay: pytest '{item.nodeid}' "
+                    f"{injector.points} points; replay: pytest "
+                    f"'{item.config.cwd_relative_nodeid(item.nodeid)}' "
                     f"--vrange-purge={self.schedule}")
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

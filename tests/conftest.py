@@ -8,6 +8,7 @@ import faulthandler
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -33,7 +34,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 # pytest captures file descriptor 2 while a test runs, and a process killed by the guard never gets
 # to print it: the guard writes the stacks to this file instead (.ci/run prints it on failure).
-HANG_LOG_PATH = os.environ.get("VRANGE_HANG_LOG", "/tmp/vrange-test-hangs.log")
+# One file per user: a file another user made first (root's, mode 0644) cannot be appended to, and
+# every test would error in its setup.
+HANG_LOG_PATH = os.environ.get("VRANGE_HANG_LOG") or os.path.join(
+    tempfile.gettempdir(), f"vrange-test-hangs-{os.getuid()}.log")
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,14 @@ built here. The sdist and the manylinux wheel themselves are built and checked b
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 
 import vrange
 
@@ -81,3 +84,18 @@ def test_the_installed_package_has_no_build_inputs() -> None:
     assert [name for name in installed if re.fullmatch(r"_vrange_native\..*\.so", name)]
     recorded = [str(path) for path in DISTRIBUTION.files or []]
     assert not [name for name in recorded if name.endswith((".c", ".h", ".o"))]
+
+
+def test_the_sdist_tests_log_hangs_to_a_file_of_the_users_own() -> None:
+    """The suite's hang guard appends to a log file in the temporary directory: one per user, so
+    that a user who runs the sdist's tests after root (or another user) did is not refused the
+    file in every test's setup."""
+    paths = {}
+    for uid in (0, 65534):
+        result = run_python(f"import os\nos.getuid = lambda: {uid}\nimport conftest\n"
+                            "print(conftest.HANG_LOG_PATH)",
+                            env={"VRANGE_HANG_LOG": "", "PYTHONPATH": str(ROOT / "tests")})
+        assert result.returncode == 0, result.stderr
+        paths[uid] = Path(result.stdout.strip())
+    assert paths[0] != paths[65534]
+    assert all(path.parent == Path(tempfile.gettempdir()) for path in paths.values()), paths

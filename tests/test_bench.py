@@ -104,6 +104,15 @@ def test_row_selection_by_glob_substring_and_quick() -> None:
 
 # --- the command -------------------------------------------------------------------------------------
 
+def test_json_without_a_path_is_the_only_thing_on_stdout() -> None:
+    """``--json`` alone, as every other command takes it: the JSON on stdout, the table on stderr."""
+    result = run_bench("--quick", "--rows", "hit/*", "--repeats", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["rows"] and data["repeats"] == 1
+    assert "ratio = measured / baseline" in result.stderr
+
+
 def test_quick_json_has_every_documented_field(tmp_path: Path) -> None:
     path = tmp_path / "bench.json"
     result = run_bench("--quick", "--json", str(path))

@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--list shows the names")
     parser.add_argument("--repeats", type=int, metavar="N",
                         help=f"repeats per row (default {DEFAULT_REPEATS}, --quick {QUICK_REPEATS})")
-    parser.add_argument("--json", metavar="PATH",
-                        help="also write every row with all its samples as JSON ('-': stdout)")
+    parser.add_argument("--json", metavar="PATH", nargs="?", const="-",
+                        help="also write every row with all its samples as JSON to PATH; "
+                             "without PATH (or '-'), on stdout, the table going to stderr")
     parser.add_argument("--plot", metavar="DIR",
                         help="draw one chart per group into DIR (needs the [plot] extra)")
     parser.add_argument("--progress", action="store_true",

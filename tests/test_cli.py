@@ -255,6 +255,20 @@ def test_a_bad_argument_is_one_line_and_exit_2(arguments: list[str], says: str) 
     assert says in line, line
 
 
+@pytest.mark.parametrize("arguments, env, says", [
+    (["--reads", "0"], {}, "--limit and --reads must be positive"),
+    (["--quick"], {"VRANGE_BACKEND": "bogus"}, "$VRANGE_BACKEND='bogus' is not a backend spec"),
+])
+def test_python_m_vrange_demo_follows_the_same_rules(arguments: list[str], env: dict[str, str],
+                                                     says: str) -> None:
+    """``python -m vrange.demo`` is ``python -m vrange demo``: a bad option or backend is one line
+    and exit status 2, not a traceback (or a demo run on a backend that does not exist)."""
+    result = run_python(module="vrange.demo", args=arguments, env=env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and says in result.stderr, result.stderr
+
+
 def test_features_names_the_backend_override() -> None:
     from vrange._backends import default_backend
 

@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._backends import usable_specs
-from ._tool import (ArgumentParser, StatusLine, UsageError, child_process, configure_logging,
-                    remove_cgroup, show_progress)
+from ._tool import (StatusLine, UsageError, child_process, configure_logging, remove_cgroup,
+                    show_progress)
 
 if TYPE_CHECKING:
     from .region import BackendName
@@ -317,7 +317,7 @@ def _usable_specs() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's options (shared by ``python -m vrange demo`` and ``python -m vrange.demo``)."""
+    """The demo's options (``python -m vrange demo``; ``python -m vrange.demo`` is the same command)."""
     parser.add_argument("--limit", type=parse_size, default=parse_size("128M"),
                         help="memory the cache may use: a memory cgroup as root, else a budget "
                              "(default 128M)")
@@ -518,6 +518,6 @@ def _worker_main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         sys.exit(_worker_main(sys.argv[2:]))
-    main_parser = ArgumentParser(prog="python -m vrange.demo", description=__doc__)
-    add_arguments(main_parser)
-    sys.exit(command(main_parser.parse_args()))
+    from .cli import main  # the command line's conventions: one-line errors, exit 2, Ctrl-C
+
+    sys.exit(main(["demo", *sys.argv[1:]]))

@@ -111,6 +111,20 @@ def test_the_readme_demo_confines_itself_and_is_never_oom_killed() -> None:
     assert "*" in rows["keep everything (dict)"]  # it needs more than the limit
 
 
+@pytest.mark.requires("root", "(the demo confines itself to a memory cgroup)")
+def test_a_limit_too_small_for_a_memory_cgroup_is_a_usage_error() -> None:
+    """A cgroup of a few MiB cannot hold the run's Python process: every vrange run would be
+    OOM-killed (exit status 1 and a table of kills). One line, exit status 2, naming the way out;
+    a byte budget of that size is fine."""
+    result = run_vrange("demo", "--limit", "4M", "--reads", "10")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "python -m vrange demo: error: --limit 4.0 MiB is too small for a memory cgroup: the "
+        "Python process in it needs more (at least 16.0 MiB; --budget-only keeps a byte budget "
+        "of any size instead)"]
+
+
 def test_ctrl_c_while_the_commands_are_loaded_is_one_line() -> None:
     """A Ctrl-C in the first few tens of milliseconds, while main() imports the commands' modules
     to build the parser (before any command's own handling): one line and exit status 130, no

@@ -47,6 +47,9 @@ DISTINCT_SOURCES = 64
 HOT_FRACTION = 0.1
 HOT_SHARE = 0.9
 SEED = 2014
+MIN_CONFINED_LIMIT = 16 << 20
+"""The smallest memory cgroup a run is confined to: the interpreter, vrange and the workload's
+own memory take about 10 MiB, and a run under 8 MiB is OOM-killed before its cache matters."""
 
 
 def _mib(value: float) -> str:
@@ -393,6 +396,11 @@ def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = pri
     check_arguments(args)
     if args.quick:
         args.limit, args.reads = min(args.limit, 32 << 20), min(args.reads, 3000)
+    confined = not args.budget_only and os.geteuid() == 0 and _own_memory_cgroup() is not None
+    if confined and args.limit < MIN_CONFINED_LIMIT:
+        raise UsageError(f"--limit {_mib(args.limit)} is too small for a memory cgroup: the Python "
+                         f"process in it needs more (at least {_mib(MIN_CONFINED_LIMIT)}; "
+                         "--budget-only keeps a byte budget of any size instead)")
     cache_bytes = args.cache or 3 * args.limit
     tiles = max(1, cache_bytes // TILE)
     specs = _usable_specs()
@@ -412,8 +420,6 @@ def run(args: argparse.Namespace | None = None, say: Callable[[str], None] = pri
         with open(checksums_path, "wb") as file:
             file.write(expected_checksums(source, tiles).tobytes())
         common = ["--tiles", str(tiles), "--reads", str(args.reads), "--checksums", checksums_path]
-        confined = (not args.budget_only and os.geteuid() == 0
-                    and _own_memory_cgroup() is not None)
         if confined:
             say(f"Each run is confined to {_mib(args.limit)}: a memory cgroup beneath this "
                 "process's own, one per run")

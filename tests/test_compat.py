@@ -182,6 +182,20 @@ def test_table_mode_subset_with_progress() -> None:
     assert "profile seccomp-enosys done" in progress[1]
 
 
+def test_the_matrix_prose_fits_the_terminal() -> None:
+    """The long reasons (why auto chose a backend, the notes) wrap at the terminal's width instead
+    of running past its edge into the grid's first column."""
+    result = run_python(module="vrange", env={"COLUMNS": "80"}, timeout=600, args=[
+        "compat", "--profile", "native", "--profile", "unprivileged", "--scenario", "raw-syscall"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    assert "profile native: this process as it is" in lines
+    header = next(line for line in lines if line.strip().startswith("uffd"))
+    assert header.split() == list(BACKENDS)
+    assert "Notes:" in lines and lines[-1].startswith("6 cells: ")
+
+
 def test_run_py_is_the_same_command() -> None:
     result = run_python(script=RUN_PY, args=["--json", "--profile", "native", "--scenario",
                                              "backend-spec"], timeout=120)

@@ -355,23 +355,33 @@ def run(selection: Selection | None = None, on_cell: Callable[[Cell], None] = la
 # --- output --------------------------------------------------------------------------------------------
 
 
-def format_table(matrix: Matrix, selection: Selection) -> str:
+def format_table(matrix: Matrix, selection: Selection, width: int | None = None) -> str:
     """The matrix as text: per profile, scenarios as rows and backend specs as columns, reasons as
-    numbered notes, and the counts."""
+    numbered notes, and the counts. The prose (the title, each profile's userfaultfd and auto
+    choice, the notes) wraps at ``width`` (default: the terminal's, as the feature report), each
+    continuation indented under its first line, clear of the grid's first column."""
+    from ..cli import report_width
+
+    line_width = report_width() if width is None else width
+
+    def wrap(text: str, indent: str = "", hanging: str = "") -> list[str]:
+        return textwrap.wrap(text, line_width, initial_indent=indent,
+                             subsequent_indent=indent + hanging, break_on_hyphens=False)
+
     uname = os.uname()
-    lines = [f"vrange {vrange.__version__} compatibility matrix: Linux {uname.release} "
-             f"({uname.machine}), uid {os.geteuid()}, {date.today().isoformat()}"]
+    lines = wrap(f"vrange {vrange.__version__} compatibility matrix: Linux {uname.release} "
+                 f"({uname.machine}), uid {os.geteuid()}, {date.today().isoformat()}")
     notes: dict[str, int] = {}
     width = max(len(name) for name in selection.scenarios) + 2
     column = 18
     by_key = {(cell.profile, cell.scenario, cell.backend): cell for cell in matrix.cells}
     for info in matrix.profiles:
         kind = " (simulated kernel)" if info.kind == "kernel" else ""
-        lines += ["", f"profile {info.profile}{kind}: {info.description}"]
+        lines += ["", *wrap(f"profile {info.profile}{kind}: {info.description}", "", "  ")]
         if info.applied:
-            lines.append(f"  userfaultfd: {info.userfaultfd}; auto: {info.auto}")
+            lines += wrap(f"userfaultfd: {info.userfaultfd}; auto: {info.auto}", "  ", "    ")
         else:
-            lines.append(f"  not applied: {info.reason}")
+            lines += wrap(f"not applied: {info.reason}", "  ", "    ")
         lines.append(("  " + " " * width
                       + "".join(f"{spec:<{column}}" for spec in selection.backends)).rstrip())
         for scenario in selection.scenarios:
@@ -384,7 +394,9 @@ def format_table(matrix: Matrix, selection: Selection) -> str:
                 row += f"{text:<{column}}"
             lines.append(row.rstrip())
     if notes:
-        lines += ["", "Notes:"] + [f"  [{number}] {reason}" for reason, number in notes.items()]
+        lines += ["", "Notes:"]
+        for reason, number in notes.items():
+            lines += wrap(f"[{number}] {reason}", "  ", " " * (len(str(number)) + 3))
     counts = matrix.counts()
     lines += ["", f"{len(matrix.cells)} cells: {counts['pass']} pass, {counts['n/a']} n/a, "
                   f"{counts['fail']} fail"]

@@ -258,6 +258,8 @@ def test_a_bad_backend_environment_is_one_line_and_exit_2(command: str) -> None:
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),
     (["bench", "--rows", "no-such-row"], "no row matches"),
     (["stress", "--threads", "0"], "must be positive"),
+    (["stress", "--threads", "100000"], "--threads must be at most 256"),
+    (["stress", "--seconds", "inf"], "must be at most 86400"),
     (["stress", "--backend", "nope"], "unknown backend spec 'nope'"),
     (["compat", "--profile", "docker"], "unknown profile 'docker'"),
     (["compat", "--timeout", "soon"], "invalid float value: 'soon'"),

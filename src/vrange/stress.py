@@ -61,6 +61,9 @@ DEFAULT_SECONDS = 30.0
 DEFAULT_THREADS = 4
 DEFAULT_REGIONS = 8
 DEFAULT_WATCHDOG = 20.0
+MAX_SECONDS = 86400.0
+MAX_THREADS = 256
+MAX_REGIONS = 1024
 DEFAULT_SEED = 2014
 REGENERATORS = ("python", "zeros", "file", "isolated")
 CHUNK_SIZES = (PAGE, 16 << 10, 64 << 10)
@@ -1626,6 +1629,13 @@ def options_from(args: argparse.Namespace) -> StressOptions:
     """StressOptions from parsed arguments (UsageError when out of range)."""
     if not args.seconds > 0 or args.threads < 1 or args.regions < 1 or not args.watchdog > 0:
         raise UsageError("--seconds, --threads, --regions and --watchdog must be positive")
+    # Each worker thread opens descriptors and each region maps memory: past these a run fails for
+    # want of them (counted as a crash), and an endless run never reports.
+    if not args.seconds <= MAX_SECONDS or not args.watchdog <= MAX_SECONDS:
+        raise UsageError(f"--seconds and --watchdog must be at most {MAX_SECONDS:.0f} (a day)")
+    if args.threads > MAX_THREADS or args.regions > MAX_REGIONS:
+        raise UsageError(f"--threads must be at most {MAX_THREADS} and --regions at most "
+                         f"{MAX_REGIONS}")
     return StressOptions(seconds=args.seconds, threads=args.threads, regions=args.regions,
                          seed=args.seed, watchdog=args.watchdog,
                          regenerators=tuple(args.regenerators),

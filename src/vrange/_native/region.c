@@ -316,6 +316,11 @@ int vr_region_mark_volatile(vr_region *region, size_t first_chunk, size_t end_ch
         region->before_lazy_free(region);
     if (madvise((void *)start, length, MADV_FREE) < 0)
         return -errno;
+    /* MADV_FREE only queues the pages on this CPU's lazy-free batch: they stay swap-backed until
+     * the batch moves them, and a batch move that finds a page isolated meanwhile (reclaim,
+     * compaction or a MADV_PAGEOUT from another CPU) skips it for good, leaving it unreclaimable
+     * though volatile. Move the batch now. */
+    vr_drain_cpu_lru(region->drain_page, region->page_size);
     return 0;
 }
 

@@ -97,7 +97,7 @@ struct vr_region {
     uint16_t *holds;         /* per chunk: system calls holding it (atomic) */
     vr_monitor *monitor;     /* set while the policy manages this region */
     int kernel_reclaims;     /* volatile = MADV_FREE (uffd backend, sigbus userfaultfd trap) */
-    void *drain_page;        /* sigbus userfaultfd trap: a page never touched (vr_drain_cpu_lru) */
+    void *drain_page;        /* a page never touched (vr_drain_cpu_lru), where the kernel reclaims */
     /* Fill-ahead (vr_region_ahead_window): where the next fault of a forward walk would be, how many
      * chunks to fill past it, and the most ever (0: off). A heuristic only: racing threads may
      * update it with relaxed atomics, which at worst fills less or more ahead. */

@@ -255,6 +255,10 @@ int vr_uffd_register(vr_region *region)
     region->after_purge = wake_after_purge;
     region->before_lazy_free = wait_for_handler_drain;
     region->kernel_reclaims = 1;
+    if (!region->drain_page) /* kept across a rebind after fork */
+        region->drain_page = vr_drain_page_new(region->page_size);
+    if (!region->drain_page)
+        return -errno;
     /* In the table first: a fault can arrive as soon as the range is registered. */
     int rc = table_add(region->handler, region);
     if (rc < 0)

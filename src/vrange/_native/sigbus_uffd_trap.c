@@ -166,8 +166,13 @@ static void give_scratch(vr_region *region, char *scratch, int slot)
 
 /* After filling chunks [first, end) (`rc` 0) or failing to (`rc`, returned): record them filled and
  * make the volatile ones lazy-free again (the access restarts right after the handler returns).
- * 1 in *needs_drain once anything was filled (see drain_after_fill). */
-static int finish_refill(vr_region *region, size_t first, size_t end, int rc, int *needs_drain)
+ *
+ * With `drain`, then drain this CPU's LRU batches (vr_drain_cpu_lru): the pages UFFDIO_COPY added
+ * there (a thread on another CPU may mark them volatile later), and those MADV_FREE queued to become
+ * lazy-free (until that batch moves they stay swap-backed; a page_out or compaction that finds them
+ * meanwhile, e.g. after this thread moved to another CPU, leaves them unreclaimable for good). A run
+ * filled ahead chunk by chunk passes 0 and drains once at its end. */
+static int finish_refill(vr_region *region, size_t first, size_t end, int rc, int drain)
 {
     if (rc != 0)
         return rc;
@@ -176,21 +181,10 @@ static int finish_refill(vr_region *region, size_t first, size_t end, int rc, in
         vr_chunk_clear(region, chunk, VR_CHUNK_FAILED);
         vr_stat_add(&region->stats.bytes_regenerated, vr_region_chunk_length(region, chunk));
         vr_region_keep_volatile(region, chunk);
-        *needs_drain = 1;
     }
-    return 0;
-}
-
-/* The pages just filled wait in this CPU's LRU batches: those UFFDIO_COPY added (a thread on
- * another CPU may mark them volatile later), and those MADV_FREE of finish_refill queued to become
- * lazy-free (until that batch moves they stay swap-backed; a page_out or compaction that finds them
- * meanwhile, e.g. after this thread moved to another CPU, leaves them unreclaimable for good). So
- * this CPU's batches are drained before the access restarts (see vr_drain_cpu_lru); once per
- * signal: a run filled ahead drains once. */
-static void drain_after_fill(vr_region *region, int needs_drain)
-{
-    if (needs_drain)
+    if (drain)
         vr_drain_cpu_lru(region->drain_page, region->page_size);
+    return 0;
 }
 
 /* Fill the missing pages of a chunk the caller holds (IN_FLIGHT): regenerated, or zeros for the
@@ -205,15 +199,11 @@ static int refill_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator r
                                   VR_FILL_ZEROPAGE);
     } else {
         vr_monitor_note_refill(region, length, 1);
-        if (region->source_kind == VR_SOURCE_ZEROS) { /* copied from zeros: no buffer, no memset */
-            int needs_drain = 0;
-            rc = finish_refill(region, chunk, chunk + 1,
-                               vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size,
-                                                           start, length, NULL, VR_FILL_ZEROS),
-                               &needs_drain);
-            drain_after_fill(region, needs_drain);
-            return rc;
-        }
+        if (region->source_kind == VR_SOURCE_ZEROS) /* copied from zeros: no buffer, no memset */
+            return finish_refill(region, chunk, chunk + 1,
+                                 vr_userfaultfd_fill_missing(region->trap_uffd, region->page_size,
+                                                             start, length, NULL, VR_FILL_ZEROS),
+                                 1);
         int slot;
         char *scratch = take_scratch(region, &slot);
         if (!scratch)
@@ -227,10 +217,7 @@ static int refill_chunk(vr_region *region, size_t chunk, vr_sigbus_regenerator r
                                       VR_FILL_COPY);
         give_scratch(region, scratch, slot);
     }
-    int needs_drain = 0;
-    rc = finish_refill(region, chunk, chunk + 1, rc, &needs_drain);
-    drain_after_fill(region, needs_drain);
-    return rc;
+    return finish_refill(region, chunk, chunk + 1, rc, 1);
 }
 
 /* Chunks [first, end) filled ahead of a fault (see the trap op): zeros in one copy; other sources
@@ -248,16 +235,13 @@ static int fill_ahead(vr_region *region, size_t first, size_t end, vr_sigbus_reg
             vr_stat_add(&region->stats.chunks_filled_ahead, end - first);
             vr_stat_add(&region->stats.faults_on_faulting_thread, end - first); /* this thread's */
         }
-        int needs_drain = 0;
-        rc = finish_refill(region, first, end, rc, &needs_drain);
-        drain_after_fill(region, needs_drain);
-        return rc;
+        return finish_refill(region, first, end, rc, 1);
     }
     int slot;
     char *scratch = take_scratch(region, &slot);
     if (!scratch)
         return -ENOMEM;
-    int rc = 0, needs_drain = 0;
+    int rc = 0, filled = 0;
     size_t chunk = first;
     for (; rc == 0 && chunk < end; chunk++) {
         rc = regenerate(region, chunk, scratch);
@@ -269,11 +253,13 @@ static int fill_ahead(vr_region *region, size_t first, size_t end, vr_sigbus_reg
         if (rc == 0) {
             vr_stat_add(&region->stats.chunks_filled_ahead, 1);
             vr_stat_add(&region->stats.faults_on_faulting_thread, 1); /* served on this thread */
-            finish_refill(region, chunk, chunk + 1, 0, &needs_drain);
+            finish_refill(region, chunk, chunk + 1, 0, 0);
+            filled = 1;
         }
     }
     give_scratch(region, scratch, slot);
-    drain_after_fill(region, needs_drain);
+    if (filled)
+        vr_drain_cpu_lru(region->drain_page, region->page_size);
     return rc;
 }
 
